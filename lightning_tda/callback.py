@@ -1,0 +1,639 @@
+"""TDACallback: record what training data attribution needs while a Lightning model trains.
+
+During ``fit`` the callback
+
+* logs every optimizer step (learning rate of each param group, batch size, loss, epoch),
+* splits training into segments (SOURCE's stationary pieces) by a :mod:`~lightning_tda.segments`
+  policy and saves ``checkpoints_per_segment`` model states in each (the last at its end),
+* streams per-layer K-FAC covariances of each segment in float64 on every ``every_n_steps``-th
+  step (true Fisher from targets sampled from the model, or the empirical Fisher of the
+  training gradients), and for Adam-family optimizers the segment mean of the second moments,
+
+all into one HDF5 trace (:mod:`lightning_tda.trace`). Only global rank 0 writes; statistics are
+summed across ranks first. The callback's own state is saved in Lightning checkpoints, so
+``trainer.fit(..., ckpt_path=...)`` continues the same trace.
+
+Overhead: taking statistics costs about one forward pass of each tracked layer (plus a forward
+and backward pass with the true Fisher) on the steps where they are taken. ``every_n_steps="auto"``
+takes them on every k-th step with k = min(k_max, planned steps per segment // 32), k_max = 10
+for the empirical and 16 for the true Fisher, so each segment still averages >= 32 steps
+when it has that many; see ``BENCHMARKS.md`` for the measured cost.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_tda.capture import LayerCapture, TrackedLayer, find_layers
+from lightning_tda.segments import SegmentPolicy, as_policy, checkpoint_steps
+from lightning_tda.statistics import KFACStatistics
+from lightning_tda.tasks import Task
+from lightning_tda.trace import TraceWriter
+
+MIN_STATS_STEPS_PER_SEGMENT = 32
+AUTO_MAX_EVERY = {"empirical": 10, "true": 16}
+_IF_EXISTS = {"error": "create", "overwrite": "overwrite", "append": "append"}
+
+
+class TDACallback(L.Callback):
+    """Record the training trajectory and curvature into an HDF5 trace for attribution.
+
+    Args:
+        path: trace file to write (its directory is created).
+        task: how to get per-example losses from a batch (e.g. ``ClassificationTask()``); used for
+            the true Fisher's sampled targets and for batch sizes.
+        segments: number of equal segments (default 3), a list of step boundaries (steps after which
+            a segment ends, counted from the start of this fit), or a
+            :class:`~lightning_tda.segments.SegmentPolicy` (``EpochBoundaries``, ``CurvatureDrift``...).
+        checkpoints_per_segment: model states saved per segment, evenly spaced, the last at its end.
+        fisher: ``"true"`` (targets sampled from the model; one extra forward and backward on
+            statistics steps) or ``"empirical"`` (the training gradients; no extra pass).
+        every_n_steps: take K-FAC statistics on every n-th optimizer step, or ``"auto"``.
+        layers: which layers to track: ``None`` (all supported layers with trainable parameters),
+            ``"lora"`` (peft LoRA adapters) or fnmatch patterns on module names.
+        exclude: fnmatch patterns of modules not to track.
+        checkpoint_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for stored checkpoints.
+        if_exists: an existing trace at ``path`` is refused (``"error"``), replaced (``"overwrite"``)
+            or continued (``"append"``, e.g. a second training stage). A run resumed with
+            ``ckpt_path`` always continues its own trace.
+        dataset_size: number of training examples, recorded in the trace (default: the length of the
+            training dataset when it has one).
+        seed: seed of the generator that samples true-Fisher targets.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        task: Task,
+        segments: int | Sequence[int] | SegmentPolicy = 3,
+        checkpoints_per_segment: int = 2,
+        fisher: str = "true",
+        every_n_steps: int | str = "auto",
+        layers: str | Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        checkpoint_dtype: str = "float32",
+        if_exists: str = "error",
+        dataset_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if fisher not in ("true", "empirical"):
+            raise ValueError(f"TDACallback(fisher={fisher!r}): use 'true' or 'empirical'.")
+        if every_n_steps != "auto" and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"TDACallback(every_n_steps={every_n_steps!r}): use a positive integer or 'auto'.")
+        if checkpoints_per_segment < 1:
+            raise ValueError("TDACallback(checkpoints_per_segment=...) must be at least 1 (the segment end).")
+        if checkpoint_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"TDACallback(checkpoint_dtype={checkpoint_dtype!r}): use 'float32', 'float16' or 'bfloat16'."
+            )
+        if if_exists not in _IF_EXISTS:
+            raise ValueError(f"TDACallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'append'.")
+        self.path = str(path)
+        self.task = task
+        self.policy = as_policy(segments)
+        self.checkpoints_per_segment = checkpoints_per_segment
+        self.fisher = fisher
+        self.every_n_steps_arg = every_n_steps
+        self.layer_patterns = layers
+        self.exclude = exclude
+        self.checkpoint_dtype = checkpoint_dtype
+        self.if_exists = if_exists
+        self.dataset_size = dataset_size
+        self.seed = seed
+
+        self.layers: list[TrackedLayer] = []
+        self.stats: KFACStatistics | None = None
+        self.writer: TraceWriter | None = None
+        self.run_id: str | None = None
+        self.step = 0  # optimizer steps recorded in this trace
+        self.every_n_steps = 1
+        self.boundaries: list[int] = []
+        self.checkpoint_plan: list[int] = []
+        self.num_segments_closed = 0
+        self.num_checkpoints = 0
+        self._segment: dict[str, Any] = {}
+        self._rows: dict[str, list] = {}
+        self._restored: dict[str, Any] | None = None
+        self._new_segment_requested = False
+        self._warned: set[str] = set()
+        self._capture: LayerCapture | None = None
+        self._generator: torch.Generator | None = None
+        self._trainer_for_state: L.Trainer | None = None
+        self._reset_micro_batch()
+
+    # ----------------------------------------------------------------------------------- set-up
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "TDACallback supports automatic optimization only: with manual optimization it cannot tell "
+                "which backward belongs to which optimizer step. Set automatic_optimization = True or "
+                "remove the callback."
+            )
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
+                self._warn_once(
+                    "weights_only",
+                    "TDACallback: a ModelCheckpoint has save_weights_only=True, so its checkpoints hold no "
+                    "callback state and a run resumed from them cannot continue the trace.",
+                )
+        self.layers, skipped = find_layers(pl_module, self.layer_patterns, self.exclude)
+        if skipped:
+            self._warn_once(
+                "skipped",
+                "TDACallback does not track these modules with trainable parameters (unsupported): "
+                + ", ".join(f"{name} ({why})" for name, why in skipped.items()),
+            )
+        self.stats = KFACStatistics(self.layers)
+        self._param_slots = {
+            id(getattr(layer.module, part)): (layer, part)
+            for layer in self.layers
+            for part in (("weight", "bias") if layer.has_bias else ("weight",))
+        }
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(
+                f"TDACallback records exactly one optimizer; this run has {len(trainer.optimizers)}."
+            )
+        optimizer = trainer.optimizers[0]
+        self._generator = torch.Generator(device=pl_module.device)
+        self._generator.manual_seed(self.seed + trainer.global_rank)
+        restored, self._restored = self._restored, None
+        if trainer.is_global_zero:
+            self._open_writer(resuming=restored is not None)
+        self._broadcast_counters(trainer)
+        if restored is not None:
+            self._apply_restored(restored, trainer)
+        else:
+            self._plan_fit(trainer)
+            self._open_segment()
+        if self.writer is not None and self.writer.created:
+            self.run_id = uuid.uuid4().hex[:12]
+            self.writer.write_header(
+                run_id=self.run_id,
+                meta=self._meta(trainer, pl_module),
+                optimizer=_optimizer_record(optimizer),
+                config=self._config(),
+                layers=self.layers,
+                num_param_groups=len(optimizer.param_groups),
+            )
+            self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
+            self.writer.flush()
+        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
+        if self.fisher == "empirical":
+            self._capture = LayerCapture(
+                self.layers, enabled=lambda: self._capturing, on_gradient=self._on_gradient_rows, keep_outputs=False
+            ).__enter__()
+
+    def _open_writer(self, resuming: bool) -> None:
+        continuing = resuming or self.run_id is not None
+        self.writer = TraceWriter(self.path, "append" if continuing else _IF_EXISTS[self.if_exists])
+        if continuing:
+            if self.writer.run_id != self.run_id:
+                found = self.writer.run_id
+                self.writer.close()
+                self.writer = None
+                raise RuntimeError(
+                    f"The trace at {self.path} belongs to run {found}, but this callback recorded run "
+                    f"{self.run_id}. Resume (or continue) with the trace path of the original run."
+                )
+        elif not self.writer.created:  # append to a trace written by another callback (a later stage)
+            self.run_id = self.writer.run_id
+            self.step = self.writer.num_rows
+            self.num_segments_closed = self.writer.num_segments
+            self.num_checkpoints = self.writer.num_checkpoints
+
+    def _broadcast_counters(self, trainer: L.Trainer) -> None:
+        """Give every rank rank 0's view of the trace (it differs only when appending to a file)."""
+        if trainer.world_size > 1:
+            counters = trainer.strategy.broadcast(
+                (self.run_id, self.step, self.num_segments_closed, self.num_checkpoints), src=0
+            )
+            self.run_id, self.step, self.num_segments_closed, self.num_checkpoints = counters
+
+    def _plan_fit(self, trainer: L.Trainer) -> None:
+        total = trainer.estimated_stepping_batches - trainer.global_step
+        if not math.isfinite(total):
+            if trainer.max_steps and trainer.max_steps > 0:
+                total = trainer.max_steps - trainer.global_step
+            else:
+                raise RuntimeError(
+                    "TDACallback cannot plan segments: the number of training steps is unknown (iterable "
+                    "dataloader without max_steps). Set Trainer(max_steps=...)."
+                )
+        total = int(total)
+        batches = trainer.num_training_batches
+        steps_per_epoch = (
+            math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+        )
+        self.boundaries = self.policy.plan(self.step, total, steps_per_epoch)
+        if self.every_n_steps_arg == "auto":
+            starts = [self.step, *self.boundaries[:-1]]
+            shortest = min(end - start for start, end in zip(starts, self.boundaries))
+            self.every_n_steps = max(1, min(AUTO_MAX_EVERY[self.fisher], shortest // MIN_STATS_STEPS_PER_SEGMENT))
+        else:
+            self.every_n_steps = int(self.every_n_steps_arg)
+
+    def _meta(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        size = self.dataset_size
+        if size is None:
+            try:
+                size = len(trainer.train_dataloader.dataset)
+            except (AttributeError, TypeError):
+                size = -1
+        return {
+            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "task_class": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
+            "fisher": self.fisher,
+            "every_n_steps": self.every_n_steps,
+            "world_size": trainer.world_size,
+            "dataset_size": size,
+            "checkpoint_dtype": self.checkpoint_dtype,
+            "sequence_mode": "expand",
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision": str(trainer.precision),
+        }
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "segments": type(self.policy).__name__,
+            "policy": {k: v for k, v in vars(self.policy).items() if isinstance(v, (int, float, str, list))},
+            "checkpoints_per_segment": self.checkpoints_per_segment,
+            "fisher": self.fisher,
+            "every_n_steps": self.every_n_steps_arg,
+            "layers": self.layer_patterns,
+            "exclude": self.exclude,
+            "checkpoint_dtype": self.checkpoint_dtype,
+            "seed": self.seed,
+        }
+
+    # ------------------------------------------------------------------------------- per batch
+    def _reset_micro_batch(self) -> None:
+        self._capturing = False
+        self._stats_step = False
+        self._stepped = False
+        self._lrs: list[float] = []
+        self._loss_sum = 0.0
+        self._examples = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch = batch
+        self._stats_step = self.step % self.every_n_steps == 0
+        self._capturing = self._stats_step and self.fisher == "empirical"
+        self._examples += self.task.batch_size(batch)
+        self._grad_scale = self._per_example_scale(trainer)
+
+    def _per_example_scale(self, trainer: L.Trainer) -> float:
+        """Factor turning autograd's output gradients into per-example gradients."""
+        scale = float(self.task.batch_size(self._batch) * trainer.accumulate_grad_batches)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale /= float(scaler.get_scale())
+        return scale
+
+    def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
+        self.stats.stage_gradients(layer.name, rows, self._grad_scale)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self._stats_step and self.fisher == "true"):
+            return
+        buffers = [b.detach().clone() for b in pl_module.buffers()]
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), LayerCapture(self.layers) as capture:
+            outputs = self.task.forward(pl_module, self._batch)
+            targets = self.task.sample_targets(outputs, self._generator)
+            rows = capture.output_gradient_rows(self.task.loss(outputs, targets).sum())
+            for layer in self.layers:
+                self.stats.stage_activations(layer.name, capture.activations[layer.name])
+                self.stats.stage_gradients(layer.name, rows[layer.name])
+        with torch.no_grad():  # the extra forward must not move batch-norm statistics
+            for buffer, saved in zip(pl_module.buffers(), buffers):
+                buffer.copy_(saved)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self._stepped = True
+        self._lrs = [float(group["lr"]) for group in optimizer.param_groups]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._loss_sum += _loss_value(outputs)
+        if self._stats_step:
+            if self.fisher == "empirical":
+                for name, rows in self._capture.activations.items():
+                    self.stats.stage_activations(name, rows)
+                self._capture.clear()
+            committed = self.stats.commit()
+            if committed is None:
+                self._warn_once(
+                    "nonfinite",
+                    f"TDACallback: NaN/Inf in the K-FAC statistics at step {self.step + 1}; that step is left out "
+                    f"of the statistics (counted in the segment's skipped_steps). Check the loss and learning rate.",
+                )
+            elif committed:
+                self.policy.observe(committed)
+        self._capturing = False
+        if self._stepped:
+            self._finish_optimizer_step(trainer, pl_module)
+
+    def _finish_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step += 1
+        seg = self._segment
+        seg["num_steps"] += 1
+        seg["lr_sum"] = [a + b for a, b in zip(seg["lr_sum"], self._lrs)] if seg["lr_sum"] else list(self._lrs)
+        if self._stats_step:
+            seg["stats_steps"] += 1
+            self._accumulate_preconditioner(trainer.optimizers[0])
+        row = {
+            "step": self.step,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "segment": seg["index"],
+            "batch_size": self._examples * trainer.world_size,
+            "loss": self._loss_sum,
+            "statistics": int(self._stats_step),
+            "lr": self._lrs,
+        }
+        for key, value in row.items():
+            self._rows.setdefault(key, []).append(value)
+        self._reset_micro_batch()
+        if self.step in self.checkpoint_plan:
+            self._write_checkpoint(trainer, pl_module)
+        if self._should_close(trainer):
+            self._close_segment(trainer, pl_module, self._close_reason())
+            self._open_segment()
+
+    def _should_close(self, trainer: L.Trainer) -> bool:
+        if self._new_segment_requested or self.step in self.boundaries:
+            return True
+        decision = self.policy.should_close(self._segment["num_steps"])
+        if trainer.world_size > 1 and type(self.policy).should_close is not SegmentPolicy.should_close:
+            decision = bool(trainer.strategy.broadcast(decision, src=0))
+        return decision
+
+    def _close_reason(self) -> str:
+        if self._new_segment_requested:
+            return "manual"
+        return "planned" if self.step in self.boundaries else self.policy.reason
+
+    def new_segment(self) -> None:
+        """Close the open segment after the current optimizer step (e.g. when the data changes).
+
+        Between two ``fit`` calls this is not needed: every fit ends its last segment. Under DDP call
+        it on every rank.
+        """
+        self._new_segment_requested = True
+
+    # ---------------------------------------------------------------------------- segments
+    def _open_segment(self) -> None:
+        self._new_segment_requested = False
+        self._segment = {
+            "index": self.num_segments_closed,
+            "start_step": self.step,
+            "num_steps": 0,
+            "stats_steps": 0,
+            "lr_sum": [],
+            "precond": {},
+            "precond_count": 0,
+        }
+        self.stats.reset()
+        upcoming = [b for b in self.boundaries if b > self.step]
+        end = upcoming[0] if upcoming else self.step + 1
+        self.checkpoint_plan = checkpoint_steps(self.step, end, self.checkpoints_per_segment)
+
+    def _close_segment(self, trainer: L.Trainer, pl_module: L.LightningModule, reason: str) -> None:
+        seg = self._segment
+        if seg["num_steps"] == 0:
+            return
+        if self._last_checkpoint_step != self.step:
+            self._write_checkpoint(trainer, pl_module)
+        sums = self._reduced_sums(trainer)
+        skipped = int(sums.pop("__skipped__"))
+        if seg["stats_steps"] == 0:
+            self._warn_once(
+                f"nostats{seg['index']}",
+                f"TDACallback: segment {seg['index']} ({seg['num_steps']} steps) got no K-FAC statistics "
+                f"(every_n_steps={self.every_n_steps}). Lower every_n_steps or use fewer segments.",
+            )
+        if self.writer is not None:
+            attrs = {
+                "index": seg["index"],
+                "start_step": seg["start_step"],
+                "end_step": self.step,
+                "num_steps": seg["num_steps"],
+                "stats_steps": seg["stats_steps"],
+                "skipped_steps": skipped,
+                "mean_lr": np.asarray(seg["lr_sum"]) / seg["num_steps"],
+                "reason": reason,
+            }
+            precond = {
+                name: (total / seg["precond_count"], seg["precond_count"]) for name, total in seg["precond"].items()
+            }
+            self._flush_rows()
+            self.writer.write_segment(seg["index"], attrs, sums, precond)
+            self.writer.flush()
+        self.num_segments_closed += 1
+        self.policy.segment_closed()
+
+    @property
+    def _last_checkpoint_step(self) -> int:
+        return self._segment.get("last_checkpoint_step", -1)
+
+    def _reduced_sums(self, trainer: L.Trainer) -> dict[str, Any]:
+        """K-FAC sums summed over ranks, plus the skipped-step count under ``"__skipped__"``."""
+        flat = self.stats.flat_tensors() + [torch.tensor(float(self.stats.skipped_steps), dtype=torch.float64)]
+        if trainer.world_size > 1:
+            sizes = [t.numel() for t in flat]
+            joined = torch.cat([t.reshape(-1) for t in flat]).to(trainer.strategy.root_device)
+            joined = trainer.strategy.reduce(joined, reduce_op="sum").cpu()
+            flat = [part.reshape(t.shape) for part, t in zip(joined.split(sizes), flat)]
+        result: dict[str, Any] = {}
+        position = 0
+        for name in sorted(self.stats.sums):
+            result[name] = {}
+            for key in ("A_sum", "A_count", "S_sum", "S_count"):
+                result[name][key] = flat[position]
+                position += 1
+        result["__skipped__"] = flat[-1]
+        return result
+
+    def _accumulate_preconditioner(self, optimizer: Any) -> None:
+        """Add the bias-corrected Adam second moments of tracked parameters, as layer matrices."""
+        seg = self._segment
+        betas = None
+        parts: dict[str, dict[str, Tensor]] = {}
+        for group in optimizer.param_groups:
+            betas = group.get("betas")
+            for param in group["params"]:
+                slot = self._param_slots.get(id(param))
+                state = optimizer.state.get(param, {})
+                if slot is None or "exp_avg_sq" not in state or betas is None:
+                    continue
+                layer, part = slot
+                count = float(state["step"])
+                v_hat = state["exp_avg_sq"].detach().double().cpu() / (1 - betas[1] ** count)
+                parts.setdefault(layer.name, {})[part] = v_hat
+        if not parts:
+            return
+        for layer in self.layers:
+            if layer.name not in parts:
+                continue
+            got = parts[layer.name]
+            matrix = got["weight"].reshape(layer.out_features, -1)
+            if layer.has_bias:
+                matrix = torch.cat([matrix, got["bias"][:, None]], dim=1)
+            seg["precond"][layer.name] = seg["precond"].get(layer.name, 0) + matrix
+        seg["precond_count"] += 1
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._segment["last_checkpoint_step"] = self.step
+        if self.writer is not None:
+            trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+            buffers = {name for name, _ in pl_module.named_buffers()}
+            state = {k: v for k, v in pl_module.state_dict().items() if k in trainable or k in buffers}
+            attrs = {
+                "index": self.num_checkpoints,
+                "step": self.step,
+                "segment": self._segment["index"],
+                "epoch": trainer.current_epoch,
+            }
+            self.writer.write_checkpoint(f"{self.num_checkpoints:06d}", state, attrs, self.checkpoint_dtype)
+            self._flush_rows()
+            self.writer.flush()
+        self.num_checkpoints += 1
+
+    def _flush_rows(self) -> None:
+        if self.writer is not None and self._rows:
+            columns = {key: np.asarray(values) for key, values in self._rows.items()}
+            self.writer.append_steps(columns)
+        self._rows = {}
+
+    # ------------------------------------------------------------------------------ endings
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_segment(trainer, pl_module, "end")
+        self._open_segment()
+        if self.step == 0:
+            self._warn_once(
+                "nosteps",
+                f"TDACallback: training made no optimizer step, so the trace {self.path} has no segments or "
+                f"checkpoints to attribute with. Train for at least one step.",
+            )
+        self._teardown_capture()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            rank_zero_info(
+                f"TDACallback: trace {self.path}: {self.step} steps, {self.num_segments_closed} segments, "
+                f"{self.num_checkpoints} checkpoints."
+            )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Keep everything flushed so far; the open segment is lost (a resume recomputes it)."""
+        self._teardown_capture()
+        if self.writer is not None:
+            self._flush_rows()
+            self.writer.close()
+            self.writer = None
+
+    def _teardown_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+
+    # ------------------------------------------------------------------------ state for resume
+    def state_dict(self) -> dict[str, Any]:
+        if self.stats is None or self.run_id is None:
+            return {}
+        trainer = self._trainer_for_state
+        flat = self._reduced_sums(trainer) if trainer is not None else None
+        self._flush_rows()
+        if self.writer is not None:
+            self.writer.flush()
+        seg = dict(self._segment)
+        return {
+            "run_id": self.run_id,
+            "step": self.step,
+            "every_n_steps": self.every_n_steps,
+            "boundaries": list(self.boundaries),
+            "checkpoint_plan": list(self.checkpoint_plan),
+            "num_segments_closed": self.num_segments_closed,
+            "num_checkpoints": self.num_checkpoints,
+            "segment": seg,
+            "kfac": flat,
+            "policy": self.policy.state_dict(),
+            "generator": self._generator.get_state() if self._generator is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+        self.run_id = state_dict["run_id"]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer_for_state = trainer
+
+    def _apply_restored(self, state: dict[str, Any], trainer: L.Trainer) -> None:
+        self.step = int(state["step"])
+        self.every_n_steps = int(state["every_n_steps"])
+        self.boundaries = list(state["boundaries"])
+        self.checkpoint_plan = list(state["checkpoint_plan"])
+        self.num_segments_closed = int(state["num_segments_closed"])
+        self.num_checkpoints = int(state["num_checkpoints"])
+        self._segment = dict(state["segment"])
+        self.policy.load_state_dict(state["policy"])
+        if state["generator"] is not None:
+            self._generator.set_state(state["generator"])
+        self.stats.reset()
+        sums = state["kfac"]
+        if trainer.is_global_zero:  # the saved sums are global: give them to one rank only
+            self.stats.skipped_steps = int(sums.pop("__skipped__"))
+            self.stats.load_flat_tensors([sums[name][key] for name in sorted(sums) for key in
+                                          ("A_sum", "A_count", "S_sum", "S_count")])
+        if self.writer is not None:
+            self.writer.truncate(self.step, self.num_segments_closed, self.step)
+            self.writer.flush()
+
+    # ------------------------------------------------------------------------------ helpers
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+
+def _loss_value(outputs: Any) -> float:
+    """The training loss of a batch from ``training_step``'s output (tensor, dict or None)."""
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, Tensor):
+        return float(outputs.detach().float())
+    return float("nan")
+
+
+def _optimizer_record(optimizer: Any) -> dict[str, Any]:
+    """Optimizer class and per-group hyper-parameters (everything but the parameters)."""
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append(
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+            | {"num_params": len(group["params"])}
+        )
+    cls = type(optimizer)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "name": cls.__name__,
+        "param_groups": groups,
+        "preconditioned": any("betas" in g for g in optimizer.param_groups),
+    }
+

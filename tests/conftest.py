@@ -1,0 +1,50 @@
+"""Shared fixtures: a digits MLP trained with TDACallback, and an offline W&B sandbox."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+
+import pytest
+
+_WANDB_ROOT = tempfile.mkdtemp(prefix="lightning_tda_wandb_")
+for key, sub in (("WANDB_DIR", "dir"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                 ("WANDB_CONFIG_DIR", "config")):
+    os.environ.setdefault(key, os.path.join(_WANDB_ROOT, sub))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary (tests only)."""
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A 64-128-128-10 MLP trained 8 epochs on digits with the callback (3 segments, true Fisher).
+
+    Returns a dict with the trace path, the data module (``train_set``/``test_set``) and a factory
+    for fresh model instances.
+    """
+    import lightning as L
+
+    from lightning_tda import ClassificationTask, TDACallback
+    from lightning_tda.demo import DigitsDataModule, MLPClassifier
+
+    L.seed_everything(0, verbose=False)
+    path = tmp_path_factory.mktemp("digits") / "trace.h5"
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    model = MLPClassifier(lr=0.1, momentum=0.9)
+    trainer = quiet_trainer(max_epochs=8, callbacks=[TDACallback(str(path), task=ClassificationTask())])
+    trainer.fit(model, dm)
+    return {"path": path, "datamodule": dm, "model_factory": MLPClassifier, "final_model": model}
