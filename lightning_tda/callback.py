@@ -164,9 +164,7 @@ class TDACallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise RuntimeError(
-                f"TDACallback records exactly one optimizer; this run has {len(trainer.optimizers)}."
-            )
+            raise RuntimeError(f"TDACallback records exactly one optimizer; this run has {len(trainer.optimizers)}.")
         optimizer = trainer.optimizers[0]
         self._generator = torch.Generator(device=pl_module.device)
         self._generator.manual_seed(self.seed + trainer.global_rank)
@@ -188,6 +186,7 @@ class TDACallback(L.Callback):
                 config=self._config(),
                 layers=self.layers,
                 num_param_groups=len(optimizer.param_groups),
+                layer_groups=self._layer_groups(optimizer),
             )
             self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
             self.writer.flush()
@@ -196,6 +195,11 @@ class TDACallback(L.Callback):
             self._capture = LayerCapture(
                 self.layers, enabled=lambda: self._capturing, on_gradient=self._on_gradient_rows, keep_outputs=False
             ).__enter__()
+
+    def _layer_groups(self, optimizer: Any) -> dict[str, int]:
+        """Index of the optimizer param group holding each tracked layer's weight."""
+        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        return {layer.name: group_of.get(id(layer.module.weight), 0) for layer in self.layers}
 
     def _open_writer(self, resuming: bool) -> None:
         continuing = resuming or self.run_id is not None
@@ -235,9 +239,7 @@ class TDACallback(L.Callback):
                 )
         total = int(total)
         batches = trainer.num_training_batches
-        steps_per_epoch = (
-            math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
-        )
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
         self.boundaries = self.policy.plan(self.step, total, steps_per_epoch)
         if self.every_n_steps_arg == "auto":
             starts = [self.step, *self.boundaries[:-1]]
@@ -288,7 +290,9 @@ class TDACallback(L.Callback):
         self._loss_sum = 0.0
         self._examples = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = batch
         self._stats_step = self.step % self.every_n_steps == 0
         self._capturing = self._stats_step and self.fisher == "empirical"
@@ -599,8 +603,9 @@ class TDACallback(L.Callback):
         sums = state["kfac"]
         if trainer.is_global_zero:  # the saved sums are global: give them to one rank only
             self.stats.skipped_steps = int(sums.pop("__skipped__"))
-            self.stats.load_flat_tensors([sums[name][key] for name in sorted(sums) for key in
-                                          ("A_sum", "A_count", "S_sum", "S_count")])
+            self.stats.load_flat_tensors(
+                [sums[name][key] for name in sorted(sums) for key in ("A_sum", "A_count", "S_sum", "S_count")]
+            )
         if self.writer is not None:
             self.writer.truncate(self.step, self.num_segments_closed, self.step)
             self.writer.flush()
@@ -636,4 +641,3 @@ def _optimizer_record(optimizer: Any) -> dict[str, Any]:
         "param_groups": groups,
         "preconditioned": any("betas" in g for g in optimizer.param_groups),
     }
-

@@ -186,9 +186,9 @@ class LayerCapture:
 
     Use as a context manager. While ``enabled()`` returns True and autograd is on, each forward of a
     tracked layer stores ``activations[name]`` (rows ``(B, R, a_dim)``, detached) and the output
-    tensor ``outputs[name]`` (unless ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook on the output calls it with the
-    gradient rows ``(B, R, out)`` during backward. A module called several times per forward has its
-    rows concatenated along ``R``.
+    tensor ``outputs[name]`` (unless ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook on
+    the output calls it with the gradient rows ``(B, R, out)`` during backward. A module called several
+    times per forward has its rows concatenated along ``R``.
     """
 
     def __init__(

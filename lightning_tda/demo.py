@@ -74,7 +74,10 @@ class ArrayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers,
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
         )
 
@@ -129,9 +132,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 class _Supervised(L.LightningModule):
     """Shared optimizer set-up: SGD (with momentum) or Adam/AdamW, optional step-wise cosine decay."""
 
-    def __init__(
-        self, lr: float, optimizer: str, momentum: float, weight_decay: float, cosine: bool
-    ) -> None:
+    def __init__(self, lr: float, optimizer: str, momentum: float, weight_decay: float, cosine: bool) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"optimizer={optimizer!r}: use 'sgd', 'adam' or 'adamw'.")

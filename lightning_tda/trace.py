@@ -7,7 +7,8 @@ Schema (version 1; see ``docs/trace-schema.md`` for the full description)::
                                 dataset_size (-1 = unknown), checkpoint_dtype, sequence_mode
     /meta/optimizer      JSON string: optimizer class and per-group hyper-parameters
     /meta/config         JSON string: the callback's configuration
-    /layers/names        tracked layer names, in order; /layers/<name> attrs: kind, in/out features, has_bias
+    /layers/names        tracked layer names, in order; /layers/<name> attrs: kind, in/out features,
+                         has_bias, param_group (optimizer group of its weight)
     /steps/<column>      one row per optimizer step: step, global_step, epoch, segment, batch_size,
                          loss, statistics (1 if K-FAC statistics were taken), lr (n, param groups)
     /segments/<i>        attrs: index, start_step, end_step, num_steps, stats_steps, skipped_steps,
@@ -120,7 +121,7 @@ class TraceWriter:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise TraceError(f"Cannot create the trace directory {directory}: {err}. Choose a writable path.")
+            raise TraceError(f"Cannot create the trace directory {directory}: {err}. Choose a writable path.") from err
         if not os.access(directory, os.W_OK):
             raise TraceError(f"The trace directory {directory} is not writable. Choose a writable path.")
         exists = self.path.exists()
@@ -146,6 +147,7 @@ class TraceWriter:
         config: Mapping[str, Any],
         layers: Iterable[TrackedLayer],
         num_param_groups: int,
+        layer_groups: Mapping[str, int] | None = None,
     ) -> None:
         """Create the file's skeleton and flush it."""
         f = self.file
@@ -170,13 +172,17 @@ class TraceWriter:
                 in_features=layer.in_features,
                 out_features=layer.out_features,
                 has_bias=layer.has_bias,
+                param_group=(layer_groups or {}).get(layer.name, 0),
             )
         steps = f.create_group("steps")
         for column in STEP_COLUMNS:
             dtype = np.int64 if column in _INT_COLUMNS else np.float64
             steps.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
         steps.create_dataset(
-            "lr", shape=(0, num_param_groups), maxshape=(None, num_param_groups), dtype=np.float64,
+            "lr",
+            shape=(0, num_param_groups),
+            maxshape=(None, num_param_groups),
+            dtype=np.float64,
             chunks=(1024, num_param_groups),
         )
         for name in ("segments", "checkpoints", "results", "cache"):
@@ -218,9 +224,7 @@ class TraceWriter:
                 g.create_dataset("v_mean", data=v_mean.detach().cpu().double().numpy())
                 g.attrs["count"] = count
 
-    def write_checkpoint(
-        self, name: str, state: Mapping[str, Tensor], attrs: Mapping[str, Any], dtype: str
-    ) -> None:
+    def write_checkpoint(self, name: str, state: Mapping[str, Tensor], attrs: Mapping[str, Any], dtype: str) -> None:
         """Write a model state (``name`` = ``"initial"`` or a zero-padded index)."""
         checkpoints = self.file["checkpoints"]
         if name in checkpoints:
@@ -275,13 +279,15 @@ class TraceWriter:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A tracked layer as recorded: gradient matrix shape is ``(out_features, in_features + has_bias)``."""
+    """A tracked layer as recorded: gradient matrix shape is ``(out_features, in_features + has_bias)``;
+    ``param_group`` is the optimizer param group holding its weight (its learning rate column)."""
 
     name: str
     kind: str
     in_features: int
     out_features: int
     has_bias: bool
+    param_group: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -358,6 +364,7 @@ class Trace:
                     in_features=int(f["layers"][name].attrs["in_features"]),
                     out_features=int(f["layers"][name].attrs["out_features"]),
                     has_bias=bool(f["layers"][name].attrs["has_bias"]),
+                    param_group=int(f["layers"][name].attrs.get("param_group", 0)),
                 )
                 for name in (n.decode() if isinstance(n, bytes) else n for n in f["layers/names"][()])
             ]
@@ -421,7 +428,9 @@ class Trace:
         try:
             return cls(path)
         except (KeyError, OSError) as err:
-            raise TraceError(f"{path} is an incomplete trace ({err}); it was probably cut off before its first flush.")
+            raise TraceError(
+                f"{path} is an incomplete trace ({err}); it was probably cut off before its first flush."
+            ) from err
 
     def _file(self) -> h5py.File:
         return h5py.File(self.path, "r")
@@ -522,8 +531,7 @@ class Trace:
             layers = layers_by_name(model, self.layer_names)
         except ValueError as err:
             raise TraceError(
-                f"{err} The trace {self.path} was recorded for {self.meta.get('model_class')}; pass that "
-                f"architecture."
+                f"{err} The trace {self.path} was recorded for {self.meta.get('model_class')}; pass that architecture."
             ) from err
         for layer, info in zip(layers, self.layers):
             if layer.shape != info.shape or layer.kind != info.kind:
@@ -542,10 +550,7 @@ class Trace:
         """Datasets (as tensors) and attributes of group ``name`` (e.g. ``"cache/ekfac"``)."""
         with self._file() as f:
             group = f[name]
-            tensors = {
-                key: torch.from_numpy(np.asarray(ds[()]))
-                for key, ds in _walk(group)
-            }
+            tensors = {key: torch.from_numpy(np.asarray(ds[()])) for key, ds in _walk(group)}
             return tensors, dict(group.attrs)
 
     def write_group(
@@ -577,7 +582,8 @@ class Trace:
         if len(steps):
             lr = steps.lr
             lines.append(
-                f"  learning rate from {lr.min():.4g} to {lr.max():.4g}; loss {steps.loss[0]:.4g} -> {steps.loss[-1]:.4g}"
+                f"  learning rate from {lr.min():.4g} to {lr.max():.4g}; "
+                f"loss {steps.loss[0]:.4g} -> {steps.loss[-1]:.4g}"
             )
         lines.append(f"  {len(self.segments)} segment(s):")
         for s in self.segments:

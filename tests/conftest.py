@@ -9,8 +9,12 @@ import warnings
 import pytest
 
 _WANDB_ROOT = tempfile.mkdtemp(prefix="lightning_tda_wandb_")
-for key, sub in (("WANDB_DIR", "dir"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
-                 ("WANDB_CONFIG_DIR", "config")):
+for key, sub in (
+    ("WANDB_DIR", "dir"),
+    ("WANDB_CACHE_DIR", "cache"),
+    ("WANDB_DATA_DIR", "data"),
+    ("WANDB_CONFIG_DIR", "config"),
+):
     os.environ.setdefault(key, os.path.join(_WANDB_ROOT, sub))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -22,8 +26,14 @@ def quiet_trainer(**kwargs):
     import lightning as L
 
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
