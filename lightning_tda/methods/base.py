@@ -4,6 +4,11 @@ A method is constructed from a :class:`~lightning_tda.trace.Trace`, an instance 
 architecture and a :class:`~lightning_tda.tasks.Task`; ``attribute(queries, train)`` returns a
 :class:`~lightning_tda.scores.Scores` of shape ``(n_queries, n_train)``. Training data is streamed
 in batches; per-example gradients exist for one batch at a time only.
+
+Distributed attribution: pass a launched ``lightning.fabric.Fabric`` as ``fabric=`` and every
+process scores every ``world_size``-th training batch (:meth:`AttributionMethod.train_batches`);
+:meth:`AttributionMethod.sum_across_processes` then sums the partial score matrices (or any
+partial sums over training examples), so each process ends with the full result.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class AttributionMethod:
         query_batch_size: queries per batch.
         device: where to compute.
         progress: show a progress bar (default: when stderr is a terminal).
+        fabric: a launched ``lightning.fabric.Fabric`` to shard the training set across processes.
     """
 
     name = "base"
@@ -108,6 +114,7 @@ class AttributionMethod:
         query_batch_size: int = 64,
         device: str | torch.device = "cpu",
         progress: bool | None = None,
+        fabric: Any | None = None,
     ) -> None:
         self.trace = trace
         self.model = model.to(device)
@@ -116,6 +123,7 @@ class AttributionMethod:
         self.batch_size = batch_size
         self.query_batch_size = query_batch_size
         self.progress = progress
+        self.fabric = fabric
         tracked = trace.tracked_layers(self.model)
         if layers is not None:
             import fnmatch
@@ -149,6 +157,21 @@ class AttributionMethod:
         loader = self.loader(data, role)
         for ids, batch in progress_bar(batches_with_ids(loader, self.task), self.progress, desc or role, len(loader)):
             yield ids, move_to(batch, self.device)
+
+    def train_batches(self, train: Data, desc: str = "train") -> Iterator[tuple[Tensor, Any]]:
+        """This process's share of the training batches: ``(global ids, batch)``, every
+        ``world_size``-th batch under Fabric, all of them otherwise."""
+        world = self.fabric.world_size if self.fabric is not None else 1
+        rank = self.fabric.global_rank if self.fabric is not None else 0
+        for position, (ids, batch) in enumerate(self.batches(train, "train", desc)):
+            if position % world == rank:
+                yield ids, batch
+
+    def sum_across_processes(self, tensor: Tensor) -> Tensor:
+        """Sum a partial result over the Fabric processes (identity without Fabric)."""
+        if self.fabric is None or self.fabric.world_size == 1:
+            return tensor
+        return self.fabric.all_reduce(tensor.to(self.fabric.device), reduce_op="sum").to(tensor.device)
 
     def gradients(self, batch: Any, role: str) -> dict[str, Tensor]:
         """Per-example gradients of the batch: ``{layer: (B, out, a_dim)}``.
