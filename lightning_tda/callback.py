@@ -69,6 +69,10 @@ class TDACallback(L.Callback):
         dataset_size: number of training examples, recorded in the trace (default: the length of the
             training dataset when it has one).
         seed: seed of the generator that samples true-Fisher targets.
+        exact_fisher_outputs: with ``fisher="true"``, models whose output Hessian has at most this many
+            square-root factors (output dimensions; classes for classifiers) get the exact expectation
+            over the predictive distribution, one backward per factor, instead of one sampled target.
+            The default 1 makes scalar regression exact at the cost of the sampled estimate.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class TDACallback(L.Callback):
         if_exists: str = "error",
         dataset_size: int | None = None,
         seed: int = 0,
+        exact_fisher_outputs: int = 1,
     ) -> None:
         if fisher not in ("true", "empirical"):
             raise ValueError(f"TDACallback(fisher={fisher!r}): use 'true' or 'empirical'.")
@@ -110,6 +115,7 @@ class TDACallback(L.Callback):
         self.if_exists = if_exists
         self.dataset_size = dataset_size
         self.seed = seed
+        self.exact_fisher_outputs = exact_fisher_outputs
 
         self.layers: list[TrackedLayer] = []
         self.stats: KFACStatistics | None = None
@@ -279,6 +285,7 @@ class TDACallback(L.Callback):
             "exclude": self.exclude,
             "checkpoint_dtype": self.checkpoint_dtype,
             "seed": self.seed,
+            "exact_fisher_outputs": self.exact_fisher_outputs,
         }
 
     # ------------------------------------------------------------------------------- per batch
@@ -317,14 +324,31 @@ class TDACallback(L.Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), LayerCapture(self.layers) as capture:
             outputs = self.task.forward(pl_module, self._batch)
-            targets = self.task.sample_targets(outputs, self._generator)
-            rows = capture.output_gradient_rows(self.task.loss(outputs, targets).sum())
+            rows = self._true_fisher_rows(capture, outputs)
             for layer in self.layers:
                 self.stats.stage_activations(layer.name, capture.activations[layer.name])
                 self.stats.stage_gradients(layer.name, rows[layer.name])
         with torch.no_grad():  # the extra forward must not move batch-norm statistics
             for buffer, saved in zip(pl_module.buffers(), buffers):
                 buffer.copy_(saved)
+
+    def _true_fisher_rows(self, capture: LayerCapture, outputs: Tensor) -> dict[str, Tensor]:
+        """Per-example output-gradient rows whose outer products estimate the true Fisher.
+
+        With at most ``exact_fisher_outputs`` output-Hessian factors (e.g. scalar regression) every factor
+        is back-propagated, which gives the exact expectation over the predictive distribution; the
+        rows of all factors are concatenated along ``R`` so ``S`` counts each example once. Otherwise one
+        target per example is sampled from the model.
+        """
+        if self.task.num_fisher_factors(outputs) > self.exact_fisher_outputs:
+            targets = self.task.sample_targets(outputs, self._generator)
+            return capture.output_gradient_rows(self.task.loss(outputs, targets).sum())
+        factors = self.task.fisher_factors(outputs)
+        per_factor = [
+            capture.output_gradient_rows((outputs * factor).sum(), retain_graph=k < len(factors) - 1)
+            for k, factor in enumerate(factors)
+        ]
+        return {name: torch.cat([rows[name] for rows in per_factor], dim=1) for name in per_factor[0]}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         self._stepped = True

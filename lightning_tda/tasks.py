@@ -74,6 +74,10 @@ class Task:
         """Square-root factors of the output Hessian, shape ``(K, *outputs.shape)``."""
         raise NotImplementedError
 
+    def num_fisher_factors(self, outputs: Tensor) -> int:
+        """``K``, the number of factors :meth:`fisher_factors` returns (without forming them)."""
+        raise NotImplementedError
+
     def train_loss(self, model: nn.Module, batch: Any) -> Tensor:
         """Per-example training losses of ``batch``, shape ``(B,)``."""
         return self.loss(self.forward(model, batch), self.targets(batch))
@@ -145,6 +149,9 @@ class ClassificationTask(Task):
         sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return sampled.reshape(outputs.shape[:-1])
 
+    def num_fisher_factors(self, outputs: Tensor) -> int:
+        return outputs.shape[-1]
+
     def fisher_factors(self, outputs: Tensor) -> Tensor:
         # Hessian of CE w.r.t. logits is diag(p) - p pᵀ = Σ_c p_c (e_c - p)(e_c - p)ᵀ.
         probs = torch.softmax(outputs.detach().float(), dim=-1)
@@ -172,6 +179,9 @@ class RegressionTask(Task):
         dim = self._as_matrix(outputs).shape[1]
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
         return outputs.detach() + noise * (dim / 2) ** 0.5
+
+    def num_fisher_factors(self, outputs: Tensor) -> int:
+        return self._as_matrix(outputs).shape[1]
 
     def fisher_factors(self, outputs: Tensor) -> Tensor:
         flat = self._as_matrix(outputs)
