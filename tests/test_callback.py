@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace
 from lightning_tda.demo import MLPClassifier, SmallCNN, load_concrete
-from conftest import quiet_trainer
 
 
 def digits_subset(n: int = 192, images: bool = False) -> TensorDataset:
@@ -84,7 +84,7 @@ def reference_sums(model: L.LightningModule, micro_batches, accumulate: int) -> 
         model.load_state_dict(state)
         seen = {}
 
-        def keep(name):
+        def keep(name, seen=seen):
             def hook(module, args, output):
                 output.retain_grad()
                 seen[name] = (args[0].detach(), output)
