@@ -1,0 +1,598 @@
+"""Curvature: K-FAC / EK-FAC eigenbases per layer and the matrix functions applied with them.
+
+Per tracked layer (gradient matrix ``(out, a_dim)``) the curvature is approximated as
+``A ⊗ S`` (ALGORITHMS.md §1). We eigendecompose ``A = Q_A Λ_A Q_Aᵀ`` and ``S = Q_S Λ_S Q_Sᵀ`` and
+keep eigenvalues on the Kronecker grid, ``(out, a_dim)``:
+
+* K-FAC: ``Λ = Λ_S Λ_Aᵀ`` (outer product);
+* EK-FAC: ``Λ*_{ij} = E_n[(Q_Sᵀ G_n Q_A)_{ij}²]``, one pass of per-example pseudo-gradients ``G_n``
+  rotated into the eigenbasis (George et al. 2018), averaged over the checkpoints passed in.
+
+The pseudo-gradients of the true Fisher are, by default, the **exact expectation** over the model's
+predictive distribution: each square-root factor of the output Hessian (``task.fisher_factors``) is
+back-propagated (K backward passes for K outputs), so ``Σ_k G_{n,k} ⊗ G_{n,k}`` is the example's
+Gauss-Newton matrix and the correction has no sampling noise. ``samples=m`` draws ``m`` targets per
+example instead (kronfluence draws one); sequence outputs always use samples, because the factors
+of a sum over positions cannot be back-propagated jointly without cross-position terms. An
+``"empirical"`` trace is corrected with the real-label gradients.
+
+Any matrix function ``φ`` of the curvature is applied to a gradient-shaped ``V`` as
+``Q_S [φ(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ`` (:meth:`LayerEigenbasis.apply`); the numerically stable
+scalar functions SOURCE needs are :func:`exp_decay` and :func:`decay_response`. Nothing of size
+``(out·a_dim)²`` is formed, except by :class:`DenseLayerCurvature`, the exact per-layer
+Gauss-Newton block for small models (the reference the approximations are tested against).
+
+Fitted curvature is cached in the trace under ``cache/curvature-<hash>`` (the hash covers the
+segment, checkpoints, options and a fingerprint of the training data), so a second call reuses it.
+Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_tda.capture import LayerCapture, TrackedLayer
+from lightning_tda.methods.base import Data, as_loader, move_to, progress_bar
+from lightning_tda.statistics import outer_sum
+from lightning_tda.tasks import Task
+from lightning_tda.trace import Trace, TraceError, to_json
+
+CURVATURES = ("ekfac", "kfac", "gauss-newton")
+COVARIANCE_SOURCES = ("stream", "recompute")
+DEFAULT_SAMPLES = 4  # targets per example when the exact expectation is not available
+MAX_EXACT_FACTORS = 64  # back-propagate every output-Hessian factor up to this many outputs
+MAX_DENSE_BLOCK = 20_000  # largest per-layer parameter count for the dense Gauss-Newton block
+
+
+# ------------------------------------------------------------------------------ matrix functions
+
+
+def exp_decay(values: Tensor, scale: float | Tensor) -> Tensor:
+    """``exp(-scale · σ)`` elementwise (SOURCE's segment Jacobian on eigenvalues σ ≥ 0)."""
+    return torch.exp(-scale * values.clamp(min=0))
+
+
+def decay_response(values: Tensor, scale: float | Tensor) -> Tensor:
+    """``(1 - exp(-scale · σ)) / σ`` elementwise, equal to ``scale`` at σ = 0 and accurate near it.
+
+    Computed as ``scale · (-expm1(-x) / x)`` with ``x = scale · σ``, switching to the series
+    ``scale · (1 - x/2 + x²/6)`` for ``x < 1e-6`` so nothing divides by (nearly) zero.
+    """
+    x = scale * values.clamp(min=0)
+    small = x < 1e-6
+    safe = torch.where(small, torch.ones_like(x), x)
+    ratio = torch.where(small, 1 - x / 2 + x * x / 6, -torch.expm1(-safe) / safe)
+    return scale * ratio
+
+
+def damped_inverse(values: Tensor, damping: float | Tensor) -> Tensor:
+    """``1 / (σ + damping)`` elementwise (the influence function's inverse on eigenvalues)."""
+    return 1.0 / (values.clamp(min=0) + damping)
+
+
+# ------------------------------------------------------------------------------ per-layer curvature
+
+
+@dataclass
+class LayerEigenbasis:
+    """Eigenbasis of one layer's K-FAC factors plus eigenvalues on the Kronecker grid.
+
+    Attributes:
+        name: layer name.
+        q_a: ``(a_dim, a_dim)`` float64 eigenvectors of ``A``.
+        q_s: ``(out, out)`` float64 eigenvectors of ``S``.
+        eigenvalues: ``(out, a_dim)`` float64, EK-FAC corrected ``Λ*`` or ``outer(Λ_S, Λ_A)`` for K-FAC.
+    """
+
+    name: str
+    q_a: Tensor
+    q_s: Tensor
+    eigenvalues: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q_s.shape[0], self.q_a.shape[0])
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        return float(self.eigenvalues.mean())
+
+    def rotate(self, v: Tensor) -> Tensor:
+        """``(..., out, a_dim) -> Q_Sᵀ V Q_A`` (float64)."""
+        return self.q_s.T @ v.to(self.q_s.dtype) @ self.q_a
+
+    def unrotate(self, v: Tensor) -> Tensor:
+        """Inverse of :meth:`rotate`: ``Q_S V Q_Aᵀ``."""
+        return self.q_s @ v.to(self.q_s.dtype) @ self.q_a.T
+
+    def apply(self, v: Tensor, values: Tensor) -> Tensor:
+        """``Q_S [values ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ`` for ``v`` of shape ``(..., out, a_dim)``; float64."""
+        return self.unrotate(values * self.rotate(v))
+
+    def damped_inverse(self, v: Tensor, damping: float) -> Tensor:
+        """``(H + damping·I)⁻¹ V`` with this layer's curvature ``H``."""
+        return self.apply(v, damped_inverse(self.eigenvalues, damping))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"q_a": self.q_a, "q_s": self.q_s, "eigenvalues": self.eigenvalues}
+
+    def to(self, device: torch.device | str) -> LayerEigenbasis:
+        return LayerEigenbasis(self.name, self.q_a.to(device), self.q_s.to(device), self.eigenvalues.to(device))
+
+
+@dataclass
+class DenseLayerCurvature:
+    """The exact per-layer Gauss-Newton block ``H_l`` (``D × D``, ``D = out·a_dim``, row-major in the
+    ``(out, a_dim)`` gradient matrix), for small models and as the reference for EK-FAC.
+
+    Offers the same :meth:`apply` / :meth:`damped_inverse` interface as :class:`LayerEigenbasis`;
+    ``eigenvalues`` (``(D,)``) and the eigenvectors are computed on first use, the damped inverse
+    uses a Cholesky factorisation instead (cheaper for large blocks).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    matrix: Tensor
+    _eigh: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    _cholesky: dict[float, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        return float(torch.diagonal(self.matrix).mean())
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        return self._eigendecomposition()[0]
+
+    def _eigendecomposition(self) -> tuple[Tensor, Tensor]:
+        if self._eigh is None:
+            values, vectors = torch.linalg.eigh(self.matrix)
+            self._eigh = (values.clamp(min=0), vectors)
+        return self._eigh
+
+    def _flat(self, v: Tensor) -> Tensor:
+        return v.to(self.matrix.dtype).reshape(*v.shape[:-2], -1)
+
+    def rotate(self, v: Tensor) -> Tensor:
+        """``(..., out, a_dim) -> (..., D)`` coordinates in the eigenbasis."""
+        return self._flat(v) @ self._eigendecomposition()[1]
+
+    def unrotate(self, v: Tensor) -> Tensor:
+        return (v @ self._eigendecomposition()[1].T).reshape(*v.shape[:-1], *self.shape)
+
+    def apply(self, v: Tensor, values: Tensor) -> Tensor:
+        return self.unrotate(values * self.rotate(v))
+
+    def damped_inverse(self, v: Tensor, damping: float) -> Tensor:
+        key = float(damping)
+        if key not in self._cholesky:
+            eye = torch.eye(self.matrix.shape[0], dtype=self.matrix.dtype, device=self.matrix.device)
+            self._cholesky[key] = torch.linalg.cholesky(self.matrix + key * eye)
+        flat = self._flat(v).reshape(-1, self.matrix.shape[0])
+        solved = torch.cholesky_solve(flat.T, self._cholesky[key]).T
+        return solved.reshape(*v.shape[:-2], *self.shape)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"matrix": self.matrix}
+
+    def to(self, device: torch.device | str) -> DenseLayerCurvature:
+        return DenseLayerCurvature(self.name, self.shape, self.matrix.to(device))
+
+
+LayerCurvature = LayerEigenbasis | DenseLayerCurvature
+Curvature = dict[str, LayerCurvature]  # keyed by layer name, in the trace's layer order
+
+
+def eigenbases_from_covariances(covariances: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, LayerEigenbasis]:
+    """K-FAC eigenbases from per-layer ``(A, S)`` (float64); eigenvalues ``outer(Λ_S, Λ_A)``.
+
+    Tiny negative eigenvalues from round-off are clamped to zero.
+    """
+    bases = {}
+    for name, (a, s) in covariances.items():
+        lam_a, q_a = torch.linalg.eigh(a.double())
+        lam_s, q_s = torch.linalg.eigh(s.double())
+        bases[name] = LayerEigenbasis(name, q_a, q_s, torch.outer(lam_s.clamp(min=0), lam_a.clamp(min=0)))
+    return bases
+
+
+# ------------------------------------------------------------------------------ pseudo-gradients
+
+
+@dataclass(frozen=True)
+class FisherOptions:
+    """Which per-example pseudo-gradients a curvature pass uses.
+
+    ``kind="true"``: ``samples=None`` back-propagates every output-Hessian factor (exact expectation;
+    used when outputs are ``(B,)`` or ``(B, K)`` with ``K <= MAX_EXACT_FACTORS``, otherwise
+    ``DEFAULT_SAMPLES`` targets are drawn); ``samples=m`` draws ``m`` targets per example.
+    ``kind="empirical"``: the real-label training gradient.
+    """
+
+    kind: str = "true"
+    samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("true", "empirical"):
+            raise ValueError(f"fisher={self.kind!r}: use 'true' or 'empirical'.")
+        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
+            raise ValueError(f"samples={self.samples!r}: use None (exact expectation) or a positive integer.")
+
+
+def pseudo_gradient_rows(
+    capture: LayerCapture,
+    outputs: Tensor,
+    targets: Tensor,
+    task: Task,
+    fisher: FisherOptions,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[dict[str, Tensor], float]]:
+    """Yield ``(output-gradient rows {layer: (B, R, out)}, weight)`` whose weighted per-example outer
+    products sum to the example's Fisher (true: Gauss-Newton; empirical: ``g gᵀ``)."""
+    if fisher.kind == "empirical":
+        yield capture.output_gradient_rows(task.loss(outputs, targets).sum()), 1.0
+        return
+    exact = (
+        fisher.samples is None
+        and outputs.dim() <= 2
+        and outputs.reshape(len(outputs), -1).shape[1] <= MAX_EXACT_FACTORS
+    )
+    if exact:
+        factors = task.fisher_factors(outputs)
+        for k, factor in enumerate(factors):
+            yield capture.output_gradient_rows((outputs * factor).sum(), retain_graph=k < len(factors) - 1), 1.0
+        return
+    samples = fisher.samples or DEFAULT_SAMPLES
+    for s in range(samples):
+        sampled = task.sample_targets(outputs, generator)
+        loss = task.loss(outputs, sampled).sum()
+        yield capture.output_gradient_rows(loss, retain_graph=s < samples - 1), 1.0 / samples
+
+
+def per_example_matrices(rows: Tensor, activations: Tensor) -> Tensor:
+    """Per-example gradient matrices ``Σ_r δ_r a_rᵀ``: ``(B, out, a_dim)`` float64."""
+    return torch.einsum("bro,bri->boi", rows.double(), activations.double())
+
+
+# ------------------------------------------------------------------------------ passes over data
+
+
+@dataclass
+class PassData:
+    """How a curvature pass reads the training data."""
+
+    train: Data
+    batch_size: int = 128
+    device: torch.device = torch.device("cpu")
+    examples: int | None = None  # random subset of this many training examples (seeded)
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)  # (rank, world size): this process takes every world-th batch
+    reduce: Callable[[Tensor], Tensor] | None = None  # sums a partial result across processes
+    progress: bool | None = None
+
+    def loader(self, task: Task) -> DataLoader:
+        loader = as_loader(self.train, self.batch_size, "train")
+        n = len(loader.dataset)
+        if self.examples is None or self.examples >= n:
+            return loader
+        if self.examples < 1:
+            raise ValueError(f"correction_examples={self.examples}: use a positive number of examples (or None).")
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.examples]
+        subset = Subset(loader.dataset, sorted(chosen.tolist()))
+        return DataLoader(subset, batch_size=loader.batch_size or self.batch_size, collate_fn=loader.collate_fn)
+
+    def batches(self, task: Task, desc: str) -> Iterator[Any]:
+        loader = self.loader(task)
+        rank, world = self.shard
+        for position, batch in enumerate(progress_bar(loader, self.progress, desc, len(loader))):
+            if position % world == rank:
+                yield move_to(batch, self.device)
+
+    def total(self, tensor: Tensor) -> Tensor:
+        return tensor if self.reduce is None else self.reduce(tensor)
+
+    def fingerprint(self, task: Task) -> str:
+        """Identifies the data of a pass: number of examples and a hash of the first and last batch."""
+        loader = as_loader(self.train, self.batch_size, "train")
+        digest = hashlib.sha1(str(len(loader.dataset)).encode())
+        dataset = loader.dataset
+        for index in {0, len(dataset) - 1}:
+            for part in _tensors(dataset[index]):
+                digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def _tensors(item: Any) -> Iterator[Tensor]:
+    if isinstance(item, Tensor):
+        yield item
+    elif isinstance(item, (list, tuple)):
+        for part in item:
+            yield from _tensors(part)
+    elif isinstance(item, dict):
+        for key in sorted(item):
+            yield from _tensors(item[key])
+
+
+def _evaluate(model: nn.Module, task: Task, batch: Any) -> Tensor:
+    """Model outputs of a training batch, with a clear error when the data does not fit the model."""
+    try:
+        return task.forward(model, batch)
+    except RuntimeError as err:
+        raise ValueError(
+            f"The model could not be evaluated on a training batch ({str(err).splitlines()[0]}). Check that the "
+            f"training examples have the shape and type the model was trained on."
+        ) from err
+
+
+def correct_eigenvalues(
+    curvature: Mapping[str, LayerEigenbasis],
+    model: nn.Module,
+    layers: Sequence[TrackedLayer],
+    task: Task,
+    data: PassData,
+    fisher: FisherOptions,
+) -> dict[str, Tensor]:
+    """EK-FAC corrected eigenvalues at the model's current parameters: ``{layer: (out, a_dim)}`` float64.
+
+    ``Λ*_{ij} = mean_n Σ_k w_k (Q_Sᵀ G_{n,k} Q_A)_{ij}²`` over the pass's examples, with the
+    pseudo-gradients ``G_{n,k}`` of :func:`pseudo_gradient_rows`. For one row per example
+    (``R = 1``) the square factorises: ``(Q_Sᵀ δ)_i² (Q_Aᵀ a)_j²``, a single matrix product.
+    """
+    layers = [layer for layer in layers if layer.name in curvature]
+    sums = {layer.name: torch.zeros_like(curvature[layer.name].eigenvalues) for layer in layers}
+    count = torch.zeros((), dtype=torch.float64)
+    generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data.batches(task, "EK-FAC correction"):
+            with torch.enable_grad(), LayerCapture(layers) as capture:
+                outputs = _evaluate(model, task, batch)
+                targets = task.targets(batch)
+                acts = {name: capture.activations[name].double() for name in sums}
+                for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
+                    for name, total in sums.items():
+                        basis = curvature[name]
+                        delta, act = rows[name].double(), acts[name]
+                        if delta.shape[1] == 1 and act.shape[1] == 1:
+                            rotated_delta = (delta[:, 0] @ basis.q_s) ** 2
+                            rotated_act = (act[:, 0] @ basis.q_a) ** 2
+                            total += weight * (rotated_delta.T @ rotated_act)
+                        else:
+                            total += weight * basis.rotate(per_example_matrices(delta, act)).pow(2).sum(0)
+            count += task.batch_size(batch)
+    finally:
+        model.train(was_training)
+    count = data.total(count)
+    if count == 0:
+        raise ValueError("The EK-FAC correction pass saw no training examples; pass a non-empty training set.")
+    return {name: data.total(total) / count for name, total in sums.items()}
+
+
+def covariances_at(
+    model: nn.Module, layers: Sequence[TrackedLayer], task: Task, data: PassData, fisher: FisherOptions
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """K-FAC factors ``(A, S)`` recomputed at the model's current parameters over the pass's data
+    (``A`` per row, ``S`` per example, as the callback streams them); float64."""
+    sums = {
+        layer.name: [
+            torch.zeros(layer.a_dim, layer.a_dim, dtype=torch.float64),
+            torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64),
+        ]
+        for layer in layers
+    }
+    rows_count = {name: torch.zeros((), dtype=torch.float64) for name in sums}
+    count = torch.zeros((), dtype=torch.float64)
+    generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data.batches(task, "K-FAC covariances"):
+            with torch.enable_grad(), LayerCapture(layers) as capture:
+                outputs = _evaluate(model, task, batch)
+                for name in sums:
+                    act = capture.activations[name]
+                    sums[name][0] += outer_sum(act).cpu()
+                    rows_count[name] += act.shape[0] * act.shape[1]
+                targets = task.targets(batch)
+                for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
+                    for name in sums:
+                        sums[name][1] += weight * outer_sum(rows[name]).cpu()
+            count += task.batch_size(batch)
+    finally:
+        model.train(was_training)
+    count = data.total(count)
+    return {
+        name: (data.total(a) / data.total(rows_count[name]), data.total(s) / count) for name, (a, s) in sums.items()
+    }
+
+
+def gauss_newton_blocks(
+    model: nn.Module, layers: Sequence[TrackedLayer], task: Task, data: PassData, fisher: FisherOptions
+) -> dict[str, Tensor]:
+    """Exact per-layer Gauss-Newton (or empirical Fisher) blocks ``mean_n Σ_k w_k vec(G_{n,k}) vec(G_{n,k})ᵀ``,
+    ``(D, D)`` float64 with ``D = out·a_dim``, at the model's current parameters. Small models only."""
+    for layer in layers:
+        size = layer.out_features * layer.a_dim
+        if size > MAX_DENSE_BLOCK:
+            raise ValueError(
+                f"curvature='gauss-newton' needs a dense {size}x{size} block for layer {layer.name!r} (more than "
+                f"{MAX_DENSE_BLOCK} parameters); use curvature='ekfac' for models this large."
+            )
+    sums = {
+        layer.name: torch.zeros(layer.out_features * layer.a_dim, layer.out_features * layer.a_dim, dtype=torch.float64)
+        for layer in layers
+    }
+    count = torch.zeros((), dtype=torch.float64)
+    generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data.batches(task, "Gauss-Newton"):
+            with torch.enable_grad(), LayerCapture(layers) as capture:
+                outputs = _evaluate(model, task, batch)
+                targets = task.targets(batch)
+                for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
+                    for name, total in sums.items():
+                        flat = per_example_matrices(rows[name], capture.activations[name]).flatten(1).cpu()
+                        total += weight * (flat.T @ flat)
+            count += task.batch_size(batch)
+    finally:
+        model.train(was_training)
+    count = data.total(count)
+    return {name: data.total(total) / count for name, total in sums.items()}
+
+
+# ------------------------------------------------------------------------------ fitting from a trace
+
+
+def fit_curvature(
+    trace: Trace,
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    checkpoints: Sequence[int],
+    data: PassData,
+    *,
+    segment: int | None = None,
+    curvature: str = "ekfac",
+    covariances: str = "stream",
+    fisher: str | None = None,
+    samples: int | None = None,
+    cache: bool = True,
+) -> Curvature:
+    """Fit per-layer curvature averaged over ``checkpoints``; cached in the trace.
+
+    Args:
+        trace: the trace (covariances of ``segment`` and the checkpoints are read from it).
+        model: the trained architecture; each checkpoint is loaded into it (left at the last one).
+        task: the task.
+        layers: tracked layers of ``model`` to fit.
+        checkpoints: checkpoint indices whose corrected eigenvalues (or recomputed factors) are averaged.
+        data: the training data of the passes (:class:`PassData`; ``examples`` subsets the EK-FAC pass).
+        segment: the segment whose streamed ``(A, S)`` give the eigenbasis (``covariances="stream"``).
+        curvature: ``"ekfac"``, ``"kfac"`` (no correction pass) or ``"gauss-newton"`` (exact dense
+            per-layer blocks; small models only).
+        covariances: ``"stream"`` (the segment's recorded ``A, S``) or ``"recompute"`` (recompute
+            them at the checkpoints over ``data``, what kronfluence does post hoc).
+        fisher: ``"true"`` or ``"empirical"``; default: what the trace recorded.
+        samples: ``None`` for the exact expectation over the predictive distribution, or sampled
+            targets per example (true Fisher only).
+        cache: read/write the fit in the trace's ``cache/`` group.
+
+    Returns:
+        ``{layer name: LayerEigenbasis | DenseLayerCurvature}`` in the order of ``layers``.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature={curvature!r}: use one of {', '.join(map(repr, CURVATURES))}.")
+    if covariances not in COVARIANCE_SOURCES:
+        raise ValueError(f"covariances={covariances!r}: use 'stream' (recorded in training) or 'recompute'.")
+    if not checkpoints:
+        raise TraceError(
+            f"No checkpoints to fit curvature at (segment {segment}); the trace {trace.path} holds none "
+            f"there. Record with checkpoints_per_segment >= 1 or choose another segment."
+        )
+    if covariances == "stream" and curvature != "gauss-newton" and segment is None:
+        raise ValueError("covariances='stream' needs the segment whose recorded covariances to use.")
+    options = FisherOptions(fisher or trace.fisher, samples, data.seed)
+    key_fields = {
+        "segment": segment if covariances == "stream" and curvature != "gauss-newton" else None,
+        "checkpoints": list(checkpoints),
+        "curvature": curvature,
+        "covariances": covariances if curvature != "gauss-newton" else None,
+        "fisher": options.kind,
+        "samples": options.samples,
+        "seed": data.seed,
+        "examples": data.examples if curvature == "ekfac" else None,
+        "layers": [layer.name for layer in layers],
+        "data": data.fingerprint(task) if (curvature != "kfac" or covariances == "recompute") else None,
+    }
+    key = "cache/curvature-" + hashlib.sha1(to_json(key_fields).encode()).hexdigest()[:20]
+    if cache and trace.has_group(key):
+        return _load_cached(trace, key, layers, data.device)
+
+    if curvature == "gauss-newton":
+        fitted = _average_over_checkpoints(
+            trace, model, checkpoints, lambda: gauss_newton_blocks(model, layers, task, data, options)
+        )
+        result: Curvature = {
+            layer.name: DenseLayerCurvature(layer.name, layer.shape, fitted[layer.name]) for layer in layers
+        }
+    else:
+        if covariances == "stream":
+            factors = {layer.name: trace.covariances(segment, layer.name) for layer in layers}
+        else:
+            recomputed = _average_over_checkpoints(
+                trace, model, checkpoints, lambda: _flatten_pairs(covariances_at(model, layers, task, data, options))
+            )
+            factors = {layer.name: (recomputed[f"{layer.name}/A"], recomputed[f"{layer.name}/S"]) for layer in layers}
+        bases = eigenbases_from_covariances(factors)
+        if curvature == "ekfac":
+            corrected = _average_over_checkpoints(
+                trace,
+                model,
+                checkpoints,
+                lambda: correct_eigenvalues(bases, model, layers, task, data, options),
+            )
+            for name, basis in bases.items():
+                basis.eigenvalues = corrected[name]
+        result = dict(bases)
+    if cache:
+        tensors = {f"{name}/{part}": t for name, c in result.items() for part, t in c.tensors().items()}
+        trace.write_group(key, tensors, {"options": to_json(key_fields)})
+    return {name: c.to(data.device) for name, c in result.items()}
+
+
+def fit_segment_curvature(
+    trace: Trace,
+    model: nn.Module,
+    task: Task,
+    segment: int,
+    data: PassData,
+    layers: Sequence[TrackedLayer] | None = None,
+    **options: Any,
+) -> Curvature:
+    """Curvature of ``segment``: its streamed ``(A, S)`` eigenbasis, eigenvalues corrected at (and
+    averaged over) the segment's checkpoints. Keyword options as in :func:`fit_curvature`."""
+    info = trace.segment(segment)
+    layers = list(layers) if layers is not None else trace.tracked_layers(model)
+    return fit_curvature(trace, model, task, layers, info.checkpoints, data, segment=segment, **options)
+
+
+def _flatten_pairs(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    return {f"{name}/{part}": t for name, (a, s) in pairs.items() for part, t in (("A", a), ("S", s))}
+
+
+def _average_over_checkpoints(
+    trace: Trace, model: nn.Module, checkpoints: Sequence[int], compute: Callable[[], dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    total: dict[str, Tensor] = {}
+    for index in checkpoints:
+        trace.load_checkpoint(model, index)
+        for name, value in compute().items():
+            total[name] = total[name] + value if name in total else value.clone()
+    return {name: value / len(checkpoints) for name, value in total.items()}
+
+
+def _load_cached(trace: Trace, key: str, layers: Sequence[TrackedLayer], device: torch.device) -> Curvature:
+    tensors, _ = trace.read_group(key)
+    result: Curvature = {}
+    for layer in layers:
+        if f"{layer.name}/matrix" in tensors:
+            result[layer.name] = DenseLayerCurvature(layer.name, layer.shape, tensors[f"{layer.name}/matrix"])
+        else:
+            result[layer.name] = LayerEigenbasis(
+                layer.name,
+                tensors[f"{layer.name}/q_a"],
+                tensors[f"{layer.name}/q_s"],
+                tensors[f"{layer.name}/eigenvalues"],
+            )
+    return {name: c.to(device) for name, c in result.items()}
