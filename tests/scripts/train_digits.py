@@ -1,0 +1,73 @@
+"""Train a small digits MLP with TDACallback in its own process (for crash and DDP tests).
+
+Usage: python train_digits.py TRACE_PATH [--devices N] [--batch-size B] [--kill-at-step K]
+
+``--kill-at-step`` sends SIGKILL to this process after that optimizer step, the way an
+out-of-memory killer or a pre-empted node ends a run: no Python cleanup runs.
+"""
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_tda import ClassificationTask, TDACallback  # noqa: E402
+from lightning_tda.demo import MLPClassifier  # noqa: E402
+
+
+def dataset(n: int = 256) -> TensorDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return TensorDataset(torch.tensor(digits.data[:n], dtype=torch.float32) / 16.0, torch.tensor(digits.target[:n]))
+
+
+class KillAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("trace")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--kill-at-step", type=int, default=None)
+    args = parser.parse_args()
+    L.seed_everything(0, verbose=False)
+    callbacks = [TDACallback(args.trace, task=ClassificationTask(), fisher="empirical", every_n_steps=1)]
+    if args.kill_at_step is not None:
+        callbacks.append(KillAt(args.kill_at_step))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+    )
+    model = MLPClassifier(sizes=[64, 32, 10], lr=0.1)
+    # Rank r reads examples r, r + N, r + 2N, ... in order, so each step's global batch is the block of
+    # consecutive examples that one process with N times the batch size reads (Lightning's own sampler shuffles).
+    sampler = DistributedSampler(dataset(), args.devices, int(os.environ.get("LOCAL_RANK", 0)), shuffle=False)
+    trainer.fit(model, DataLoader(dataset(), batch_size=args.batch_size, sampler=sampler))
+
+
+if __name__ == "__main__":
+    main()

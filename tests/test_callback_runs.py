@@ -1,0 +1,119 @@
+"""Runs that do not go straight through: resumed from a checkpoint, killed with SIGKILL, or spread over DDP."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_tda import ClassificationTask, TDACallback, Trace
+from lightning_tda.demo import MLPClassifier
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_digits.py"
+sys.path.insert(0, str(SCRIPT.parent))
+from train_digits import dataset  # noqa: E402
+
+
+def assert_same_trace(left: Path, right: Path, rtol: float = 0.0, atol: float = 0.0, loss: bool = True) -> None:
+    """Same step log, segments, K-FAC sums and checkpoints (up to the given tolerances)."""
+    a, b = Trace.open(left), Trace.open(right)
+    steps_a, steps_b = a.steps(), b.steps()
+    for column in ("step", "global_step", "epoch", "segment", "batch_size", "statistics", "lr"):
+        np.testing.assert_array_equal(getattr(steps_a, column), getattr(steps_b, column), err_msg=column)
+    if loss:
+        np.testing.assert_allclose(steps_a.loss, steps_b.loss, rtol=rtol, atol=atol)
+    assert [(s.start_step, s.end_step, s.stats_steps, s.checkpoints) for s in a.segments] == [
+        (s.start_step, s.end_step, s.stats_steps, s.checkpoints) for s in b.segments
+    ]
+    for segment in a.segments:
+        for layer in a.layer_names:
+            sums_a, sums_b = a.kfac_sums(segment.index, layer), b.kfac_sums(segment.index, layer)
+            for key in sums_a:
+                np.testing.assert_allclose(sums_a[key], sums_b[key], rtol=rtol, atol=atol, err_msg=f"{layer}/{key}")
+    assert a.checkpoints == b.checkpoints
+    for checkpoint in a.checkpoints:
+        state_a, state_b = a.checkpoint_state(checkpoint.index), b.checkpoint_state(checkpoint.index)
+        for key in state_a:
+            torch.testing.assert_close(state_a[key], state_b[key], rtol=rtol, atol=atol)
+
+
+class CrashAtEpoch(L.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated failure")
+
+
+def fit_digits(path: Path, callbacks=(), ckpt_path=None, **trainer_kwargs) -> None:
+    L.seed_everything(0, verbose=False)
+    tda = TDACallback(path, task=ClassificationTask(), every_n_steps=1)  # true Fisher: sampled targets
+    trainer = quiet_trainer(max_epochs=4, callbacks=[tda, *callbacks], **trainer_kwargs)
+    model = MLPClassifier(sizes=[64, 32, 10], lr=0.1)
+    trainer.fit(model, DataLoader(dataset(), batch_size=32, shuffle=False), ckpt_path=ckpt_path)
+
+
+def test_a_resumed_run_writes_the_same_trace_as_an_uninterrupted_one(tmp_path):
+    fit_digits(tmp_path / "straight.h5")
+
+    # 8 steps per epoch, segments end after steps 11, 21, 32. Checkpoints after every epoch; the run
+    # fails at the start of epoch 3 (step 24), after segment 1 closed; we resume from epoch 1 (step 16),
+    # so the trace must drop steps 17-24 and segment 1, and restore the open segment's sums.
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        fit_digits(tmp_path / "resumed.h5", callbacks=[checkpoints, CrashAtEpoch(3)], enable_checkpointing=True)
+    crashed = Trace.open(tmp_path / "resumed.h5")
+    assert crashed.num_steps == 24 and [s.index for s in crashed.segments] == [0, 1]
+
+    fit_digits(tmp_path / "resumed.h5", ckpt_path=tmp_path / "ckpt" / "epoch=1-step=16.ckpt")
+    assert_same_trace(tmp_path / "straight.h5", tmp_path / "resumed.h5", rtol=1e-6, atol=1e-9)
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_a_killed_run_leaves_a_trace_with_every_closed_segment(tmp_path):
+    full = run_script(str(tmp_path / "full.h5"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = run_script(str(tmp_path / "killed.h5"), "--kill-at-step", "20", cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+    trace, reference = Trace.open(tmp_path / "killed.h5"), Trace.open(tmp_path / "full.h5")
+    assert [s.index for s in trace.segments] == [0, 1]  # segments end after steps 8, 16, 24
+    assert trace.num_steps >= 16
+    np.testing.assert_array_equal(trace.steps().loss, reference.steps().loss[: trace.num_steps])
+    for segment in trace.segments:
+        for layer in trace.layer_names:
+            for key, value in trace.kfac_sums(segment.index, layer).items():
+                np.testing.assert_array_equal(value, reference.kfac_sums(segment.index, layer)[key])
+        for index in segment.checkpoints:
+            model = trace.load_checkpoint(MLPClassifier(sizes=[64, 32, 10]), index)
+            for key, value in model.state_dict().items():
+                assert torch.equal(value, reference.checkpoint_state(index)[key])
+
+
+def test_ddp_on_two_processes_matches_one_process_over_the_same_data(tmp_path):
+    """Two ranks with 16 examples each see, step by step, the 32 examples one process sees."""
+    single = run_script(str(tmp_path / "single.h5"), "--batch-size", "32", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = run_script(str(tmp_path / "ddp.h5"), "--devices", "2", "--batch-size", "16", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stderr.count("TDACallback: trace") == 1  # one writer
+    # the loss column is rank 0's own loss (documented), so it is not compared
+    assert_same_trace(tmp_path / "single.h5", tmp_path / "ddp.h5", rtol=1e-5, atol=1e-7, loss=False)
+    with h5py.File(tmp_path / "ddp.h5", "r") as f:
+        assert f["meta"].attrs["world_size"] == 2
