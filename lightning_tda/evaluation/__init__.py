@@ -1,0 +1,48 @@
+"""Standard evaluations of training data attribution, runnable on your own model.
+
+* :func:`lds_ground_truth` + :func:`lds`: linear datamodeling score with a cached ground truth.
+* :func:`subset_removal`: remove each query's top-k helpful examples, re-train, count flips.
+* :func:`mislabel_detection`: AUC and found-vs-inspected curve for planted label flips.
+* :func:`leakage_detection`: top-k rate of planted test duplicates.
+* ``plot_*`` PNGs and :func:`log_to_wandb`.
+
+Re-training uses your own ``train_fn(subset_indices, seed) -> model``; :class:`LightningTrainFn`
+builds one around a Lightning ``Trainer`` for any LightningModule.
+"""
+
+from lightning_tda.evaluation.counterfactual import CounterfactualResult, subset_removal
+from lightning_tda.evaluation.detection import (
+    LeakageResult,
+    MislabelResult,
+    leakage_detection,
+    mislabel_detection,
+    suspicion_scores,
+)
+from lightning_tda.evaluation.lds import GroundTruth, LDSResult, bootstrap_mean, draw_subsets, lds, lds_ground_truth
+from lightning_tda.evaluation.plots import log_to_wandb, plot_counterfactual, plot_lds, plot_leakage, plot_mislabel
+from lightning_tda.evaluation.retrain import LightningTrainFn, Outcome, RetrainRunner, measure
+
+__all__ = [
+    "CounterfactualResult",
+    "GroundTruth",
+    "LDSResult",
+    "LeakageResult",
+    "LightningTrainFn",
+    "MislabelResult",
+    "Outcome",
+    "RetrainRunner",
+    "bootstrap_mean",
+    "draw_subsets",
+    "lds",
+    "lds_ground_truth",
+    "leakage_detection",
+    "log_to_wandb",
+    "measure",
+    "mislabel_detection",
+    "plot_counterfactual",
+    "plot_lds",
+    "plot_leakage",
+    "plot_mislabel",
+    "subset_removal",
+    "suspicion_scores",
+]
