@@ -1,0 +1,460 @@
+"""The ``lightning-tda`` command: train with the callback, attribute, report, all from one YAML config.
+
+Configs look like LightningCLI's (jsonargparse reads them): ``model``, ``data`` and ``task`` are
+``class_path`` + ``init_args``; ``trainer`` holds ``Trainer`` keyword arguments; ``callback`` holds
+:class:`~lightning_tda.TDACallback` arguments; ``methods`` lists attribution methods by name with
+their hyper-parameters; ``queries``, ``attribution`` and ``report`` set what is asked and shown.
+See ``configs/digits.yaml``.
+
+Subcommands::
+
+    lightning-tda fit --config configs/digits.yaml           # train, writing <output_dir>/trace.h5
+    lightning-tda attribute --config ... --method source     # score queries, save into the trace
+    lightning-tda report --config ... [--trace PATH]         # W&B (offline unless an API key is set) + HTML
+    lightning-tda run --config ...                           # all three
+    lightning-tda inspect TRACE                              # summary of a trace
+
+Errors in the config (missing key, wrong type, unknown method, missing trace) are one line naming
+the problem, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+METHODS = {
+    "source": "SOURCE",
+    "ekfac": "EKFACInfluence",
+    "tracin": "TracInCP",
+    "datainf": "DataInf",
+    "exact": "ExactInfluence",
+    "lissa": "LiSSA",
+    "hessian-free": "HessianFree",
+    "forward-inf": "ForwardINF",
+}
+# Arguments the command supplies itself, never read from the config.
+_SUPPLIED = {"trace", "model", "task", "fabric", "progress"}
+
+
+class CLIError(Exception):
+    """A problem with the command line or config; printed as one line, exit status 2."""
+
+
+@dataclass
+class MethodSpec:
+    """One attribution method: its name (``source``, ``datainf``...) and constructor arguments.
+    ``baseline: true`` methods run only when asked (``--baselines true`` or ``--method``)."""
+
+    name: str
+    init_args: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+
+
+@dataclass
+class QueryOptions:
+    """Which examples are the queries: the first ``count`` of ``split`` (``test`` or ``val``), or ``ids``."""
+
+    split: str = "test"
+    count: int = 16
+    ids: list[int] | None = None
+
+
+@dataclass
+class AttributionOptions:
+    """``self_influence``: also score each training example against itself (mislabel ranking).
+    ``devices``: CPU processes sharding the training set (Lightning Fabric, gloo)."""
+
+    self_influence: bool = True
+    devices: int = 1
+
+
+@dataclass
+class ReportOptions:
+    """What the reports show and where they go.
+
+    ``k`` helpful and harmful examples per query; ``self_top`` rows of the self-influence ranking;
+    ``html``: write ``<output_dir>/report.html``; ``wandb``: log to W&B (the trainer's
+    ``WandbLogger`` run in ``run``, otherwise a run of its own under ``<output_dir>``, offline
+    without an API key); ``label_names`` by class id; ``renderer``: how an example is shown
+    (``lightning_tda.reporting.ImageRenderer``, ``TextRenderer``, ``TabularRenderer``; default: chosen
+    from the data); ``noisy_labels``: mark training labels the data module flipped on purpose
+    (its ``flipped`` mask)."""
+
+    k: int = 5
+    self_top: int = 50
+    html: bool = True
+    wandb: bool = True
+    project: str = "lightning-tda"
+    run_name: str | None = None
+    label_names: list[str] | None = None
+    renderer: Any = None
+    noisy_labels: bool = True
+
+
+# ----------------------------------------------------------------------------------- the parser
+def _job_parser(subcommand: str) -> ArgumentParser:
+    import lightning as L
+
+    from lightning_tda.callback import TDACallback
+    from lightning_tda.tasks import Task
+
+    parser = ArgumentParser(exit_on_error=False, description=f"lightning-tda {subcommand}")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (LightningCLI style).")
+    parser.add_argument("--seed_everything", type=int, default=0, help="Seed for training and sampling.")
+    parser.add_argument("--output_dir", type=str, default="runs/lightning-tda", help="Where outputs go.")
+    parser.add_argument("--trace", type=str | None, default=None, help="Trace path (default <output_dir>/trace.h5).")
+    parser.add_subclass_arguments(L.LightningModule, "model", required=True)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    parser.add_subclass_arguments(Task, "task", required=True)
+    parser.add_class_arguments(L.Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True)
+    parser.add_class_arguments(TDACallback, "callback", instantiate=False, skip={"path", "task"})
+    parser.set_defaults({"callback.if_exists": "overwrite", "trainer.logger": False})
+    parser.add_argument(
+        "--methods",
+        type=list[dict[str, Any]],
+        default=[],
+        help="Attribution methods: a list of {name, init_args, baseline}.",
+    )
+    parser.add_argument("--queries", type=QueryOptions, default=QueryOptions())
+    parser.add_argument("--attribution", type=AttributionOptions, default=AttributionOptions())
+    parser.add_argument("--report", type=ReportOptions, default=ReportOptions())
+    if subcommand in ("attribute", "run"):
+        parser.add_argument("--method", type=str | None, default=None, help=f"Only this method: {', '.join(METHODS)}.")
+        parser.add_argument("--baselines", type=bool, default=False, help="Also run the baseline methods.")
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lightning-tda", exit_on_error=False, description=__doc__.split("\n\n")[0])
+    subcommands = parser.add_subcommands(required=True, dest="subcommand")
+    helps = {
+        "fit": "Train the model with TDACallback, writing the trace.",
+        "attribute": "Score the queries against the training set with each method; save into the trace.",
+        "report": "Render the scores in the trace: W&B run (offline without an API key) and HTML.",
+        "run": "fit, attribute and report: the main job.",
+    }
+    for name, text in helps.items():
+        subcommands.add_subcommand(name, _job_parser(name), help=text)
+    inspect = ArgumentParser(exit_on_error=False, description="Print a summary of a trace.")
+    inspect.add_argument("trace", type=str, help="Path of a trace file.")
+    subcommands.add_subcommand("inspect", inspect, help="Print a summary of a trace.")
+    return parser
+
+
+# ------------------------------------------------------------------------------------- the job
+class Job:
+    """A parsed config with its objects instantiated (model, data module, task, renderer)."""
+
+    def __init__(self, config: Namespace, parser: ArgumentParser) -> None:
+        self.config = config
+        init = parser.instantiate_classes(config)
+        self.model, self.data, self.task = init.model, init.data, init.task
+        self.output_dir = Path(config.output_dir)
+        self.trace_path = Path(config.trace) if config.trace else self.output_dir / "trace.h5"
+        report = config.report
+        self.renderer = _instantiate_renderer(report.renderer)
+        self.trainer_kwargs = _plain(init.trainer)
+        self.callback_kwargs = _plain(config.callback)
+
+    # --- data ------------------------------------------------------------------------------------
+    def datasets(self) -> tuple[Any, Any]:
+        """(training set, query split) as map-style datasets, ids = positions."""
+        self.data.setup("fit")
+        train = _dataset_of(self.data, "train")
+        split = self.config.queries.split
+        if split not in ("test", "val", "train"):
+            raise CLIError(f"queries.split={split!r}: use 'test', 'val' or 'train'.")
+        if split == "test" and getattr(self.data, "test_set", None) is None:
+            self.data.setup("test")
+        return train, _dataset_of(self.data, split)
+
+    def query_ids(self, queries: Any) -> list[int]:
+        options = self.config.queries
+        ids = list(options.ids) if options.ids is not None else list(range(min(options.count, len(queries))))
+        bad = [i for i in ids if not 0 <= i < len(queries)]
+        if bad or not ids:
+            raise CLIError(
+                f"queries: ids {bad or ids} are not in the {options.split} split of {len(queries)} examples."
+            )
+        return ids
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    return value.as_dict() if isinstance(value, Namespace) else dict(value or {})
+
+
+def _instantiate_renderer(spec: Any) -> Any:
+    """``report.renderer``: a class_path/init_args mapping (or an instance), or None for automatic."""
+    if spec is None or callable(spec):
+        return spec
+    spec = _plain(spec)
+    if "class_path" not in spec:
+        raise CLIError("report.renderer: give class_path (e.g. lightning_tda.reporting.ImageRenderer) and init_args.")
+    from jsonargparse import ArgumentParser as Parser
+
+    from lightning_tda.reporting import AutoRenderer, ImageRenderer, TabularRenderer, TextRenderer
+
+    parser = Parser(exit_on_error=False)
+    parser.add_argument("--renderer", type=ImageRenderer | TextRenderer | TabularRenderer | AutoRenderer)
+    try:
+        return parser.instantiate_classes(parser.parse_object({"renderer": spec})).renderer
+    except Exception as err:  # jsonargparse reports type problems as several exception types
+        raise CLIError(f"report.renderer: {_one_line(err)}") from err
+
+
+def _dataset_of(data: Any, split: str) -> Any:
+    dataset = getattr(data, f"{split}_set", None)
+    if dataset is None:
+        loader = getattr(data, f"{split}_dataloader")()
+        dataset = loader.dataset
+    return dataset
+
+
+def method_class(name: str) -> type:
+    """The attribution class for a method name; a clear error if unknown or not installed."""
+    if name not in METHODS:
+        raise CLIError(f"Unknown method {name!r}; choose one of: {', '.join(METHODS)}.")
+    import lightning_tda.methods as methods
+
+    try:
+        return getattr(methods, METHODS[name])
+    except ImportError as err:
+        raise CLIError(f"Method {name!r} ({METHODS[name]}) is not available in this installation: {err}.") from err
+
+
+def method_kwargs(cls: type, spec: MethodSpec) -> dict[str, Any]:
+    """Validate ``spec.init_args`` against the method's signature (names and types)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "args", skip=_SUPPLIED, fail_untyped=False, instantiate=False)
+    try:
+        parsed = parser.parse_object({"args": dict(spec.init_args)})
+        values = _plain(parser.instantiate_classes(parsed).args)
+    except Exception as err:  # jsonargparse reports type problems as several exception types
+        raise CLIError(f"methods[{spec.name}].init_args: {_one_line(err)}") from err
+    return {key: values[key] for key in spec.init_args}
+
+
+def _method_spec(entry: dict[str, Any], position: int) -> MethodSpec:
+    entry = _plain(entry)
+    unknown = set(entry) - {"name", "init_args", "baseline"}
+    if "name" not in entry or unknown:
+        problem = f"unknown keys {sorted(unknown)}" if unknown else "no name"
+        raise CLIError(
+            f"methods[{position}] has {problem}; give name (one of {', '.join(METHODS)}), init_args, baseline."
+        )
+    if entry["name"] not in METHODS:
+        raise CLIError(f"methods[{position}]: unknown method {entry['name']!r}; choose one of: {', '.join(METHODS)}.")
+    init_args = _plain(entry.get("init_args"))
+    baseline = entry.get("baseline", False)
+    if not isinstance(baseline, bool):
+        raise CLIError(f"methods[{position}].baseline must be true or false, got {baseline!r}.")
+    return MethodSpec(entry["name"], init_args, baseline)
+
+
+def selected_methods(config: Namespace) -> list[MethodSpec]:
+    specs = [_method_spec(entry, i) for i, entry in enumerate(config.methods)]
+    chosen = config.get("method")
+    if chosen is not None:
+        if chosen not in METHODS:
+            raise CLIError(f"--method {chosen!r} is not a method; choose one of: {', '.join(METHODS)}.")
+        return [s for s in specs if s.name == chosen] or [MethodSpec(chosen)]
+    selected = [s for s in specs if not s.baseline or config.get("baselines")]
+    if not selected:
+        raise CLIError("No methods to run: list some under `methods:` in the config, or pass --method NAME.")
+    return selected
+
+
+# ------------------------------------------------------------------------------------- steps
+def fit(job: Job) -> Any:
+    """Train with TDACallback; returns the trainer (its loggers receive the report in ``run``)."""
+    import lightning as L
+
+    from lightning_tda.callback import TDACallback
+
+    L.seed_everything(job.config.seed_everything, verbose=False)
+    kwargs = dict(job.trainer_kwargs)
+    kwargs.setdefault("default_root_dir", str(job.output_dir))
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    callbacks.append(TDACallback(str(job.trace_path), task=job.task, **job.callback_kwargs))
+    trainer = L.Trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(job.model, datamodule=job.data)
+    if trainer.is_global_zero:
+        print(f"trace: {job.trace_path}")
+    return trainer
+
+
+def attribute(job: Job) -> list[str]:
+    """Run the selected methods; rank 0 saves their Scores into the trace. Returns the result names."""
+    import torch
+    from torch.utils.data import Subset
+
+    from lightning_tda.reporting import global_rank
+    from lightning_tda.trace import Trace
+
+    specs = selected_methods(job.config)
+    classes = [(spec, method_class(spec.name)) for spec in specs]
+    kwargs = [method_kwargs(cls, spec) for spec, cls in classes]
+    trace = Trace.open(job.trace_path)
+    train, split = job.datasets()
+    ids = job.query_ids(split)
+    queries = Subset(split, ids)
+    fabric = _launch_fabric(job.config.attribution.devices)
+    saved = []
+    for (spec, cls), extra in zip(classes, kwargs):
+        if fabric is not None:
+            extra = {**extra, "fabric": fabric}
+        method = cls(trace, model=job.model, task=job.task, **extra)
+        start = time.perf_counter()
+        scores = method.attribute(queries, train)
+        seconds = time.perf_counter() - start
+        scores.query_ids = torch.as_tensor(ids, dtype=torch.int64)
+        line = f"{spec.name}: scores {tuple(scores.shape)} in {seconds:.1f} s"
+        results = [scores]
+        if job.config.attribution.self_influence and hasattr(method, "self_influence"):
+            start = time.perf_counter()
+            try:
+                results.append(method.self_influence(train))
+                line += f"; self-influence in {time.perf_counter() - start:.1f} s"
+            except NotImplementedError:
+                pass
+        if global_rank() == 0:
+            saved += [result.save(job.trace_path) for result in results]
+            print(line)
+    return saved
+
+
+def _launch_fabric(devices: int) -> Any:
+    if devices < 1:
+        raise CLIError(f"attribution.devices={devices}: use at least 1.")
+    if devices == 1:
+        return None
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp")
+    fabric.launch()
+    return fabric
+
+
+def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
+    """Build the report from every result in the trace and write it (rank 0 only)."""
+    from lightning_tda.reporting import WandbReporter, build_report, global_rank, write_reports
+    from lightning_tda.scores import Scores
+    from lightning_tda.trace import Trace
+
+    if global_rank() != 0:
+        return None
+    trace = Trace.open(job.trace_path)
+    names = Scores.available(job.trace_path)
+    if not names:
+        raise CLIError(f"The trace {job.trace_path} holds no scores yet; run `lightning-tda attribute` first.")
+    scores = [Scores.load(job.trace_path, name) for name in names]
+    train, split = job.datasets()
+    trace.load_checkpoint(job.model, trace.final_checkpoint.index)
+    options = job.config.report
+    noisy = getattr(job.data, "flipped", None) if options.noisy_labels else None
+    if noisy is not None and (len(noisy) != len(train) or not bool(noisy.any())):
+        noisy = None
+    content = build_report(
+        scores,
+        split,
+        train,
+        model=job.model,
+        task=job.task,
+        k=options.k,
+        renderer=job.renderer,
+        label_names=options.label_names,
+        self_top=options.self_top,
+        noisy=noisy,
+        trace_path=job.trace_path,
+        title=f"Training data attribution: {type(job.model).__name__} on {type(job.data).__name__}",
+    )
+    wandb: Any = False
+    if options.wandb:
+        wandb = WandbReporter(project=options.project, name=options.run_name, save_dir=str(job.output_dir))
+    written = write_reports(
+        content,
+        loggers=list(loggers or []),
+        html=job.output_dir / "report.html" if options.html else None,
+        wandb=wandb,
+    )
+    print(written.describe())
+    return written
+
+
+# ---------------------------------------------------------------------------------------- main
+def _one_line(err: BaseException) -> str:
+    """jsonargparse messages can span lines (one per candidate type); keep the problem in one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = " ".join(lines) if lines else type(err).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _launched_by_fabric() -> bool:
+    """True in the extra processes Fabric starts for ``attribution.devices > 1`` (they skip training)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    from lightning_tda.reporting import use_offline_by_default
+    from lightning_tda.trace import TraceError
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parser.parse_args(argv)
+    except Exception as err:  # ArgumentError and the type errors jsonargparse raises while parsing
+        raise CLIError(_one_line(err)) from err
+    subcommand = config.subcommand
+    if subcommand == "inspect":
+        from lightning_tda.trace import Trace
+
+        try:
+            print(Trace.open(config.inspect.trace).summary())
+        except TraceError as err:
+            raise CLIError(str(err)) from err
+        return 0
+    use_offline_by_default()
+    sub = config[subcommand]
+    try:
+        job = Job(sub, parser._subcommands_action._name_parser_map[subcommand])
+    except CLIError:
+        raise
+    except Exception as err:  # constructor errors of the configured classes
+        raise CLIError(f"Could not create the configured objects: {_one_line(err)}") from err
+    try:
+        if subcommand == "fit":
+            fit(job)
+        elif subcommand == "attribute":
+            attribute(job)
+        elif subcommand == "report":
+            report(job)
+        else:
+            loggers = None
+            if not (sub.attribution.devices > 1 and _launched_by_fabric()):
+                loggers = fit(job).loggers
+            attribute(job)
+            report(job, loggers)
+    except TraceError as err:
+        raise CLIError(str(err)) from err
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-tda`` console script."""
+    try:
+        return run(argv)
+    except CLIError as err:
+        print(f"lightning-tda: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Matplotlib figures for the reports: one per query (its top proponents and opponents) and a
+score histogram per method. Uses the object-oriented API (no pyplot state, no display needed)."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from lightning_tda.reporting.content import ExampleView, QueryView
+
+HELPFUL_COLOR = "#1a7f37"
+HARMFUL_COLOR = "#cf222e"
+
+
+def query_figure(view: QueryView, method: str) -> Figure:
+    """Images: the query, then a row of helpful and a row of harmful training examples.
+    Other data: a horizontal bar chart of the helpful and harmful scores, labelled by example."""
+    if view.query.rendered.image is not None:
+        return _image_grid(view, method)
+    return _score_bars(view, method)
+
+
+def _show(ax, example: ExampleView, title: str, color: str) -> None:
+    ax.imshow(example.rendered.image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=7, color=color)
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(2 if example.noisy else 1)
+
+
+def _image_grid(view: QueryView, method: str) -> Figure:
+    k = max(len(view.helpful), len(view.harmful))
+    fig = Figure(figsize=(1.25 * (k + 1), 3.1), dpi=100, layout="constrained")
+    axes = fig.subplots(2, k + 1, squeeze=False)
+    q = view.query
+    _show(axes[0, 0], q, f"query #{q.id}\nlabel {q.label}\npred {q.prediction}", "black")
+    axes[1, 0].axis("off")
+    axes[1, 0].text(0.5, 0.5, f"{method}\nrow 1: helpful\nrow 2: harmful", ha="center", va="center", fontsize=7)
+    for row, (examples, color) in enumerate(((view.helpful, HELPFUL_COLOR), (view.harmful, HARMFUL_COLOR))):
+        for col in range(k):
+            ax = axes[row, col + 1]
+            if col >= len(examples):
+                ax.axis("off")
+                continue
+            e = examples[col]
+            noisy = " (noisy)" if e.noisy else ""
+            _show(ax, e, f"#{e.id} y={e.label}{noisy}\n{e.score:+.3g}", color)
+    return fig
+
+
+def _score_bars(view: QueryView, method: str) -> Figure:
+    examples = view.helpful + view.harmful[::-1]
+    fig = Figure(figsize=(7.5, 0.32 * len(examples) + 1.2), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    labels = [textwrap.shorten(f"#{e.id} y={e.label}: {e.rendered.text}", 70) for e in examples]
+    values = [e.score for e in examples]
+    colors = [HELPFUL_COLOR if v >= 0 else HARMFUL_COLOR for v in values]
+    positions = np.arange(len(examples))[::-1]
+    ax.barh(positions, values, color=colors)
+    ax.set_yticks(positions, labels, fontsize=7)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("score (positive = helped the query)", fontsize=8)
+    q = view.query
+    ax.set_title(
+        textwrap.shorten(f"{method}: query #{q.id} (label {q.label}, pred {q.prediction}): {q.rendered.text}", 110),
+        fontsize=8,
+    )
+    return fig
+
+
+def histogram_figure(values: np.ndarray, method: str, title: str = "pairwise scores") -> Figure:
+    fig = Figure(figsize=(5, 2.6), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.hist(np.asarray(values, dtype=np.float64).reshape(-1), bins=60, color="#0969da")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_title(f"{method}: {title}", fontsize=9)
+    ax.set_xlabel("score", fontsize=8)
+    ax.set_ylabel("count", fontsize=8)
+    ax.set_yscale("log")
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
