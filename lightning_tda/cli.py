@@ -355,6 +355,8 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
     names = Scores.available(job.trace_path)
     if not names:
         raise CLIError(f"The trace {job.trace_path} holds no scores yet; run `lightning-tda attribute` first.")
+    order = list(METHODS)
+    names.sort(key=lambda n: (order.index(n.removesuffix("-self")) if n.removesuffix("-self") in order else 99, n))
     scores = [Scores.load(job.trace_path, name) for name in names]
     train, split = job.datasets()
     trace.load_checkpoint(job.model, trace.final_checkpoint.index)
