@@ -568,6 +568,14 @@ class TDACallback(L.Callback):
                 f"{self.num_checkpoints} checkpoints."
             )
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.run_id is None:
+            self._warn_once(
+                "nosteps",
+                f"TDACallback: training made no optimizer step (max_steps=0, limit_train_batches=0 or an empty "
+                f"dataloader?), so no trace was written at {self.path}. Train for at least one step.",
+            )
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Keep everything flushed so far; the open segment is lost (a resume recomputes it)."""
         self._teardown_capture()

@@ -157,7 +157,7 @@ def as_policy(segments: int | Sequence[int] | SegmentPolicy) -> SegmentPolicy:
         return segments
     if isinstance(segments, int):
         return EqualSegments(segments)
-    if isinstance(segments, Sequence):
+    if isinstance(segments, Sequence) and not isinstance(segments, str):
         return StepBoundaries(list(segments))
     raise TypeError(
         f"segments={segments!r}: give a number of equal segments, a list of step boundaries, or a "

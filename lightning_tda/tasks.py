@@ -146,6 +146,8 @@ class ClassificationTask(Task):
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).float(), dim=-1)
+        # non-finite outputs: sample uniformly; the step's statistics are then dropped as non-finite
+        probs = torch.where(probs.isfinite().all(dim=-1, keepdim=True), probs, torch.ones_like(probs))
         sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return sampled.reshape(outputs.shape[:-1])
 
