@@ -427,10 +427,7 @@ def gauss_newton_blocks(
                 f"curvature='gauss-newton' needs a dense {size}x{size} block for layer {layer.name!r} (more than "
                 f"{MAX_DENSE_BLOCK} parameters); use curvature='ekfac' for models this large."
             )
-    sums = {
-        layer.name: torch.zeros(layer.out_features * layer.a_dim, layer.out_features * layer.a_dim, dtype=torch.float64)
-        for layer in layers
-    }
+    sums = {layer.name: _zeros_like_block(layer) for layer in layers}
     count = torch.zeros((), dtype=torch.float64)
     generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
     was_training = model.training
@@ -440,15 +437,42 @@ def gauss_newton_blocks(
             with torch.enable_grad(), LayerCapture(layers) as capture:
                 outputs = _evaluate(model, task, batch)
                 targets = task.targets(batch)
-                for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
-                    for name, total in sums.items():
-                        flat = per_example_matrices(rows[name], capture.activations[name]).flatten(1).cpu()
-                        total += weight * (flat.T @ flat)
+                weighted = list(pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator))
+                for layer in layers:
+                    act = capture.activations[layer.name].double()
+                    rows = [(weight**0.5) * rows[layer.name].double() for rows, weight in weighted]
+                    _accumulate_block(sums[layer.name], rows, act)
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
     count = data.total(count)
-    return {name: data.total(total) / count for name, total in sums.items()}
+    blocks = {}
+    for layer in layers:
+        total = data.total(sums.pop(layer.name)) / count  # (out, out, a_dim, a_dim) -> (out·a_dim, out·a_dim)
+        blocks[layer.name] = total.permute(0, 2, 1, 3).reshape(layer.out_features * layer.a_dim, -1)
+    return blocks
+
+
+def _zeros_like_block(layer: TrackedLayer) -> Tensor:
+    out, a_dim = layer.shape
+    return torch.zeros(out, out, a_dim, a_dim, dtype=torch.float64)
+
+
+def _accumulate_block(total: Tensor, weighted_rows: Sequence[Tensor], act: Tensor) -> None:
+    """Add ``Σ_n Σ_k vec(G_{n,k}) vec(G_{n,k})ᵀ`` to ``total``, kept as ``(out, out, a_dim, a_dim)``.
+
+    With one row per example, ``G_{n,k} = δ_{n,k} a_nᵀ`` and the sum is ``Σ_n S_n ⊗ A_n`` with
+    ``S_n = Σ_k δ_{n,k} δ_{n,k}ᵀ``: one ``(out², B) × (B, a_dim²)`` product instead of ``(out·a_dim)²·B·K``.
+    """
+    out, a_dim = total.shape[0], total.shape[2]
+    if act.shape[1] == 1 and all(rows.shape[1] == 1 for rows in weighted_rows):
+        deltas = torch.stack([rows[:, 0] for rows in weighted_rows], dim=1)  # (B, K, out)
+        s_n = torch.einsum("bko,bkp->bop", deltas, deltas).reshape(len(act), -1)
+        a_n = torch.einsum("bi,bj->bij", act[:, 0], act[:, 0]).reshape(len(act), -1)
+        total += (s_n.T.cpu() @ a_n.cpu()).reshape(out, out, a_dim, a_dim)
+        return
+    flat = torch.cat([per_example_matrices(rows, act).flatten(1) for rows in weighted_rows]).cpu()
+    total += (flat.T @ flat).reshape(out, a_dim, out, a_dim).permute(0, 2, 1, 3)
 
 
 # ------------------------------------------------------------------------------ fitting from a trace
@@ -477,7 +501,7 @@ def fit_curvature(
         task: the task.
         layers: tracked layers of ``model`` to fit.
         checkpoints: checkpoint indices whose corrected eigenvalues (or recomputed factors) are averaged.
-        data: the training data of the passes (:class:`PassData`; ``examples`` subsets the EK-FAC pass).
+        data: the training data of the passes (:class:`PassData`; ``examples`` fits on a random subset).
         segment: the segment whose streamed ``(A, S)`` give the eigenbasis (``covariances="stream"``).
         curvature: ``"ekfac"``, ``"kfac"`` (no correction pass) or ``"gauss-newton"`` (exact dense
             per-layer blocks; small models only).
@@ -511,11 +535,12 @@ def fit_curvature(
         "fisher": options.kind,
         "samples": options.samples,
         "seed": data.seed,
-        "examples": data.examples if curvature == "ekfac" else None,
+        "examples": data.examples,
         "layers": [layer.name for layer in layers],
         "data": data.fingerprint(task) if (curvature != "kfac" or covariances == "recompute") else None,
     }
     key = "cache/curvature-" + hashlib.sha1(to_json(key_fields).encode()).hexdigest()[:20]
+    cache = cache and curvature != "gauss-newton"  # dense blocks can be gigabytes: not written into the trace
     if cache and trace.has_group(key):
         return _load_cached(trace, key, layers, data.device)
 

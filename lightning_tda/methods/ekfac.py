@@ -1,0 +1,203 @@
+"""EK-FAC influence functions at the final checkpoint, from the curvature recorded during training.
+
+``τ(z_q, z_m) = ⟨∇θ f(z_q, θ_T), (H + λI)⁻¹ ∇θ ℓ(z_m, θ_T)⟩`` (ALGORITHMS.md §2, last point), with
+``H`` the block-diagonal (per-layer) EK-FAC approximation of the Gauss-Newton Hessian of the mean
+training loss. Removing ``z_m`` moves the parameters by ``+(1/N)(H + λI)⁻¹ g(z_m)``, which raises
+the query measurement by ``τ/N``: a positive score means the training example helped the query.
+
+Computed query-side: the (few) query gradients are preconditioned once, then training examples are
+streamed in batches and only dot products are kept, so per-example gradients of the training set
+never exist all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_tda.curvature import COVARIANCE_SOURCES, CURVATURES, Curvature, PassData, fit_curvature
+from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.scores import Scores
+from lightning_tda.tasks import Task
+from lightning_tda.trace import Trace
+
+
+class EKFACInfluence(AttributionMethod):
+    """Influence functions with EK-FAC (or K-FAC, or exact per-layer Gauss-Newton) curvature.
+
+    Args:
+        trace, model, task: see :class:`~lightning_tda.methods.base.AttributionMethod`.
+        damping: ``"heuristic"`` (``damping_scale`` × the mean eigenvalue of each layer, kronfluence's
+            heuristic with 0.1), a float added to every layer's eigenvalues, or ``{layer: float}``.
+        damping_scale: the factor of the heuristic.
+        curvature: ``"ekfac"``, ``"kfac"`` (no correction pass) or ``"gauss-newton"`` (exact dense
+            per-layer blocks; small models only, a reference).
+        covariances: ``"stream"`` uses the ``(A, S)`` recorded in the segment of the final checkpoint;
+            ``"recompute"`` recomputes them at the final parameters over the training set (the
+            textbook estimator, what kronfluence does).
+        fisher: ``"true"`` or ``"empirical"`` for the fitting passes; default: what the trace recorded.
+        samples: ``None`` = exact expectation over the predictive distribution in the true-Fisher
+            passes (few outputs); an integer = that many sampled targets per example.
+        correction_examples: fit on a random subset of this many training examples (seeded).
+        seed: seed of the subset and of sampled targets.
+        cache: reuse (and store) the fitted curvature in the trace's ``cache/`` group.
+        **kwargs: ``layers``, ``batch_size``, ``query_batch_size``, ``device``, ``progress``, ``fabric``.
+    """
+
+    name = "ekfac"
+
+    def __init__(
+        self,
+        trace: Trace,
+        model: torch.nn.Module,
+        task: Task,
+        *,
+        damping: float | str | dict[str, float] = "heuristic",
+        damping_scale: float = 0.1,
+        curvature: str = "ekfac",
+        covariances: str = "stream",
+        fisher: str | None = None,
+        samples: int | None = None,
+        correction_examples: int | None = None,
+        seed: int = 0,
+        cache: bool = True,
+        layers: Sequence[str] | None = None,
+        batch_size: int = 128,
+        query_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        progress: bool | None = None,
+        fabric: Any | None = None,
+    ) -> None:
+        values = list(damping.values()) if isinstance(damping, dict) else [damping]
+        if damping != "heuristic" and not all(isinstance(v, (int, float)) and v >= 0 for v in values):
+            raise ValueError(
+                f"damping={damping!r}: use 'heuristic', a non-negative number or {{layer name: non-negative number}}."
+            )
+        if damping_scale <= 0:
+            raise ValueError(f"damping_scale={damping_scale!r} must be positive.")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature={curvature!r}: use one of {', '.join(map(repr, CURVATURES))}.")
+        if covariances not in COVARIANCE_SOURCES:
+            raise ValueError(f"covariances={covariances!r}: use 'stream' (recorded in training) or 'recompute'.")
+        super().__init__(
+            trace,
+            model,
+            task,
+            layers=layers,
+            batch_size=batch_size,
+            query_batch_size=query_batch_size,
+            device=device,
+            progress=progress,
+            fabric=fabric,
+        )
+        self.damping = damping
+        self.damping_scale = damping_scale
+        self.curvature_kind = curvature
+        self.covariances = covariances
+        self.fisher = fisher
+        self.samples = samples
+        self.correction_examples = correction_examples
+        self.seed = seed
+        self.cache = cache
+        self.curvature: Curvature | None = None
+        self.dampings: dict[str, float] = {}
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {
+            "damping": self.damping,
+            "damping_scale": self.damping_scale,
+            "curvature": self.curvature_kind,
+            "covariances": self.covariances,
+            "fisher": self.fisher or self.trace.fisher,
+            "samples": self.samples,
+            "correction_examples": self.correction_examples,
+            "seed": self.seed,
+            "checkpoint": self.trace.final_checkpoint.index,
+        }
+
+    # --- fitting ----------------------------------------------------------------------------------
+    def fit(self, train: Data) -> Curvature:
+        """Fit (or load from the trace's cache) the curvature at the final checkpoint; sets ``dampings``."""
+        final = self.trace.final_checkpoint
+        world = self.fabric.world_size if self.fabric is not None else 1
+        rank = self.fabric.global_rank if self.fabric is not None else 0
+        data = PassData(
+            train,
+            batch_size=self.batch_size,
+            device=self.device,
+            examples=self.correction_examples,
+            seed=self.seed,
+            shard=(rank, world),
+            reduce=self.sum_across_processes,
+            progress=self.progress,
+        )
+        self.curvature = fit_curvature(
+            self.trace,
+            self.model,
+            self.task,
+            self.layers,
+            [final.index],
+            data,
+            segment=final.segment,
+            curvature=self.curvature_kind,
+            covariances=self.covariances,
+            fisher=self.fisher,
+            samples=self.samples,
+            cache=self.cache,
+        )
+        self.dampings = {name: self._layer_damping(name, c.mean_eigenvalue) for name, c in self.curvature.items()}
+        return self.curvature
+
+    def _layer_damping(self, name: str, mean_eigenvalue: float) -> float:
+        if isinstance(self.damping, dict):
+            if name not in self.damping:
+                raise ValueError(f"damping has no value for {name!r}; give one per layer: {list(self.curvature)}")
+            return float(self.damping[name])
+        if self.damping != "heuristic":
+            return float(self.damping)
+        if mean_eigenvalue <= 0:
+            raise ValueError(
+                f"Layer {name!r} has zero curvature (its gradients vanish on the training set), so the "
+                f"heuristic damping is zero. Pass damping=<a positive number> or exclude the layer with layers=."
+            )
+        return self.damping_scale * mean_eigenvalue
+
+    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``(H_l + λ_l I)⁻¹ G_l`` per layer for gradients ``{layer: (B, out, a_dim)}``; float64."""
+        return {name: self.curvature[name].damped_inverse(g, self.dampings[name]) for name, g in grads.items()}
+
+    # --- scores -----------------------------------------------------------------------------------
+    def attribute(self, queries: Data, train: Data) -> Scores:
+        """Influence scores ``(n_queries, n_train)`` (float32); positive = the example helped the query."""
+        self.fit(train)
+        self.load_checkpoint(self.trace.final_checkpoint.index)
+        preconditioned = []
+        for _, batch in self.batches(queries, "query", "query gradients"):
+            grads = self.precondition(self.gradients(batch, "query"))
+            preconditioned.append(torch.cat([g.flatten(1) for g in grads.values()], dim=1))
+        query_matrix = torch.cat(preconditioned)  # (Q, D) float64
+        n_train = len(self.loader(train, "train").dataset)
+        values = torch.zeros(len(query_matrix), n_train, dtype=torch.float64, device=self.device)
+        for ids, batch in self.train_batches(train, "influence"):
+            grads = self.flatten(self.gradients(batch, "train")).double()
+            values[:, ids.to(self.device)] = query_matrix @ grads.T
+        values = self.sum_across_processes(values)
+        return self.scores(values, len(query_matrix), n_train)
+
+    def self_influence(self, train: Data) -> Scores:
+        """``⟨g(z), (H + λI)⁻¹ g(z)⟩`` for every training example, shape ``(N,)``, without the N×N matrix."""
+        self.fit(train)
+        self.load_checkpoint(self.trace.final_checkpoint.index)
+        n_train = len(self.loader(train, "train").dataset)
+        values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
+        for ids, batch in self.train_batches(train, "self-influence"):
+            grads = self.gradients(batch, "train")
+            preconditioned = self.precondition(grads)
+            values[ids.to(self.device)] = sum(
+                (g.double() * preconditioned[name]).flatten(1).sum(1) for name, g in grads.items()
+            )
+        values = self.sum_across_processes(values)
+        return self.scores(values, None, n_train, kind="self")

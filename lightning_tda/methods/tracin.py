@@ -1,0 +1,126 @@
+"""TracInCP (Pruthi et al. 2020): learning-rate-weighted gradient dot products over checkpoints.
+
+``τ(z_q, z_m) = Σ_c Σ_l η_{c,l} ⟨∇θ_l f(z_q, θ_c), ∇θ_l ℓ(z_m, θ_c)⟩`` over the trace's checkpoints
+``c`` (ALGORITHMS.md §5), where ``η_{c,l}`` is the learning rate of layer ``l``'s optimizer param
+group at the step that produced checkpoint ``c`` (from the trace's step log). A gradient step on
+``z_m`` lowers the query measurement by about ``η ⟨∇f, g⟩``, so positive = helpful. Momentum and
+Adam preconditioning are not modelled (as in the paper); use SOURCE for that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.scores import Scores
+from lightning_tda.tasks import Task
+from lightning_tda.trace import Trace, TraceError
+
+
+class TracInCP(AttributionMethod):
+    """TracInCP from the checkpoints and learning rates in the trace.
+
+    Args:
+        trace, model, task: see :class:`~lightning_tda.methods.base.AttributionMethod`.
+        checkpoints: checkpoint indices to sum over (default: all of the trace's checkpoints).
+        **kwargs: ``layers``, ``batch_size``, ``query_batch_size``, ``device``, ``progress``, ``fabric``.
+    """
+
+    name = "tracin"
+
+    def __init__(
+        self,
+        trace: Trace,
+        model: torch.nn.Module,
+        task: Task,
+        *,
+        checkpoints: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        batch_size: int = 128,
+        query_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        progress: bool | None = None,
+        fabric: Any | None = None,
+    ) -> None:
+        super().__init__(
+            trace,
+            model,
+            task,
+            layers=layers,
+            batch_size=batch_size,
+            query_batch_size=query_batch_size,
+            device=device,
+            progress=progress,
+            fabric=fabric,
+        )
+        available = [c.index for c in trace.checkpoints]
+        if not available:
+            raise TraceError(f"{trace.path} holds no checkpoints; TracInCP needs at least one.")
+        chosen = list(available if checkpoints is None else checkpoints)
+        missing = [c for c in chosen if c not in available]
+        if missing or not chosen:
+            raise ValueError(f"checkpoints={checkpoints!r}: the trace has checkpoints {available}; choose among them.")
+        self.checkpoints = chosen
+        self.learning_rates = self._learning_rates()
+
+    def _learning_rates(self) -> dict[int, dict[str, float]]:
+        """``{checkpoint: {layer: η}}``: each layer's param-group learning rate at the checkpoint's step."""
+        steps = self.trace.steps()
+        groups = {info.name: info.param_group for info in self.trace.layers}
+        rates = {}
+        for info in self.trace.checkpoints:
+            if info.index not in self.checkpoints:
+                continue
+            rows = np.nonzero(steps.step == info.step)[0]
+            if len(rows) == 0:
+                raise TraceError(
+                    f"Checkpoint {info.index} (step {info.step}) has no row in the step log of {self.trace.path}; "
+                    f"the trace is incomplete."
+                )
+            lr = steps.lr[rows[-1]]
+            rates[info.index] = {layer.name: float(lr[groups[layer.name]]) for layer in self.layers}
+        return rates
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {"checkpoints": self.checkpoints}
+
+    def _scaled_flat(self, grads: dict[str, Tensor], checkpoint: int) -> Tensor:
+        rates = self.learning_rates[checkpoint]
+        return torch.cat([rates[name] * g.double().flatten(1) for name, g in grads.items()], dim=1)
+
+    def attribute(self, queries: Data, train: Data) -> Scores:
+        """TracInCP scores ``(n_queries, n_train)`` (float32); positive = the example helped the query."""
+        n_train = len(self.loader(train, "train").dataset)
+        values: Tensor | None = None
+        for checkpoint in self.checkpoints:
+            self.load_checkpoint(checkpoint)
+            query_matrix = torch.cat(
+                [
+                    self._scaled_flat(self.gradients(batch, "query"), checkpoint)
+                    for _, batch in self.batches(queries, "query", f"query gradients @ checkpoint {checkpoint}")
+                ]
+            )
+            if values is None:
+                values = torch.zeros(len(query_matrix), n_train, dtype=torch.float64, device=self.device)
+            for ids, batch in self.train_batches(train, f"TracIn @ checkpoint {checkpoint}"):
+                grads = self.flatten(self.gradients(batch, "train")).double()
+                values[:, ids.to(self.device)] += query_matrix @ grads.T
+        values = self.sum_across_processes(values)
+        return self.scores(values, len(values), n_train)
+
+    def self_influence(self, train: Data) -> Scores:
+        """``Σ_c η_c ‖g(z, θ_c)‖²`` for every training example, shape ``(N,)``."""
+        n_train = len(self.loader(train, "train").dataset)
+        values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
+        for checkpoint in self.checkpoints:
+            self.load_checkpoint(checkpoint)
+            for ids, batch in self.train_batches(train, f"TracIn self-influence @ checkpoint {checkpoint}"):
+                grads = self.gradients(batch, "train")
+                values[ids.to(self.device)] += (self._scaled_flat(grads, checkpoint) * self.flatten(grads)).sum(1)
+        values = self.sum_across_processes(values)
+        return self.scores(values, None, n_train, kind="self")
