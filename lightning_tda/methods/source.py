@@ -1,0 +1,490 @@
+"""SOURCE: training data attribution by segmented stationary unrolling (Bae et al. 2024).
+
+Training is split into the trace's segments ℓ = 1..L. Inside a segment the Hessian, gradients
+and learning rate are treated as stationary, which turns the unrolled derivative of the final
+parameters into matrix functions of the segment-mean (EK-FAC) Gauss-Newton Hessian H̄_ℓ
+(``ALGORITHMS.md`` §2)::
+
+    τ(q, z) = Σ_ℓ ⟨ u_ℓ(q), ḡ_ℓ(z) ⟩,   u_ℓ = φ_r(H̄_ℓ) S̄_{ℓ+1} ··· S̄_L ∇f(q, θ_T)
+    S̄_ℓ = φ_S(H̄_ℓ) = exp(−η̄_ℓ K_ℓ H̄_ℓ),   φ_r(σ) = (1 − exp(−η̄_ℓ K_ℓ σ)) / σ
+
+with ḡ_ℓ(z) the mean training gradient over the segment's checkpoints and K_ℓ its number of
+optimizer steps. Everything is block-diagonal over layers and every segment has its own eigenbasis
+per layer, so each S̄ and φ_r is applied by rotating into that segment's basis and back.
+
+The query side is computed once; training examples are then streamed checkpoint by checkpoint and
+only dot products are accumulated, so no per-example training gradients outlive their batch.
+Optimizers: SGD (effective rate η(1 − dampening)/(1 − β) with momentum β, Nesterov alike), Adam and
+AdamW through the recorded diagonal preconditioner P̄ = 1/(√v̂ + eps) (``docs/source.md``).
+Weight decay enters the exponentials as the curvature it adds. Sign: positive = helped the query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tda.curvature import (
+    CURVATURES,
+    Curvature,
+    DenseLayerCurvature,
+    FisherOptions,
+    LayerEigenbasis,
+    PassData,
+    correct_eigenvalues,
+    decay_response,
+    eigenbases_from_covariances,
+    exp_decay,
+    fit_curvature,
+    gauss_newton_blocks,
+)
+from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.scores import Scores
+from lightning_tda.tasks import Task
+from lightning_tda.trace import Trace, TraceError, to_json
+
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+_SUPPORTED_TEXT = "SGD (plain, with momentum or Nesterov), Adam and AdamW"
+
+
+# ------------------------------------------------------------------------------ training dynamics
+
+
+@dataclass(frozen=True)
+class LayerDynamics:
+    """How one layer was trained during one segment, as far as SOURCE models it.
+
+    Attributes:
+        horizon: ``η̄ K`` times the momentum factor ``(1 − dampening)/(1 − β)`` (SGD): the length of
+            the segment in units of (effective) learning rate.
+        weight_decay: the optimizer's weight decay of the layer's param group.
+        decoupled: AdamW-style decay (``θ ← θ − η·wd·θ``, not preconditioned).
+        preconditioner: Adam's diagonal ``P̄ = 1/(√v̂ + eps)`` as an ``(out, a_dim)`` float64 matrix,
+            ``None`` for SGD.
+    """
+
+    horizon: float
+    weight_decay: float
+    decoupled: bool
+    preconditioner: Tensor | None
+
+
+def optimizer_kind(trace: Trace) -> str:
+    """``"SGD"``, ``"Adam"`` or ``"AdamW"``; raises ``ValueError`` naming the supported optimizers."""
+    name = str(trace.optimizer.get("name", trace.optimizer_class.rsplit(".", 1)[-1]))
+    if name not in SUPPORTED_OPTIMIZERS:
+        raise ValueError(
+            f"SOURCE cannot model the optimizer {trace.optimizer_class} recorded in {trace.path}: it supports "
+            f"{_SUPPORTED_TEXT}. Use a method that only needs the final model (e.g. EKFACInfluence) or TracInCP."
+        )
+    for index, group in enumerate(trace.optimizer.get("param_groups", [])):
+        if group.get("maximize"):
+            raise ValueError(
+                f"SOURCE models minimisation; param group {index} of {trace.path} was trained with maximize=True."
+            )
+    return name
+
+
+def layer_dynamics(trace: Trace, segment: int, layer: str) -> LayerDynamics:
+    """The :class:`LayerDynamics` of ``layer`` in ``segment`` from the trace's optimizer record."""
+    kind = optimizer_kind(trace)
+    info = trace.segment(segment)
+    group_index = next(la.param_group for la in trace.layers if la.name == layer)
+    group = trace.optimizer["param_groups"][group_index]
+    horizon = float(info.mean_lr[group_index]) * info.num_steps
+    weight_decay = float(group.get("weight_decay", 0.0) or 0.0)
+    if kind == "SGD":
+        beta = float(group.get("momentum", 0.0) or 0.0)
+        if beta > 0:
+            horizon *= (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - beta)
+        return LayerDynamics(horizon, weight_decay, False, None)
+    second_moment = trace.preconditioner(segment, layer)
+    if second_moment is None:
+        raise TraceError(
+            f"The trace {trace.path} holds no Adam second moments for layer {layer!r} in segment {segment} "
+            f"(they are recorded on statistics steps). Record with a smaller every_n_steps or fewer segments."
+        )
+    preconditioner = 1.0 / (second_moment.double().sqrt() + float(group.get("eps", 1e-8)))
+    return LayerDynamics(horizon, weight_decay, kind == "AdamW", preconditioner)
+
+
+def curvature_diagonal(curvature: LayerEigenbasis | DenseLayerCurvature) -> Tensor:
+    """Diagonal of a layer's curvature as an ``(out, a_dim)`` matrix.
+
+    EK-FAC: ``diag(Q Λ Qᵀ)_{ij} = Σ_{kl} (Q_S)_{ik}² Λ_{kl} (Q_A)_{jl}²``.
+    """
+    if isinstance(curvature, DenseLayerCurvature):
+        return torch.diagonal(curvature.matrix).reshape(curvature.shape).clamp(min=0)
+    return (curvature.q_s**2) @ curvature.eigenvalues.clamp(min=0) @ (curvature.q_a**2).T
+
+
+class SegmentOperators:
+    """SOURCE's two matrix functions of one segment, per layer, applied to query-side vectors.
+
+    * :meth:`propagate` applies ``S̄_ℓᵀ`` (the transpose of the segment Jacobian);
+    * :meth:`respond` applies ``R_ℓᵀ`` where the segment response is ``r̄_ℓ = R_ℓ ḡ_ℓ``, so that
+      ``⟨v, r̄_ℓ(z)⟩ = ⟨R_ℓᵀ v, ḡ_ℓ(z)⟩``.
+
+    SGD: ``S̄ = exp(−t(H̄ + wd))`` and ``R = (1 − exp(−t(H̄ + wd)))/(H̄ + wd)`` on the curvature's
+    eigenvalues (symmetric, so transposes are free).
+
+    Adam/AdamW (preconditioner ``P``, ``M = P(H̄ + wd)`` resp. ``wd + P H̄``): ``S̄ = exp(−tM)`` and
+    ``R = (1 − exp(−tM)) M⁻¹ P``. With ``p̄`` the layer's geometric-mean preconditioner these are
+    applied as the EK-FAC matrix function at the scalar ``p̄`` times a diagonal correction from the
+    diagonal Hessian ``d`` (``docs/source.md``)::
+
+        Rᵀ v = F_R(H̄; p̄) [ (f_R(d; P) / f_R(d; p̄)) ⊙ v ],   f_R(σ; p) = p (1 − e^{−t m(σ; p)}) / m(σ; p)
+        S̄ᵀ v = F_S(H̄; p̄) [ (f_S(d; P) / f_S(d; p̄)) ⊙ v ],   f_S(σ; p) = e^{−t m(σ; p)}
+
+    which is exact both when ``P`` is a multiple of the identity and when ``H̄`` is diagonal.
+    """
+
+    def __init__(self, curvature: Curvature, dynamics: Mapping[str, LayerDynamics]) -> None:
+        self.curvature = dict(curvature)
+        self.dynamics = dict(dynamics)
+        self._jacobian: dict[str, Tensor] = {}  # on the eigenvalues
+        self._response: dict[str, Tensor] = {}
+        self._jacobian_scale: dict[str, Tensor] = {}  # diagonal corrections (Adam only)
+        self._response_scale: dict[str, Tensor] = {}
+        for name, curv in self.curvature.items():
+            dyn = self.dynamics[name]
+            values = curv.eigenvalues.clamp(min=0)
+            if dyn.preconditioner is None:
+                self._jacobian[name] = exp_decay(values + dyn.weight_decay, dyn.horizon)
+                self._response[name] = decay_response(values + dyn.weight_decay, dyn.horizon)
+                continue
+            p = dyn.preconditioner.to(values.device)
+            p_bar = p.log().mean().exp()
+            diagonal = curvature_diagonal(curv)
+            self._jacobian[name] = torch.exp(-dyn.horizon * _rate(dyn, p_bar, values))
+            self._response[name] = _response(dyn, p_bar, values)
+            exponent = -dyn.horizon * (_rate(dyn, p, diagonal) - _rate(dyn, p_bar, diagonal))
+            self._jacobian_scale[name] = torch.exp(exponent.clamp(max=_MAX_EXPONENT))
+            self._response_scale[name] = _response(dyn, p, diagonal) / _response(dyn, p_bar, diagonal)
+
+    def propagate(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``S̄_ℓᵀ v`` per layer for ``(..., out, a_dim)`` float64 vectors."""
+        return {name: self._apply(name, v, self._jacobian, self._jacobian_scale) for name, v in vectors.items()}
+
+    def respond(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``R_ℓᵀ v`` per layer (the query-side preconditioning of the segment's training gradients)."""
+        return {name: self._apply(name, v, self._response, self._response_scale) for name, v in vectors.items()}
+
+    def _apply(self, name: str, v: Tensor, values: dict[str, Tensor], scales: dict[str, Tensor]) -> Tensor:
+        if name in scales:
+            v = scales[name] * v
+        return self.curvature[name].apply(v, values[name])
+
+
+_MAX_EXPONENT = 50.0  # keeps Adam's diagonal Jacobian correction finite (e^50 ≈ 5e21)
+
+
+def _rate(dyn: LayerDynamics, p: Tensor, values: Tensor) -> Tensor:
+    """Eigen/diagonal rate of the preconditioned segment dynamics: ``wd + pσ`` (AdamW) or ``p(σ + wd)``."""
+    return dyn.weight_decay + p * values if dyn.decoupled else p * (values + dyn.weight_decay)
+
+
+def _response(dyn: LayerDynamics, p: Tensor, values: Tensor) -> Tensor:
+    """``p (1 − e^{−t m}) / m`` with ``m`` the rate; ``p t`` at ``m = 0``."""
+    return p * decay_response(_rate(dyn, p, values), dyn.horizon)
+
+
+# ------------------------------------------------------------------------------ the method
+
+
+class SOURCE(AttributionMethod):
+    """SOURCE attribution from a trace (segmented stationary unrolling with EK-FAC curvature).
+
+    Args:
+        trace: the recorded trace; its segments are SOURCE's segments.
+        model: an instance of the trained architecture.
+        task: the task (training loss, query measurement, Fisher factors).
+        segments: attribute to these segment indices only (e.g. ``[0]`` for the first stage of a
+            two-stage run); default all. Later segments still propagate the query through ``S̄``.
+        fast: Fast-SOURCE: average the parameters of each segment's checkpoints and fit the
+            eigenvalue correction and the training gradients once, at the average.
+        curvature: ``"ekfac"`` (default), ``"kfac"`` (no correction pass) or ``"gauss-newton"``
+            (exact dense per-layer blocks, small models only; the reference in tests).
+        correction_examples: use a random subset of this many training examples for the EK-FAC
+            correction pass (default: all).
+        samples: targets drawn per example for the true-Fisher correction; ``None`` uses the exact
+            expectation over the predictive distribution where affordable.
+        seed: seed of the correction subset and of sampled targets.
+        cache: reuse and store fitted curvature in the trace's ``cache/`` group.
+        layers, batch_size, query_batch_size, device, progress, fabric: see
+            :class:`~lightning_tda.methods.base.AttributionMethod`.
+
+    Cost: one gradient pass over the training data per checkpoint of the attributed segments
+    (one per segment with ``fast=True``) plus the EK-FAC correction passes: about C× an EK-FAC
+    influence function for C checkpoints. Memory: the query vectors (``n_queries × parameters``
+    per attributed segment) and one training batch of per-example gradients.
+    """
+
+    name = "source"
+
+    def __init__(
+        self,
+        trace: Trace,
+        model: nn.Module,
+        task: Task,
+        *,
+        segments: Sequence[int] | None = None,
+        fast: bool = False,
+        curvature: str = "ekfac",
+        correction_examples: int | None = None,
+        samples: int | None = None,
+        seed: int = 0,
+        cache: bool = True,
+        layers: Sequence[str] | None = None,
+        batch_size: int = 128,
+        query_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        progress: bool | None = None,
+        fabric: Any | None = None,
+    ) -> None:
+        super().__init__(
+            trace,
+            model,
+            task,
+            layers=layers,
+            batch_size=batch_size,
+            query_batch_size=query_batch_size,
+            device=device,
+            progress=progress,
+            fabric=fabric,
+        )
+        if curvature not in CURVATURES:
+            raise ValueError(f"SOURCE(curvature={curvature!r}): use one of {', '.join(map(repr, CURVATURES))}.")
+        self.optimizer = optimizer_kind(trace)
+        self.fast = fast
+        self.curvature_kind = curvature
+        self.correction_examples = correction_examples
+        self.samples = samples
+        self.seed = seed
+        self.cache = cache
+        available = [s.index for s in trace.segments]
+        if not available:
+            raise TraceError(f"The trace {trace.path} has no closed segments; train for at least one step.")
+        chosen = available if segments is None else sorted({int(s) for s in segments})
+        missing = [s for s in chosen if s not in available]
+        if missing or not chosen:
+            raise ValueError(
+                f"SOURCE(segments={list(segments or [])}): segment(s) {missing or '[]'} are not in the trace "
+                f"{trace.path}, which has segments {available}. Pass indices from that list."
+            )
+        self.segments = chosen
+        # The query is propagated back from the end of training through every later segment.
+        self.needed = [s for s in available if s >= chosen[0]]
+        for s in self.needed:
+            if not trace.segment(s).checkpoints:
+                role = "attributed" if s in chosen else "needed to propagate later segments"
+                raise TraceError(
+                    f"Segment {s} of {trace.path} ({role}) holds no checkpoints, so its curvature and gradients "
+                    f"cannot be evaluated. Record with checkpoints_per_segment >= 1."
+                )
+        for s in self.needed:  # fail now (not after passes) if the optimizer state is missing
+            for layer in self.layers:
+                layer_dynamics(trace, s, layer.name)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "segments": list(self.segments),
+            "fast": self.fast,
+            "curvature": self.curvature_kind,
+            "correction_examples": self.correction_examples,
+            "samples": self.samples,
+            "seed": self.seed,
+            "optimizer": self.optimizer,
+            "horizons": {
+                str(s): {la.name: layer_dynamics(self.trace, s, la.name).horizon for la in self.layers}
+                for s in self.segments
+            },
+        }
+
+    # --- curvature and operators ----------------------------------------------------------------
+    def _pass_data(self, train: Data) -> PassData:
+        world = self.fabric.world_size if self.fabric is not None else 1
+        rank = self.fabric.global_rank if self.fabric is not None else 0
+        return PassData(
+            train,
+            batch_size=self.batch_size,
+            device=self.device,
+            examples=self.correction_examples,
+            seed=self.seed,
+            shard=(rank, world),
+            reduce=self.sum_across_processes if world > 1 else None,
+            progress=self.progress,
+        )
+
+    def segment_curvature(self, segment: int, train: Data) -> Curvature:
+        """The fitted curvature of ``segment`` (at its checkpoints, or at their average if ``fast``)."""
+        data = self._pass_data(train)
+        if not self.fast:
+            return fit_curvature(
+                self.trace,
+                self.model,
+                self.task,
+                self.layers,
+                self.trace.segment(segment).checkpoints,
+                data,
+                segment=segment,
+                curvature=self.curvature_kind,
+                samples=self.samples,
+                cache=self.cache,
+            )
+        return self._fit_at_average(segment, data)
+
+    def _fit_at_average(self, segment: int, data: PassData) -> Curvature:
+        """Fast-SOURCE curvature: streamed eigenbasis, correction (or dense blocks) at the averaged parameters."""
+        checkpoints = self.trace.segment(segment).checkpoints
+        options = FisherOptions(self.trace.fisher, self.samples, self.seed)
+        key_fields = {
+            "method": "source-fast",
+            "segment": segment,
+            "checkpoints": list(checkpoints),
+            "curvature": self.curvature_kind,
+            "samples": self.samples,
+            "seed": self.seed,
+            "examples": self.correction_examples,
+            "layers": [la.name for la in self.layers],
+            "data": data.fingerprint(self.task),
+        }
+        key = "cache/source-fast-" + hashlib.sha1(to_json(key_fields).encode()).hexdigest()[:20]
+        if self.cache and self.trace.has_group(key):
+            tensors, _ = self.trace.read_group(key)
+            return _curvature_from_tensors(tensors, self.layers, self.device)
+        self.model.load_state_dict(self._averaged_state(segment))
+        self.model.eval()
+        if self.curvature_kind == "gauss-newton":
+            blocks = gauss_newton_blocks(self.model, self.layers, self.task, data, options)
+            fitted: Curvature = {la.name: DenseLayerCurvature(la.name, la.shape, blocks[la.name]) for la in self.layers}
+        else:
+            bases = eigenbases_from_covariances(
+                {la.name: self.trace.covariances(segment, la.name) for la in self.layers}
+            )
+            if self.curvature_kind == "ekfac":
+                corrected = correct_eigenvalues(bases, self.model, self.layers, self.task, data, options)
+                for name, basis in bases.items():
+                    basis.eigenvalues = corrected[name]
+            fitted = dict(bases)
+        if self.cache:
+            tensors = {f"{name}/{part}": t for name, c in fitted.items() for part, t in c.tensors().items()}
+            self.trace.write_group(key, tensors, {"options": to_json(key_fields)})
+        return {name: c.to(self.device) for name, c in fitted.items()}
+
+    def operators(self, train: Data) -> dict[int, SegmentOperators]:
+        """:class:`SegmentOperators` of every segment the attribution needs, keyed by segment index."""
+        result = {}
+        for s in self.needed:
+            curvature = self.segment_curvature(s, train)
+            dynamics = {la.name: layer_dynamics(self.trace, s, la.name) for la in self.layers}
+            result[s] = SegmentOperators(curvature, dynamics)
+        return result
+
+    def query_vectors(
+        self, gradients: Mapping[str, Tensor], operators: Mapping[int, SegmentOperators]
+    ) -> dict[int, dict[str, Tensor]]:
+        """``u_ℓ = R_ℓᵀ S̄_{ℓ+1} ··· S̄_L ∇f`` for every attributed segment ℓ; float64 ``(Q, out, a_dim)``."""
+        v = {name: g.double() for name, g in gradients.items()}
+        result = {}
+        for s in reversed(self.needed):
+            if s in self.segments:
+                result[s] = operators[s].respond(v)
+            if s > self.segments[0]:
+                v = operators[s].propagate(v)
+        return result
+
+    # --- states the training gradients are taken at ---------------------------------------------
+    def _averaged_state(self, segment: int) -> dict[str, Tensor]:
+        states = [self.trace.checkpoint_state(c) for c in self.trace.segment(segment).checkpoints]
+        averaged = {}
+        for key, value in states[-1].items():
+            if value.is_floating_point():
+                averaged[key] = torch.stack([s[key].double() for s in states]).mean(0).to(value.dtype)
+            else:
+                averaged[key] = value
+        return averaged
+
+    def _gradient_states(self, segment: int) -> Iterator[tuple[Mapping[str, Tensor], float]]:
+        """``(model state, weight)`` pairs whose weighted gradients give the segment-mean ``ḡ_ℓ``."""
+        if self.fast:
+            yield self._averaged_state(segment), 1.0
+            return
+        checkpoints = self.trace.segment(segment).checkpoints
+        for index in checkpoints:
+            yield self.trace.checkpoint_state(index), 1.0 / len(checkpoints)
+
+    def _set_state(self, state: Mapping[str, Tensor]) -> None:
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    # --- attribution ----------------------------------------------------------------------------
+    def attribute(self, queries: Data, train: Data) -> Scores:
+        """Scores ``(n_queries, n_train)``: ``τ(q, z) = Σ_ℓ ⟨u_ℓ(q), ḡ_ℓ(z)⟩``; positive = helped."""
+        n_train = len(self.loader(train, "train").dataset)
+        operators = self.operators(train)
+        self.load_checkpoint(self.trace.final_checkpoint.index)
+        parts: dict[str, list[Tensor]] = {}
+        for _, batch in self.batches(queries, "query", "query gradients"):
+            for name, g in self.gradients(batch, "query").items():
+                parts.setdefault(name, []).append(g)
+        query_gradients = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        n_queries = next(iter(query_gradients.values())).shape[0]
+        vectors = {s: self.flatten(u) for s, u in self.query_vectors(query_gradients, operators).items()}
+        del query_gradients
+        values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
+        for s in self.segments:
+            for state, weight in self._gradient_states(s):
+                self._set_state(state)
+                for ids, batch in self.train_batches(train, f"SOURCE segment {s}"):
+                    grads = self.flatten(self.gradients(batch, "train")).double()
+                    values[:, ids.to(self.device)] += weight * (vectors[s] @ grads.T)
+        return self.scores(self.sum_across_processes(values), n_queries, n_train)
+
+    def self_influence(self, train: Data) -> Scores:
+        """``τ(z, z)`` for every training example, shape ``(N,)``, without forming the ``N × N`` matrix.
+
+        The query measurement is the example's own training loss at the final parameters. The
+        segments' model states are held in memory (one copy per checkpoint) and swapped per batch.
+        """
+        n_train = len(self.loader(train, "train").dataset)
+        operators = self.operators(train)
+        final = self.trace.checkpoint_state(self.trace.final_checkpoint.index)
+        states = {s: list(self._gradient_states(s)) for s in self.segments}
+        values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
+        for ids, batch in self.train_batches(train, "SOURCE self-influence"):
+            self._set_state(final)
+            vectors = self.query_vectors(self.gradients(batch, "train"), operators)
+            total = torch.zeros(len(ids), dtype=torch.float64, device=self.device)
+            for s in self.segments:
+                u = self.flatten(vectors[s])
+                for state, weight in states[s]:
+                    self._set_state(state)
+                    grads = self.flatten(self.gradients(batch, "train")).double()
+                    total += weight * (u * grads).sum(dim=1)
+            values[ids.to(self.device)] = total
+        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
+
+
+def _curvature_from_tensors(tensors: Mapping[str, Tensor], layers: Sequence[Any], device: torch.device) -> Curvature:
+    result: Curvature = {}
+    for layer in layers:
+        if f"{layer.name}/matrix" in tensors:
+            result[layer.name] = DenseLayerCurvature(layer.name, layer.shape, tensors[f"{layer.name}/matrix"])
+        else:
+            result[layer.name] = LayerEigenbasis(
+                layer.name,
+                tensors[f"{layer.name}/q_a"],
+                tensors[f"{layer.name}/q_s"],
+                tensors[f"{layer.name}/eigenvalues"],
+            )
+    return {name: c.to(device) for name, c in result.items()}
+
+
+__all__ = ["SOURCE", "SUPPORTED_OPTIMIZERS", "LayerDynamics", "SegmentOperators", "layer_dynamics", "optimizer_kind"]
