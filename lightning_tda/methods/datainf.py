@@ -1,0 +1,543 @@
+"""DataInf (Kwon et al. 2023) and the baselines it is judged against: exact block-diagonal influence,
+LiSSA and Hessian-free, all from the final checkpoint of a trace.
+
+Per tracked layer ``l`` (usually the LoRA adapters of a peft model, ``modules="lora"``) with
+per-example training gradients ``g_{l,i}`` (``d_l`` entries) and query gradients ``v_{l,q}``, every
+method here forms ``r_{l,q} ≈ (G_l + λ_l I)⁻¹ v_{l,q}`` with ``G_l = 1/n Σ_i g_{l,i} g_{l,i}ᵀ`` and
+scores training example ``k`` for query ``q`` as ``Σ_l r_{l,q}ᵀ g_{l,k}``. They differ only in ``r``:
+
+* :class:`DataInf` swaps inversion and averaging and applies Sherman–Morrison (Algorithm 1)::
+
+      r_l = 1/(n λ_l) Σ_i (v_l − c_{l,i} g_{l,i}),   c_{l,i} = v_lᵀ g_{l,i} / (λ_l + ‖g_{l,i}‖²)
+
+  O(Σ_l n d_l) time, no ``d_l × d_l`` matrix.
+* :class:`ExactInfluence` solves with the ``d_l × d_l`` matrix ``G_l + λ_l I`` (small layers only).
+* :class:`LiSSA`: the paper's 10-iteration recursion ``r_j = v + (I − (G_l + λ_l I)) r_{j−1}``,
+  ``r_0 = v``, with ``G_l r`` streamed over the training set (one pass per iteration).
+* :class:`HessianFree`: ``r = v`` (plain gradient dot products).
+
+Damping (all but Hessian-free): ``λ_l = damping_scale · 1/(n d_l) Σ_i ‖g_{l,i}‖²`` (the paper's
+0.1 by default), or a fixed ``damping`` for every layer.
+
+Sign: the paper's ``I(z_k) = −Σ_l r_lᵀ g_{l,k}`` is the change of the query loss when ``z_k`` is
+up-weighted, so positive there means *harmful*. These classes return ``+Σ_l r_lᵀ g_{l,k}``, the
+library's convention: positive = the training example helped the query (removing it raises the
+query loss). For mislabel detection with the paper's mean validation gradient
+(``mean_query=True``), mislabeled examples get the most *negative* scores.
+
+Passes over the training set (per-example gradients exist for one batch at a time only):
+DataInf 3 with the automatic λ (squared norms, then ``r``, then scores) and 2 with a fixed
+``damping``; Exact 2; LiSSA ``iterations + 1``; Hessian-free 1. Queries are handled as a
+``(Q, d_l)`` matrix per layer, so many queries cost no extra pass; memory beyond the model is
+``O(Q Σ_l d_l)`` for the query matrices plus the ``(Q, N)`` scores (``d_l²`` per layer for Exact).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tda.capture import LORA_PATTERNS, UnsupportedModelError, find_layers
+from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.scores import Scores
+from lightning_tda.tasks import Task
+from lightning_tda.trace import Trace
+
+Gradients = dict[str, Tensor]  # layer name -> (B, d_l) float64
+
+
+def select_modules(model: nn.Module, layers: list, modules: str | Sequence[str] | None) -> list:
+    """Restrict tracked ``layers`` to ``modules``: ``None`` (all), ``"lora"`` (peft LoRA adapters) or
+    fnmatch patterns on layer names. Raises a ``ValueError`` naming the fix when nothing is left."""
+    if modules is None:
+        return layers
+    if modules == "lora":
+        find_layers(model, "lora")  # raises UnsupportedModelError when the model has no LoRA adapters
+        patterns: Sequence[str] = LORA_PATTERNS
+    else:
+        patterns = [modules] if isinstance(modules, str) else list(modules)
+    chosen = [la for la in layers if any(fnmatch.fnmatchcase(la.name, p) for p in patterns)]
+    if not chosen:
+        hint = "record with TDACallback(layers='lora')" if modules == "lora" else "pass patterns that match them"
+        raise UnsupportedModelError(
+            f"modules={modules!r} matches none of the trace's tracked layers {[la.name for la in layers]}; {hint}."
+        )
+    return chosen
+
+
+class LayerwiseInfluence(AttributionMethod):
+    """Influence ``Σ_l r_{l,q}ᵀ g_{l,k}`` from the final checkpoint, per layer; subclasses form ``r``.
+
+    Args:
+        trace: the recorded trace; only its final checkpoint is used.
+        model: an instance of the trained architecture (a peft model for ``modules="lora"``).
+        task: per-example training losses and query measurements (lower is better).
+        modules: ``None`` (all tracked layers), ``"lora"`` (the peft LoRA A/B adapters) or fnmatch
+            patterns on layer names.
+        mean_query: score against the mean query gradient (the paper's "influence on the validation
+            loss"): one row, query id ``-1``. Otherwise one row per query.
+        layers, batch_size, query_batch_size, device, progress, fabric: as in
+            :class:`~lightning_tda.methods.base.AttributionMethod`.
+    """
+
+    name = "layerwise"
+
+    def __init__(
+        self,
+        trace: Trace,
+        model: nn.Module,
+        task: Task,
+        *,
+        modules: str | list[str] | None = None,
+        mean_query: bool = False,
+        layers: list[str] | None = None,
+        batch_size: int = 128,
+        query_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        progress: bool | None = None,
+        fabric: Any | None = None,
+    ) -> None:
+        super().__init__(
+            trace,
+            model,
+            task,
+            layers=layers,
+            batch_size=batch_size,
+            query_batch_size=query_batch_size,
+            device=device,
+            progress=progress,
+            fabric=fabric,
+        )
+        self.modules = modules
+        self.mean_query = mean_query
+        self.layers = select_modules(self.model, self.layers, modules)
+        self.dims = {la.name: la.out_features * la.a_dim for la in self.layers}
+
+    # --- public API -----------------------------------------------------------------------------
+    def attribute(self, queries: Data, train: Data) -> Scores:
+        """Scores ``(Q, N)`` (``(1, N)`` with ``mean_query``); positive = the training example helped."""
+        values, n_queries = self._attribute(queries, train, per_layer=False)
+        return self._as_scores(values[0], n_queries)
+
+    def attribute_per_layer(self, queries: Data, train: Data) -> dict[str, Scores]:
+        """``{layer name: Scores}``, each layer's contribution; they sum to :meth:`attribute`."""
+        values, n_queries = self._attribute(queries, train, per_layer=True)
+        return {la.name: self._as_scores(values[j], n_queries) for j, la in enumerate(self.layers)}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "modules": self.modules, "mean_query": self.mean_query}
+
+    # --- to implement ---------------------------------------------------------------------------
+    def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
+        """``{layer: r (Q, d_l) float64}``: the approximate ``(G_l + λ_l I)⁻¹ v`` of each query row."""
+        raise NotImplementedError
+
+    # --- shared passes --------------------------------------------------------------------------
+    def layer_gradients(self, batch: Any, role: str) -> Gradients:
+        """Per-example gradients of a batch flattened per layer: ``{layer: (B, d_l) float64}``."""
+        return {name: g.reshape(g.shape[0], -1).double() for name, g in self.gradients(batch, role).items()}
+
+    def train_gradients(self, train: Data, desc: str) -> Iterator[tuple[Tensor, Gradients]]:
+        """``(ids, per-layer gradients)`` for this process's training batches, one batch at a time."""
+        for ids, batch in self.train_batches(train, desc):
+            yield ids, self.layer_gradients(batch, "train")
+
+    def query_gradients(self, queries: Data) -> Gradients:
+        """``{layer: (Q, d_l)}`` query gradients, or their mean ``(1, d_l)`` with ``mean_query``."""
+        rows: dict[str, list[Tensor]] = {la.name: [] for la in self.layers}
+        count = 0
+        for _, batch in self.batches(queries, "query", f"{self.name}: query gradients"):
+            for name, g in self.layer_gradients(batch, "query").items():
+                rows[name].append(g.sum(0, keepdim=True) if self.mean_query else g)
+            count += self.task.batch_size(batch)
+        if self.mean_query:
+            return {name: torch.cat(parts).sum(0, keepdim=True) / count for name, parts in rows.items()}
+        return {name: torch.cat(parts) for name, parts in rows.items()}
+
+    def sum_dict(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`sum_across_processes` of every tensor of a dict."""
+        return {name: self.sum_across_processes(t) for name, t in tensors.items()}
+
+    def train_sum(self, train: Data, desc: str, term: Callable[[str, Tensor], Tensor]) -> tuple[dict[str, Tensor], int]:
+        """One pass: ``({layer: Σ_i term(layer, g_i-batch)}, n)`` summed over all training examples."""
+        sums: dict[str, Tensor] = {}
+        count = 0
+        for ids, grads in self.train_gradients(train, desc):
+            for name, g in grads.items():
+                part = term(name, g)
+                sums[name] = part if name not in sums else sums[name] + part
+            count += len(ids)
+        total = self.sum_across_processes(torch.tensor([float(count)], dtype=torch.float64))
+        return self.sum_dict(sums), int(total.item())
+
+    def _attribute(self, queries: Data, train: Data, per_layer: bool) -> tuple[Tensor, int]:
+        """Score matrix ``(L or 1, Q, N)`` float64 and the number of queries."""
+        n_train = len(self.loader(train, "train").dataset)
+        n_queries = len(self.loader(queries, "query").dataset)
+        self.load_checkpoint(self.trace.final_checkpoint.index)
+        products = self.inverse_products(self.query_gradients(queries), train)
+        rows = next(iter(products.values())).shape[0]
+        values = torch.zeros(len(self.layers) if per_layer else 1, rows, n_train, dtype=torch.float64)
+        for ids, grads in self.train_gradients(train, f"{self.name}: scores"):
+            for j, la in enumerate(self.layers):
+                values[j if per_layer else 0][:, ids] += (products[la.name] @ grads[la.name].T).cpu()
+        return self.sum_across_processes(values), n_queries
+
+    def _as_scores(self, values: Tensor, n_queries: int) -> Scores:
+        if self.mean_query:
+            return Scores(values.float(), torch.arange(values.shape[1]), torch.tensor([-1]), self.name, self.config())
+        return self.scores(values, n_queries, values.shape[1])
+
+
+class DampedInfluence(LayerwiseInfluence):
+    """Layer-wise influence with a damped Gauss–Newton block ``G_l + λ_l I`` (see the module docstring).
+
+    Args:
+        damping: a fixed ``λ > 0`` for every layer; ``None`` uses ``damping_scale`` per layer.
+        damping_scale: ``λ_l = damping_scale · mean_i ‖g_{l,i}‖² / d_l`` (the paper: 0.1).
+        Others: as in :class:`LayerwiseInfluence`.
+    """
+
+    def __init__(
+        self,
+        trace: Trace,
+        model: nn.Module,
+        task: Task,
+        *,
+        damping: float | None = None,
+        damping_scale: float = 0.1,
+        modules: str | list[str] | None = None,
+        mean_query: bool = False,
+        layers: list[str] | None = None,
+        batch_size: int = 128,
+        query_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        progress: bool | None = None,
+        fabric: Any | None = None,
+    ) -> None:
+        if damping is not None and not damping > 0:
+            raise ValueError(f"{type(self).__name__}(damping={damping!r}): use a positive number, or None for auto.")
+        if not damping_scale > 0:
+            raise ValueError(f"{type(self).__name__}(damping_scale={damping_scale!r}) must be positive (paper: 0.1).")
+        super().__init__(
+            trace,
+            model,
+            task,
+            modules=modules,
+            mean_query=mean_query,
+            layers=layers,
+            batch_size=batch_size,
+            query_batch_size=query_batch_size,
+            device=device,
+            progress=progress,
+            fabric=fabric,
+        )
+        self.damping = damping
+        self.damping_scale = damping_scale
+        self.lambdas: dict[str, float] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "damping": self.damping,
+            "damping_scale": self.damping_scale,
+            "lambdas": dict(self.lambdas),
+        }
+
+    def set_lambdas(self, squared_norm_sums: dict[str, Tensor] | None, n: int) -> dict[str, float]:
+        """``λ_l`` from ``Σ_i ‖g_{l,i}‖²`` (or the fixed ``damping``); an all-zero layer is an error."""
+        if self.damping is not None:
+            self.lambdas = {la.name: float(self.damping) for la in self.layers}
+            return self.lambdas
+        self.lambdas = {}
+        for la in self.layers:
+            value = self.damping_scale * float(squared_norm_sums[la.name]) / (n * self.dims[la.name])
+            if not value > 0:
+                raise ValueError(
+                    f"Layer {la.name!r} has a zero gradient on every training example, so its damping "
+                    f"λ = {self.damping_scale}·mean‖g‖²/d is 0 and (G + λI) is singular. Leave the layer out "
+                    f"(layers=[...] / modules=[...]), or pass a fixed damping > 0."
+                )
+            self.lambdas[la.name] = value
+        return self.lambdas
+
+    def fit_lambdas(self, train: Data) -> dict[str, float]:
+        """A pass summing squared gradient norms (skipped with a fixed ``damping``)."""
+        if self.damping is not None:
+            return self.set_lambdas(None, 0)
+        sums, n = self.train_sum(train, f"{self.name}: damping", lambda _, g: (g * g).sum())
+        return self.set_lambdas(sums, n)
+
+    # --- self-influence through an explicit d×d inverse (small layers) ---------------------------
+    max_dim: int = 4096
+
+    def check_dims(self, what: str) -> None:
+        too_big = {name: d for name, d in self.dims.items() if d > self.max_dim}
+        if too_big:
+            name, d = max(too_big.items(), key=lambda kv: kv[1])
+            raise ValueError(
+                f"{type(self).__name__}: {what} needs a d×d matrix per layer, and layer {name!r} has d = {d} "
+                f"parameters ({d * d * 8 / 2**30:.2f} GiB in float64, O(d³) to factor), above max_dim="
+                f"{self.max_dim}. Restrict to smaller layers (modules='lora' or layers=[...]), or raise "
+                f"max_dim if the memory and time are affordable."
+            )
+
+    def inverse_matrices(self, train: Data) -> dict[str, Tensor]:
+        """``{layer: (d_l, d_l)}`` float64: the method's approximation of ``(G_l + λ_l I)⁻¹``."""
+        raise NotImplementedError
+
+    def self_influence(self, train: Data) -> Scores:
+        """``g_kᵀ (G + λI)⁻¹ g_k`` summed over layers (with the method's inverse), kind ``"self"``, ``(N,)``.
+
+        Needs a ``d_l × d_l`` matrix per layer, so layers above ``max_dim`` are refused.
+        """
+        self.check_dims("self-influence")
+        n_train = len(self.loader(train, "train").dataset)
+        self.load_checkpoint(self.trace.final_checkpoint.index)
+        inverses = self.inverse_matrices(train)
+        values = torch.zeros(n_train, dtype=torch.float64)
+        for ids, grads in self.train_gradients(train, f"{self.name}: self-influence"):
+            for name, g in grads.items():
+                values[ids] += ((g @ inverses[name]) * g).sum(1).cpu()
+        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
+
+
+class DataInf(DampedInfluence):
+    """DataInf (Kwon et al. 2023, Algorithm 1): closed-form influence for LoRA-tuned and small models.
+
+    ``(1/n Σ g gᵀ + λI)⁻¹ ≈ 1/n Σ (g gᵀ + λI)⁻¹ = 1/(nλ) Σ (I − g gᵀ/(λ + ‖g‖²))`` per layer, applied
+    to a ``(Q, d_l)`` matrix of query gradients in one pass over the training set
+    (``c = V gᵀ / (λ + ‖g‖²)``, ``r = (V − 1/n Σ c g) / λ``), then a second pass scores. The
+    approximation error grows with ``d_l`` (Theorem 1), hence LoRA adapters (``modules="lora"``).
+
+    Positive = helpful, i.e. the negative of the paper's ``I_DataInf``.
+
+    Args:
+        damping, damping_scale: see :class:`DampedInfluence` (paper: ``damping_scale=0.1``).
+        modules: ``"lora"`` for the peft adapters, patterns, or ``None`` for all tracked layers.
+        mean_query: the paper's mean validation gradient (one row) instead of one row per query.
+        layers, batch_size, query_batch_size, device, progress, fabric: as in the base class.
+
+    Example::
+
+        scores = DataInf(trace, model=MyModule(), task=task, modules="lora").attribute(val_set, train_set)
+    """
+
+    name = "datainf"
+
+    def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
+        lambdas = self.fit_lambdas(train)
+
+        def shrink(name: str, g: Tensor) -> Tensor:  # Σ_i c_{q,i} g_i with c = v·g / (λ + ‖g‖²)
+            c = (query_grads[name] @ g.T) / (lambdas[name] + (g * g).sum(1))
+            return c @ g
+
+        sums, n = self.train_sum(train, "datainf: r", shrink)
+        return {name: (v - sums[name] / n) / lambdas[name] for name, v in query_grads.items()}
+
+    def inverse_matrices(self, train: Data) -> dict[str, Tensor]:
+        lambdas = self.fit_lambdas(train)
+        sums, n = self.train_sum(
+            train, "datainf: inverse", lambda name, g: (g / (lambdas[name] + (g * g).sum(1))[:, None]).T @ g
+        )
+        return {
+            name: (torch.eye(self.dims[name], dtype=torch.float64) - sums[name] / n) / lambdas[name] for name in sums
+        }
+
+
+class ExactInfluence(DampedInfluence):
+    """Exact block-diagonal influence: ``r = (G_l + λ_l I)⁻¹ v`` with the ``d_l × d_l`` matrix
+    ``G_l = 1/n Σ g gᵀ`` (the paper's "Exact", eq. 2), same damping as :class:`DataInf`.
+
+    One pass forms every ``G_l`` (``λ_l`` comes from its trace), a Cholesky solve gives ``r``, and a
+    second pass scores. Layers with more than ``max_dim`` parameters are refused at construction.
+    Positive = helpful.
+
+    Args:
+        max_dim: largest ``d_l`` accepted (default 4096: a 128 MiB float64 matrix).
+        Others: as in :class:`DataInf`.
+    """
+
+    name = "exact"
+
+    def __init__(
+        self,
+        trace: Trace,
+        model: nn.Module,
+        task: Task,
+        *,
+        max_dim: int = 4096,
+        damping: float | None = None,
+        damping_scale: float = 0.1,
+        modules: str | list[str] | None = None,
+        mean_query: bool = False,
+        layers: list[str] | None = None,
+        batch_size: int = 128,
+        query_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        progress: bool | None = None,
+        fabric: Any | None = None,
+    ) -> None:
+        super().__init__(
+            trace,
+            model,
+            task,
+            damping=damping,
+            damping_scale=damping_scale,
+            modules=modules,
+            mean_query=mean_query,
+            layers=layers,
+            batch_size=batch_size,
+            query_batch_size=query_batch_size,
+            device=device,
+            progress=progress,
+            fabric=fabric,
+        )
+        self.max_dim = max_dim
+        self.check_dims("the exact inverse")
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "max_dim": self.max_dim}
+
+    def damped_curvature(self, train: Data) -> dict[str, Tensor]:
+        """``{layer: G_l + λ_l I}`` (float64) from one pass; sets ``lambdas``."""
+        sums, n = self.train_sum(train, "exact: G", lambda _, g: g.T @ g)
+        lambdas = self.set_lambdas({name: torch.trace(s) for name, s in sums.items()}, n)
+        eye = {name: torch.eye(self.dims[name], dtype=torch.float64, device=s.device) for name, s in sums.items()}
+        return {name: s / n + lambdas[name] * eye[name] for name, s in sums.items()}
+
+    def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
+        products = {}
+        for name, matrix in self.damped_curvature(train).items():
+            factor = torch.linalg.cholesky(matrix)
+            products[name] = torch.cholesky_solve(query_grads[name].T, factor).T
+        return products
+
+    def inverse_matrices(self, train: Data) -> dict[str, Tensor]:
+        return {
+            name: torch.cholesky_inverse(torch.linalg.cholesky(m)) for name, m in self.damped_curvature(train).items()
+        }
+
+
+class LiSSA(DampedInfluence):
+    """LiSSA as compared in the DataInf paper: ``r_0 = v``, ``r_j = v + r_{j−1} − (G_l + λ_l I) r_{j−1} / scale``
+    for ``iterations`` steps, ``r = r_J / scale``; same damping as :class:`DataInf`.
+
+    ``G_l r`` is streamed over the training set from first-order gradients (one pass per
+    iteration; the squared norms for ``λ`` ride along the first). With the paper's ``scale=1`` the
+    recursion converges only if ``G_l + λ_l I ≤ I``; it is often unstable (as the paper reports).
+    Larger ``scale`` (above the largest eigenvalue, e.g. ``mean‖g‖² + λ``) makes it converge, slower.
+    Non-finite results raise. Positive = helpful. No ``self_influence`` (it would need a
+    per-example recursion).
+
+    Args:
+        iterations: number of recursion steps (paper: 10).
+        scale: divides the damped curvature (1 = the paper's variant).
+        Others: as in :class:`DataInf`.
+    """
+
+    name = "lissa"
+
+    def __init__(
+        self,
+        trace: Trace,
+        model: nn.Module,
+        task: Task,
+        *,
+        iterations: int = 10,
+        scale: float = 1.0,
+        damping: float | None = None,
+        damping_scale: float = 0.1,
+        modules: str | list[str] | None = None,
+        mean_query: bool = False,
+        layers: list[str] | None = None,
+        batch_size: int = 128,
+        query_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        progress: bool | None = None,
+        fabric: Any | None = None,
+    ) -> None:
+        if iterations < 1:
+            raise ValueError(f"LiSSA(iterations={iterations!r}) must be at least 1 (paper: 10).")
+        if not scale > 0:
+            raise ValueError(f"LiSSA(scale={scale!r}) must be positive (paper: 1).")
+        super().__init__(
+            trace,
+            model,
+            task,
+            damping=damping,
+            damping_scale=damping_scale,
+            modules=modules,
+            mean_query=mean_query,
+            layers=layers,
+            batch_size=batch_size,
+            query_batch_size=query_batch_size,
+            device=device,
+            progress=progress,
+            fabric=fabric,
+        )
+        self.iterations = iterations
+        self.scale = scale
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "iterations": self.iterations, "scale": self.scale}
+
+    def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
+        current = dict(query_grads)
+        for step in range(self.iterations):
+            with_norms = step == 0 and self.damping is None
+
+            def term(name: str, g: Tensor, with_norms: bool = with_norms) -> Tensor:
+                curvature = (current[name] @ g.T) @ g  # Σ_i (r·g_i) g_i
+                return torch.cat([curvature.flatten(), (g * g).sum()[None]]) if with_norms else curvature.flatten()
+
+            sums, n = self.train_sum(train, f"lissa: iteration {step + 1}", term)
+            if step == 0:
+                self.set_lambdas({name: s[-1] for name, s in sums.items()} if with_norms else None, n)
+            current = {
+                name: v
+                + current[name]
+                - (sums[name][: v.numel()].reshape(v.shape) / n + self.lambdas[name] * current[name]) / self.scale
+                for name, v in query_grads.items()
+            }
+        products = {name: r / self.scale for name, r in current.items()}
+        for name, r in products.items():
+            if not torch.isfinite(r).all():
+                raise ValueError(
+                    f"LiSSA diverged on layer {name!r} (non-finite result after {self.iterations} iterations with "
+                    f"scale={self.scale}). Pass a scale above the largest eigenvalue of G + λI, e.g. "
+                    f"scale >= mean‖g‖² + λ, or use DataInf / ExactInfluence."
+                )
+        return products
+
+    def self_influence(self, train: Data) -> Scores:
+        raise NotImplementedError(
+            "LiSSA has no self-influence here: it would run the recursion once per training example. "
+            "Use ExactInfluence, DataInf or HessianFree.self_influence."
+        )
+
+
+class HessianFree(LayerwiseInfluence):
+    """Hessian-free influence: plain gradient dot products ``Σ_l v_lᵀ g_{l,k}`` (``r = v``; no damping).
+
+    One pass over the training set. Positive = helpful. Args: as in :class:`LayerwiseInfluence`.
+    """
+
+    name = "hessian-free"
+
+    def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
+        return query_grads
+
+    def self_influence(self, train: Data) -> Scores:
+        """``‖g_k‖²`` summed over the selected layers, kind ``"self"``, shape ``(N,)``."""
+        n_train = len(self.loader(train, "train").dataset)
+        self.load_checkpoint(self.trace.final_checkpoint.index)
+        values = torch.zeros(n_train, dtype=torch.float64)
+        for ids, grads in self.train_gradients(train, "hessian-free: self-influence"):
+            for g in grads.values():
+                values[ids] += (g * g).sum(1).cpu()
+        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
