@@ -157,8 +157,8 @@ class Job:
         self.config = config
         init = parser.instantiate_classes(config)
         self.model, self.data, self.task = init.model, init.data, init.task
-        self.output_dir = Path(config.output_dir)
-        self.trace_path = Path(config.trace) if config.trace else self.output_dir / "trace.h5"
+        self.output_dir = Path(config.output_dir).resolve()
+        self.trace_path = Path(config.trace).resolve() if config.trace else self.output_dir / "trace.h5"
         report = config.report
         self.renderer = _instantiate_renderer(report.renderer)
         self.trainer_kwargs = _plain(init.trainer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ def read_records(path: str | Path) -> list[Any]:
         if kind == 0 and length == 0:  # zero padding up to the block end
             position += left
             continue
+        if position + CHUNK.size + length > len(data):  # a chunk still being written
+            break
         body = data[position + CHUNK.size : position + CHUNK.size + length]
         if zlib.crc32(body, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
             raise ValueError(f"{path}: bad checksum at byte {position}.")
@@ -62,13 +65,23 @@ class OfflineRun:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def read(cls, directory: str | Path) -> OfflineRun:
+    def read(cls, directory: str | Path, timeout: float = 60.0) -> OfflineRun:
+        """Read a finished run. ``run.finish()`` returns before wandb's service has written the whole
+        log, so wait (up to ``timeout`` seconds) for the run's exit record."""
         directory = Path(directory)
         logs = list(directory.glob("run-*.wandb"))
         if len(logs) != 1:
             raise FileNotFoundError(f"Expected one run-*.wandb in {directory}, found {logs}.")
+        deadline = time.monotonic() + timeout
+        while True:
+            records = read_records(logs[0])
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{logs[0]} has no exit record after {timeout} s: the run was not finished.")
+            time.sleep(0.2)
         run = cls(directory)
-        for record in read_records(logs[0]):
+        for record in records:
             kind = record.WhichOneof("record_type")
             if kind == "history":
                 run.history.append(_items(record.history.item))

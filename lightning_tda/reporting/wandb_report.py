@@ -148,7 +148,7 @@ class WandbReporter:
             )
             artifact.add_file(str(content.trace_path), name=content.trace_path.name)
             run.log_artifact(artifact)
-        result = WandbResult(run_id=run.id, run_dir=Path(run.dir).parent, offline=bool(run.offline))
+        result = WandbResult(run_id=run.id, run_dir=Path(run.dir).parent.resolve(), offline=bool(run.offline))
         if own_run:
             run.finish()
         return result
