@@ -341,12 +341,13 @@ class DataInf(DampedInfluence):
 
     def inverse_matrices(self, train: Data) -> dict[str, Tensor]:
         lambdas = self.fit_lambdas(train)
-        sums, n = self.train_sum(
-            train, "datainf: inverse", lambda name, g: (g / (lambdas[name] + (g * g).sum(1))[:, None]).T @ g
-        )
-        return {
-            name: (torch.eye(self.dims[name], dtype=torch.float64) - sums[name] / n) / lambdas[name] for name in sums
-        }
+
+        def weighted_outer(name: str, g: Tensor) -> Tensor:  # Σ_i g_i g_iᵀ / (λ + ‖g_i‖²)
+            return (g / (lambdas[name] + (g * g).sum(1))[:, None]).T @ g
+
+        sums, n = self.train_sum(train, "datainf: inverse", weighted_outer)
+        eye = {name: torch.eye(self.dims[name], dtype=torch.float64, device=s.device) for name, s in sums.items()}
+        return {name: (eye[name] - sums[name] / n) / lambdas[name] for name in sums}
 
 
 class ExactInfluence(DampedInfluence):
@@ -490,12 +491,7 @@ class LiSSA(DampedInfluence):
         current = dict(query_grads)
         for step in range(self.iterations):
             with_norms = step == 0 and self.damping is None
-
-            def term(name: str, g: Tensor, with_norms: bool = with_norms) -> Tensor:
-                curvature = (current[name] @ g.T) @ g  # Σ_i (r·g_i) g_i
-                return torch.cat([curvature.flatten(), (g * g).sum()[None]]) if with_norms else curvature.flatten()
-
-            sums, n = self.train_sum(train, f"lissa: iteration {step + 1}", term)
+            sums, n = self.train_sum(train, f"lissa: iteration {step + 1}", _CurvatureProduct(current, with_norms))
             if step == 0:
                 self.set_lambdas({name: s[-1] for name, s in sums.items()} if with_norms else None, n)
             current = {
@@ -519,6 +515,18 @@ class LiSSA(DampedInfluence):
             "LiSSA has no self-influence here: it would run the recursion once per training example. "
             "Use ExactInfluence, DataInf or HessianFree.self_influence."
         )
+
+
+class _CurvatureProduct:
+    """Per-batch ``Σ_i (r·g_i) g_i`` for every row ``r`` of a layer's matrix, flattened, with
+    ``Σ_i ‖g_i‖²`` appended when the damping is still to be set."""
+
+    def __init__(self, rows: Gradients, with_norms: bool) -> None:
+        self.rows, self.with_norms = rows, with_norms
+
+    def __call__(self, name: str, g: Tensor) -> Tensor:
+        product = ((self.rows[name] @ g.T) @ g).flatten()
+        return torch.cat([product, (g * g).sum()[None]]) if self.with_norms else product
 
 
 class HessianFree(LayerwiseInfluence):
