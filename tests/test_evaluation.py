@@ -204,6 +204,9 @@ def test_mislabel_auc_and_curve_on_known_values():
     assert result.auc == pytest.approx(5 / 6)  # 0.9 beats all 3 clean, 0.7 beats 2 of 3
     np.testing.assert_allclose(result.fraction_found, [0, 0.5, 0.5, 1.0, 1.0, 1.0])
     assert result.found_at(0.4) == 0.5 and result.found_at(0.6) == 1.0
+    # Only the order matters: raw self-influence values far outside [0, 1] give the same result.
+    rescaled = mislabel_detection(torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2]) * 1e4 - 50, flipped)
+    assert rescaled.auc == pytest.approx(5 / 6)
 
     # Validation influence: suspicion = -Σ_q τ(q, m); example 2 hurts the clean queries most.
     validation = torch.tensor([[1.0, 0.5, -2.0, 0.3], [0.5, 0.5, -1.0, 0.2]])

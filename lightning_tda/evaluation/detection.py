@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc
 
 from lightning_tda.scores import Scores
 
@@ -73,7 +73,7 @@ def mislabel_detection(scores: Scores | Tensor | np.ndarray, flipped: Tensor | n
         raise ValueError("flipped must mark some, but not all, training examples as mislabeled.")
     if not np.isfinite(suspicion).all():
         raise ValueError("The scores contain NaN or infinite values; check the method's damping or precision.")
-    auc = float(binary_auroc(torch.from_numpy(suspicion), torch.from_numpy(mask).long()))
+    auc = float(roc_auc_score(mask, suspicion))  # rank-based: any monotone rescaling gives the same AUC
     order = np.argsort(-suspicion, kind="stable")
     found = np.concatenate([[0.0], np.cumsum(mask[order]) / mask.sum()])
     inspected = np.arange(len(mask) + 1) / len(mask)

@@ -52,6 +52,8 @@ def quiet_lightning() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*litlogger.*")
+            warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
             yield
     finally:
         for lg, level in zip(loggers, levels):

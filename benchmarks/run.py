@@ -1,0 +1,691 @@
+"""All attribution methods side by side on the same trained models: LDS, subset removal, mislabel and leakage.
+
+Every experiment trains one model with :class:`~lightning_tda.TDACallback` (3 segments, true
+Fisher), runs every method on a fresh copy of that trace (so each method's time includes fitting
+its own curvature) and scores the results with :mod:`lightning_tda.evaluation`:
+
+* **LDS** (α = 0.5) on UCI Concrete (MLP regressor) and digits (MLP classifier), each converged and
+  non-converged (few epochs, noisy targets/labels: where SOURCE is expected to beat influence
+  functions). The ground truth re-trains ``--seeds`` models on each of ``--subsets`` random halves
+  with the same recipe (:class:`~lightning_tda.evaluation.LightningTrainFn`), cached in
+  ``<workdir>/ground_truth.h5`` so a re-run re-trains nothing.
+* **Subset removal** (digits): remove each correctly classified query's top-k examples, re-train,
+  count flips, next to random removal.
+* **Mislabel detection** (digits, 20 % flipped labels): self-influence of every method.
+* **Leakage detection** (digits with copies of test points planted in the training set).
+* **Two-stage** (digits, stage 2 on transposed images): attribution to the first stage, SOURCE
+  restricted to the first stage's segment vs influence functions on the final model.
+
+A method that cannot be imported is reported as "not available"; a method that fails is reported
+with its error. The ``random`` row is the chance reference. ``--quick`` shrinks everything (a few
+minutes; what the smoke test runs).
+
+Run: ``.venv/bin/python benchmarks/run.py`` (full) or ``.venv/bin/python benchmarks/run.py --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import BENCHMARKS_MD, markdown_table, write_section  # noqa: E402
+from lightning_tda import ClassificationTask, RegressionTask, Scores, Task  # noqa: E402
+from lightning_tda.demo import ConcreteDataModule, DigitsDataModule, MLPClassifier, MLPRegressor  # noqa: E402
+from lightning_tda.evaluation import (  # noqa: E402
+    LightningTrainFn,
+    bootstrap_mean,
+    lds,
+    lds_ground_truth,
+    leakage_detection,
+    mislabel_detection,
+    plot_counterfactual,
+    plot_lds,
+    plot_leakage,
+    plot_mislabel,
+    subset_removal,
+)
+from lightning_tda.evaluation.retrain import quiet_lightning  # noqa: E402
+
+# Display name -> (class in lightning_tda.methods, keyword arguments). Defaults unless noted.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "SOURCE": ("SOURCE", {}),
+    "EK-FAC IF": ("EKFACInfluence", {}),
+    "TracInCP": ("TracInCP", {}),
+    "DataInf": ("DataInf", {}),
+    "Forward-INF": ("ForwardINF", {}),
+}
+RANDOM = "random"
+
+
+# --- settings -----------------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """A data set, model and training recipe."""
+
+    name: str
+    title: str
+    data: str  # "digits" or "concrete"
+    epochs: int
+    lr: float
+    flip_fraction: float = 0.0
+    target_noise: float = 0.0
+    batch_size: int = 64
+
+    @property
+    def task(self) -> Task:
+        return ClassificationTask() if self.data == "digits" else RegressionTask()
+
+    @property
+    def module_factory(self) -> Callable[[], Any]:
+        cls = MLPClassifier if self.data == "digits" else MLPRegressor
+        return functools.partial(cls, lr=self.lr)
+
+    def recipe(self) -> str:
+        return (
+            f"{self.data} epochs={self.epochs} lr={self.lr} batch={self.batch_size} sgd-momentum-0.9 "
+            f"flips={self.flip_fraction} noise={self.target_noise}"
+        )
+
+    def datasets(self, max_train: int | None) -> tuple[TensorDataset, TensorDataset, torch.Tensor]:
+        """``(train, test, flipped mask)``; ``max_train`` keeps the first examples (``--quick``)."""
+        module = DigitsDataModule if self.data == "digits" else ConcreteDataModule
+        dm = module(batch_size=self.batch_size, seed=0, flip_fraction=self.flip_fraction)
+        dm.setup()
+        x, y = dm.train_set.tensors
+        flipped = dm.flipped
+        if max_train is not None:
+            x, y, flipped = x[:max_train], y[:max_train], flipped[:max_train]
+        if self.target_noise > 0:
+            y = y + self.target_noise * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        return TensorDataset(x, y), dm.test_set, flipped
+
+
+CONCRETE = Setting("concrete", "Concrete MLP, converged (30 epochs)", "concrete", 30, 0.05)
+CONCRETE_EARLY = Setting(
+    "concrete-early",
+    "Concrete MLP, non-converged (3 epochs, noisy targets σ=0.5)",
+    "concrete",
+    3,
+    0.05,
+    target_noise=0.5,
+)
+DIGITS = Setting("digits", "Digits MLP, converged (8 epochs)", "digits", 8, 0.1)
+DIGITS_EARLY = Setting(
+    "digits-early", "Digits MLP, non-converged (2 epochs, 10% flipped labels)", "digits", 2, 0.1, 0.1
+)
+DIGITS_MISLABELED = Setting("digits-mislabeled", "Digits MLP, 20% flipped labels (8 epochs)", "digits", 8, 0.1, 0.2)
+
+
+@dataclass
+class Config:
+    quick: bool
+    subsets: int
+    seeds: int
+    queries: int
+    max_train: int | None
+    leaked: int
+    counterfactual_queries: int
+    ks: tuple[int, ...]
+    workers: int
+    workdir: Path
+    methods: list[str]
+    experiments: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+# --- running the methods ------------------------------------------------------------------------
+@dataclass
+class MethodRun:
+    scores: Scores | None = None
+    seconds: float = float("nan")
+    status: str = "ok"  # "ok", "not available", "failed: ..."
+    signal: str = ""
+
+
+def import_method(class_name: str) -> Any:
+    import lightning_tda.methods as methods
+
+    return getattr(methods, class_name)
+
+
+def run_method(
+    display: str,
+    cfg: Config,
+    trace_path: Path,
+    setting: Setting,
+    queries: Any,
+    train: Any,
+    mode: str = "attribute",
+    extra: dict[str, Any] | None = None,
+) -> MethodRun:
+    """Run one method on a private copy of the trace; ``mode`` is "attribute" or "self"."""
+    if display == RANDOM:
+        generator = torch.Generator().manual_seed(0)
+        n = len(train)
+        if mode == "self":
+            return MethodRun(
+                Scores(torch.randn(n, generator=generator), torch.arange(n), None, RANDOM, kind="self"), 0.0
+            )
+        values = torch.randn(len(queries), n, generator=generator)
+        return MethodRun(Scores(values, torch.arange(n), torch.arange(len(queries)), RANDOM), 0.0)
+    class_name, kwargs = METHODS[display]
+    try:
+        cls = import_method(class_name)
+    except (ImportError, AttributeError) as err:
+        return MethodRun(status=f"not available ({type(err).__name__})")
+    from lightning_tda.trace import Trace
+
+    copy = cfg.workdir / "traces" / f"{trace_path.stem}-{class_name}-{mode}.h5"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(trace_path, copy)
+    start = time.perf_counter()
+    try:
+        method = cls(
+            Trace.open(copy),
+            model=setting.module_factory(),
+            task=setting.task,
+            progress=False,
+            **kwargs,
+            **(extra or {}),
+        )
+        if mode == "self":
+            scores, signal = self_or_validation_influence(method, queries, train)
+        else:
+            scores, signal = method.attribute(queries, train), ""
+    except Exception as err:  # report, do not hide: the table shows the failure
+        traceback.print_exc()
+        message = str(err).splitlines()[0][:80] if str(err) else type(err).__name__
+        return MethodRun(status=f"failed: {type(err).__name__}: {message}")
+    finally:
+        copy.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(scores.values).all():
+        return MethodRun(seconds=seconds, status="failed: non-finite scores")
+    return MethodRun(scores, seconds, "ok", signal)
+
+
+def self_or_validation_influence(method: Any, queries: Any, train: Any) -> tuple[Scores, str]:
+    """Self-influence where the method offers it, else influence on the clean validation queries."""
+    if hasattr(method, "self_influence"):
+        try:
+            return method.self_influence(train), "self-influence"
+        except (NotImplementedError, ValueError) as err:
+            log(f"  no self-influence ({str(err).splitlines()[0][:100]}); using validation influence")
+    return method.attribute(queries, train), "validation influence"
+
+
+def train_traced(setting: Setting, train: Any, path: Path, seed: int = 0) -> None:
+    """Fit the attributed model on all of ``train`` with the callback recording a 3-segment trace."""
+    from lightning_tda import TDACallback
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train_fn = LightningTrainFn(setting.module_factory, train, max_epochs=setting.epochs, batch_size=setting.batch_size)
+    callback = TDACallback(str(path), task=setting.task, segments=3, if_exists="overwrite")
+    train_fn.fit(np.arange(len(train)), seed, callbacks=[callback])
+
+
+def method_names(cfg: Config) -> list[str]:
+    return [*cfg.methods, RANDOM]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- experiments --------------------------------------------------------------------------------
+def lds_experiment(setting: Setting, cfg: Config, results: dict[str, Any]) -> dict[str, MethodRun]:
+    train, test, _ = setting.datasets(cfg.max_train)
+    queries = TensorDataset(*test[: cfg.queries])
+    trace = cfg.workdir / f"{setting.name}.h5"
+    log(f"{setting.name}: training the attributed model ({len(train)} examples)")
+    train_traced(setting, train, trace)
+    runs = {}
+    for name in method_names(cfg):
+        runs[name] = run_method(name, cfg, trace, setting, queries, train)
+        log(f"{setting.name}: {name} {runs[name].status} {runs[name].seconds:.1f}s")
+    log(f"{setting.name}: ground truth, {cfg.subsets} subsets x {cfg.seeds} seeds")
+    start = time.perf_counter()
+    truth = lds_ground_truth(
+        LightningTrainFn(setting.module_factory, train, max_epochs=setting.epochs, batch_size=setting.batch_size),
+        setting.task,
+        queries,
+        len(train),
+        num_subsets=cfg.subsets,
+        num_seeds=cfg.seeds,
+        fraction=0.5,
+        cache=cfg.workdir / "ground_truth.h5",
+        tag=setting.recipe(),
+        workers=cfg.workers,
+    )
+    gt_seconds = time.perf_counter() - start
+    scores = {name: lds(run.scores, truth) for name, run in runs.items() if run.scores is not None}
+    results["lds"][setting.name] = {
+        "title": setting.title,
+        "ground_truth": {"trained": truth.num_trained, "seconds": gt_seconds, "n_train": len(train)},
+        "methods": lds_entries(runs, scores),
+    }
+    if scores:
+        plot_lds(scores, cfg.workdir / "plots" / f"lds-{setting.name}.png", title=f"LDS: {setting.title}")
+    return runs
+
+
+def counterfactual_experiment(setting: Setting, runs: dict[str, MethodRun], cfg: Config, results: dict) -> None:
+    train, test, _ = setting.datasets(cfg.max_train)
+    queries = TensorDataset(*test[: cfg.queries])
+    train_fn = LightningTrainFn(setting.module_factory, train, max_epochs=setting.epochs, batch_size=setting.batch_size)
+    out = {}
+    for name, run in runs.items():
+        if run.scores is None or name == RANDOM:
+            continue
+        log(f"counterfactual: {name}")
+        result = subset_removal(
+            run.scores,
+            train_fn,
+            setting.task,
+            queries,
+            ks=cfg.ks,
+            max_queries=cfg.counterfactual_queries,
+            cache=cfg.workdir / "ground_truth.h5",
+            tag=setting.recipe(),
+            workers=cfg.workers,
+        )
+        out[name] = result
+    results["counterfactual"] = {
+        "title": setting.title,
+        "ks": list(cfg.ks),
+        "queries": cfg.counterfactual_queries,
+        "methods": {n: r.flip_fraction.tolist() for n, r in out.items()},
+        "random": next(iter(out.values())).random_flip_fraction.tolist() if out else None,
+    }
+    if out:
+        plot_counterfactual(out, cfg.workdir / "plots" / "counterfactual.png", title=f"Subset removal: {setting.title}")
+
+
+def mislabel_experiment(cfg: Config, results: dict) -> None:
+    setting = DIGITS_MISLABELED
+    train, test, flipped = setting.datasets(cfg.max_train)
+    queries = TensorDataset(*test[: cfg.queries])
+    trace = cfg.workdir / f"{setting.name}.h5"
+    log(f"mislabel: training on {len(train)} examples, {int(flipped.sum())} flipped")
+    train_traced(setting, train, trace)
+    out, table = {}, {}
+    for name in method_names(cfg):
+        run = run_method(name, cfg, trace, setting, queries, train, mode="self")
+        log(f"mislabel: {name} {run.status} {run.seconds:.1f}s")
+        entry: dict[str, Any] = {"status": run.status, "seconds": run.seconds, "signal": run.signal or "self-influence"}
+        if run.scores is not None:
+            out[name] = mislabel_detection(run.scores, flipped)
+            entry.update(auc=out[name].auc, found={f: out[name].found_at(f) for f in (0.1, 0.2, 0.3)})
+        table[name] = entry
+    results["mislabel"] = {
+        "title": setting.title,
+        "flipped": int(flipped.sum()),
+        "n_train": len(train),
+        "methods": table,
+    }
+    if out:
+        plot_mislabel(out, cfg.workdir / "plots" / "mislabel.png", title=f"Mislabel detection: {setting.title}")
+
+
+def leakage_experiment(cfg: Config, results: dict) -> None:
+    setting = DIGITS
+    train, test, _ = setting.datasets(cfg.max_train)
+    leaked = TensorDataset(*test[: cfg.leaked])
+    poisoned = TensorDataset(*(torch.cat([a, b]) for a, b in zip(train.tensors, leaked.tensors)))
+    duplicates = torch.arange(len(train), len(train) + len(leaked))
+    trace = cfg.workdir / "digits-leaked.h5"
+    log(f"leakage: training with {len(leaked)} test points copied into {len(train)} training examples")
+    train_traced(setting, poisoned, trace)
+    out, table = {}, {}
+    for name in method_names(cfg):
+        run = run_method(name, cfg, trace, setting, leaked, poisoned)
+        log(f"leakage: {name} {run.status} {run.seconds:.1f}s")
+        entry: dict[str, Any] = {"status": run.status, "seconds": run.seconds}
+        if run.scores is not None:
+            out[name] = leakage_detection(run.scores, duplicates)
+            entry.update(top_k=out[name].top_k, mrr=float(np.mean(1.0 / out[name].ranks)))
+        table[name] = entry
+    results["leakage"] = {"title": "Digits MLP with planted test duplicates", "leaked": len(leaked), "methods": table}
+    if out:
+        plot_leakage(out, cfg.workdir / "plots" / "leakage.png")
+
+
+class TwoStageTrainFn:
+    """Stage 1 on a subset of the stage-1 data, then stage 2 on all stage-2 data (transposed digits)."""
+
+    def __init__(self, stage1: LightningTrainFn, stage2: TensorDataset, epochs2: int) -> None:
+        self.stage1, self.stage2, self.epochs2 = stage1, stage2, epochs2
+
+    def fit(self, indices: np.ndarray, seed: int, callbacks: tuple = (), callbacks2: tuple = ()) -> Any:
+        import lightning as L
+
+        model = self.stage1.fit(indices, seed, callbacks)
+        with quiet_lightning():
+            trainer = L.Trainer(
+                accelerator="cpu",
+                max_epochs=self.epochs2,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=list(callbacks2),
+            )
+            loader = torch.utils.data.DataLoader(
+                self.stage2, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed + 1)
+            )
+            model.train()
+            trainer.fit(model, train_dataloaders=loader)
+        return model.eval()
+
+    def __call__(self, indices: np.ndarray, seed: int) -> Any:
+        return self.fit(indices, seed)
+
+
+def two_stage_experiment(cfg: Config, results: dict) -> None:
+    """Digits: stage 1 on upright digits, stage 2 on transposed ones; attribute upright queries to stage 1."""
+    from lightning_tda import TDACallback
+
+    setting = DIGITS
+    train, test, _ = setting.datasets(cfg.max_train)
+    half = len(train) // 2
+    x, y = train.tensors
+    stage1 = TensorDataset(x[:half], y[:half])
+    transposed = x[half:].reshape(-1, 8, 8).transpose(1, 2).reshape(-1, 64)
+    stage2 = TensorDataset(transposed, y[half:])
+    pooled = TensorDataset(torch.cat([x[:half], transposed]), torch.cat([y[:half], y[half:]]))
+    queries = TensorDataset(*test[: cfg.queries])
+    epochs1, epochs2 = 6, 4
+    fn = TwoStageTrainFn(LightningTrainFn(setting.module_factory, stage1, max_epochs=epochs1), stage2, epochs2)
+    trace = cfg.workdir / "digits-two-stage.h5"
+    log("two-stage: training stage 1 (upright) then stage 2 (transposed)")
+    fn.fit(
+        np.arange(half),
+        0,
+        callbacks=[TDACallback(str(trace), task=setting.task, segments=1, if_exists="overwrite")],
+        callbacks2=[TDACallback(str(trace), task=setting.task, segments=2, if_exists="append")],
+    )
+    variants = {
+        "SOURCE (stage-1 segment)": ("SOURCE", {"segments": [0]}),
+        "SOURCE (all segments)": ("SOURCE", {}),
+        "EK-FAC IF (final model)": ("EKFACInfluence", {}),
+        "TracInCP": ("TracInCP", {}),
+        "DataInf": ("DataInf", {}),
+        "Forward-INF": ("ForwardINF", {}),
+    }
+    runs = {}
+    for label, (class_name, kwargs) in variants.items():
+        display = next((d for d, (c, _) in METHODS.items() if c == class_name), None)
+        if display not in cfg.methods:
+            continue
+        run = run_method(display, cfg, trace, setting, queries, pooled, extra=kwargs)
+        if run.scores is not None:  # every method sees the pooled data; keep the stage-1 columns
+            s = run.scores
+            run.scores = Scores(s.values[:, :half], s.train_ids[:half], s.query_ids, s.method, s.config)
+        runs[label] = run
+        log(f"two-stage: {label} {run.status} {run.seconds:.1f}s")
+    runs[RANDOM] = run_method(RANDOM, cfg, trace, setting, queries, stage1)
+    log(f"two-stage: ground truth, {cfg.subsets} subsets of stage 1 x {cfg.seeds} seeds")
+    truth = lds_ground_truth(
+        fn,
+        setting.task,
+        queries,
+        half,
+        num_subsets=cfg.subsets,
+        num_seeds=cfg.seeds,
+        cache=cfg.workdir / "ground_truth.h5",
+        tag=f"two-stage {setting.recipe()} stage1={epochs1} stage2={epochs2}",
+        workers=cfg.workers,
+    )
+    scores = {name: lds(run.scores, truth) for name, run in runs.items() if run.scores is not None}
+    results["two_stage"] = {
+        "title": f"Digits two-stage: {epochs1} epochs upright ({half}) then {epochs2} epochs transposed",
+        "methods": lds_entries(runs, scores),
+    }
+    if scores:
+        plot_lds(scores, cfg.workdir / "plots" / "lds-two-stage.png", title="LDS: two-stage digits, stage-1 data")
+
+
+def lds_entries(runs: dict[str, MethodRun], scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """JSON-able status, time and LDS (with CI) of each method."""
+    entries = {}
+    for name, run in runs.items():
+        entries[name] = {"status": run.status, "seconds": run.seconds}
+        if name in scores:
+            result = scores[name]
+            entries[name].update(lds=result.mean, ci=[result.ci_low, result.ci_high])
+            entries[name]["per_query"] = result.per_query.tolist()
+    return entries
+
+
+# --- report -------------------------------------------------------------------------------------
+def lds_rows(methods: dict[str, dict]) -> list[list[object]]:
+    valid = {n: m["lds"] for n, m in methods.items() if "lds" in m}
+    best = max(valid, key=valid.get) if valid else None
+    rows = []
+    for name, m in methods.items():
+        if "lds" in m:
+            cell = f"{m['lds']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+            cell = f"**{cell}**" if name == best else cell
+            rows.append([name, cell, f"{m['seconds']:.1f}"])
+        else:
+            rows.append([name, m["status"], "-"])
+    return rows
+
+
+def verdict(methods: dict[str, dict], first: str, second: str) -> str:
+    """One honest sentence: paired bootstrap over queries of the LDS difference ``first − second``."""
+    a, b = methods.get(first, {}), methods.get(second, {})
+    if "lds" not in a or "lds" not in b:
+        return f"{first} vs {second}: not comparable (one of them did not run)."
+    diff = np.asarray(a["per_query"], dtype=float) - np.asarray(b["per_query"], dtype=float)
+    mean, low, high = bootstrap_mean(diff)
+    if low > 0:
+        outcome = f"{first} wins"
+    elif high < 0:
+        outcome = f"{first} LOSES"
+    else:
+        outcome = "no significant difference"
+    return f"{first} − {second} = {mean:+.3f} [{low:+.3f}, {high:+.3f}] (paired over queries): {outcome}."
+
+
+def report(results: dict[str, Any], cfg: Config) -> str:
+    parts = [
+        f"Setup: LDS at α = 0.5 with M = {cfg.subsets} subsets × R = {cfg.seeds} re-training seeds, "
+        f"{cfg.queries} test queries, 95% bootstrap CI over queries; training sets "
+        f"{'truncated to ' + str(cfg.max_train) + ' examples' if cfg.max_train else 'complete'}; every model "
+        f"trained with SGD (momentum 0.9, batch 64) and recorded with TDACallback (3 segments, true Fisher). "
+        f"Methods run with their default hyper-parameters on one CPU thread; time = fit + attribution. "
+        f"Best LDS in bold; `random` = random scores (chance).",
+        *cfg.notes,
+    ]
+    for exp in results["lds"].values():
+        gt = exp["ground_truth"]
+        parts.append(
+            f"### LDS: {exp['title']}\n\n"
+            + markdown_table(["method", "LDS [95% CI]", "time (s)"], lds_rows(exp["methods"]))
+            + f"\n\nGround truth: {gt['trained']} models trained in this run ({gt['seconds']:.0f} s; "
+            f"0 = read from the cache), n_train = {gt['n_train']}. " + verdict(exp["methods"], "SOURCE", "EK-FAC IF")
+        )
+    if "two_stage" in results:
+        exp = results["two_stage"]
+        parts.append(
+            f"### LDS, two-stage: {exp['title']}\n\nQueries are upright test digits; scores and ground truth "
+            "cover the stage-1 examples only (stage 2 is always trained in full).\n\n"
+            + markdown_table(["method", "LDS [95% CI]", "time (s)"], lds_rows(exp["methods"]))
+            + "\n\n"
+            + verdict(exp["methods"], "SOURCE (stage-1 segment)", "EK-FAC IF (final model)")
+        )
+    if "counterfactual" in results and results["counterfactual"]["random"] is not None:
+        cf = results["counterfactual"]
+        header = ["removal"] + [f"flipped @ k={k}" for k in cf["ks"]]
+        rows = [[n, *(f"{v:.2f}" for v in flips)] for n, flips in cf["methods"].items()]
+        rows.append(["random removal", *(f"{v:.2f}" for v in cf["random"])])
+        parts.append(
+            f"### Subset removal: {cf['title']}\n\nFirst {cf['queries']} correctly classified test queries; remove "
+            "each one's top-k examples, re-train (seed 0), fraction misclassified.\n\n" + markdown_table(header, rows)
+        )
+    if "mislabel" in results:
+        ml = results["mislabel"]
+        rows = []
+        for name, m in ml["methods"].items():
+            if "auc" in m:
+                rows.append(
+                    [
+                        name,
+                        m["signal"],
+                        f"{m['auc']:.3f}",
+                        *(f"{m['found'][f]:.2f}" for f in (0.1, 0.2, 0.3)),
+                        f"{m['seconds']:.1f}",
+                    ]
+                )
+            else:
+                rows.append([name, m["status"], "-", "-", "-", "-", "-"])
+        header = ["method", "signal", "AUC", "found @10%", "found @20%", "found @30%", "time (s)"]
+        parts.append(
+            f"### Mislabel detection: {ml['title']}\n\n{ml['flipped']} of {ml['n_train']} labels flipped; rank by "
+            "self-influence (validation influence where a method has none).\n\n" + markdown_table(header, rows)
+        )
+    if "leakage" in results:
+        lk = results["leakage"]
+        rows = []
+        for name, m in lk["methods"].items():
+            if "top_k" in m:
+                rows.append(
+                    [name, *(f"{m['top_k'][k]:.2f}" for k in (1, 5, 10)), f"{m['mrr']:.3f}", f"{m['seconds']:.1f}"]
+                )
+            else:
+                rows.append([name, m["status"], "-", "-", "-", "-"])
+        parts.append(
+            f"### Leakage detection: {lk['title']}\n\n{lk['leaked']} test points copied into the training set; rate at "
+            "which a query's own copy ranks within the top k (ties count against it).\n\n"
+            + markdown_table(["method", "top-1", "top-5", "top-10", "MRR", "time (s)"], rows)
+        )
+    return "\n\n".join(parts)
+
+
+# --- entry point --------------------------------------------------------------------------------
+EXPERIMENTS = (
+    "concrete",
+    "concrete-early",
+    "digits",
+    "digits-early",
+    "counterfactual",
+    "mislabel",
+    "leakage",
+    "two-stage",
+)
+
+
+def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (a few minutes)")
+    parser.add_argument("--subsets", type=int, default=None, help="LDS subsets M (default 50; quick 6)")
+    parser.add_argument("--seeds", type=int, default=None, help="re-training seeds R per subset (default 2; quick 1)")
+    parser.add_argument("--queries", type=int, default=None, help="test queries (default 50; quick 8)")
+    parser.add_argument("--workers", type=int, default=2, help="processes re-training in parallel")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--experiments", nargs="+", default=None, choices=EXPERIMENTS)
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "_work")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS_MD, help="Markdown file to write the section into")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log plots and numbers to W&B")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    default_experiments = (
+        ["concrete", "digits", "counterfactual", "mislabel", "leakage"] if quick else list(EXPERIMENTS)
+    )
+    cfg = Config(
+        quick=quick,
+        subsets=args.subsets or (6 if quick else 50),
+        seeds=args.seeds or (1 if quick else 2),
+        queries=args.queries or (8 if quick else 50),
+        max_train=300 if quick else None,
+        leaked=6 if quick else 30,
+        counterfactual_queries=2 if quick else 10,
+        ks=(20, 60) if quick else (10, 30, 100),
+        workers=args.workers,
+        workdir=args.workdir,
+        methods=args.methods,
+        experiments=args.experiments or default_experiments,
+    )
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg, args = parse(argv)
+    torch.set_num_threads(1)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"lds": {}}
+    settings = {"concrete": CONCRETE, "concrete-early": CONCRETE_EARLY, "digits": DIGITS, "digits-early": DIGITS_EARLY}
+    digits_runs = None
+    for name in cfg.experiments:
+        if name in settings:
+            runs = lds_experiment(settings[name], cfg, results)
+            if name == "digits":
+                digits_runs = runs
+    if "counterfactual" in cfg.experiments:
+        if digits_runs is None:
+            cfg.notes.append("Subset removal reuses the digits LDS scores; without that experiment it was skipped.")
+        else:
+            counterfactual_experiment(DIGITS, digits_runs, cfg, results)
+    if "mislabel" in cfg.experiments:
+        mislabel_experiment(cfg, results)
+    if "leakage" in cfg.experiments:
+        leakage_experiment(cfg, results)
+    if "two-stage" in cfg.experiments:
+        two_stage_experiment(cfg, results)
+    total = time.perf_counter() - start
+    cfg.notes.append(f"Total wall time {total / 60:.1f} min with {cfg.workers} re-training workers.")
+    body = report(results, cfg)
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = "evaluation-quick" if cfg.quick else "evaluation"
+    title = (
+        "Attribution quality (quick smoke run)"
+        if cfg.quick
+        else "Attribution quality: LDS, subset removal, mislabel and leakage detection"
+    )
+    write_section(section, title, body, command=command.strip(), path=args.out)
+    (cfg.workdir / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    if args.wandb:
+        log_wandb(args.wandb, cfg, results)
+    log(f"done in {total / 60:.1f} min; wrote section {section!r} of {args.out}")
+    return results
+
+
+def log_wandb(project: str, cfg: Config, results: dict[str, Any]) -> None:
+    import wandb
+
+    from lightning_tda.evaluation import log_to_wandb
+
+    scalars = {
+        f"lds/{exp}/{name}": m["lds"]
+        for exp, e in results["lds"].items()
+        for name, m in e["methods"].items()
+        if "lds" in m
+    }
+    images = {f"plots/{p.stem}": p for p in sorted((cfg.workdir / "plots").glob("*.png"))}
+    run = wandb.init(project=project, job_type="benchmark", config={"subsets": cfg.subsets, "seeds": cfg.seeds})
+    try:
+        log_to_wandb(run, images, scalars)
+    finally:
+        run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The side-by-side benchmark runs end to end in --quick mode and writes its tables (to a temporary file)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import run  # noqa: E402
+
+
+def test_quick_benchmark_writes_tables(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    results = run.main(["--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+
+    text = out.read_text()
+    assert "<!-- BEGIN evaluation-quick -->" in text and "<!-- END evaluation-quick -->" in text
+    for heading in ("### LDS: Concrete", "### LDS: Digits", "### Subset removal", "### Mislabel", "### Leakage"):
+        assert heading in text
+    # Every method has a row in every table: with a number, or saying why not.
+    for name in [*run.METHODS, "random"]:
+        assert text.count(f"| {name} |") >= 4, name
+    assert "| random removal |" in text
+
+    digits = results["lds"]["digits"]["methods"]
+    assert -1.0 <= digits["random"]["lds"] <= 1.0
+    ran = [m for m in digits.values() if m["status"] == "ok"]
+    assert all(-1.0 <= m["lds"] <= 1.0 and m["ci"][0] <= m["lds"] <= m["ci"][1] for m in ran)
+    assert 0.0 <= results["mislabel"]["methods"]["random"]["auc"] <= 1.0
+    assert json.loads((tmp_path / "work" / "results.json").read_text().replace("NaN", "null"))["lds"]
+    assert sorted(p.name for p in (tmp_path / "work" / "plots").glob("*.png")) == [
+        "counterfactual.png",
+        "lds-concrete.png",
+        "lds-digits.png",
+        "leakage.png",
+        "mislabel.png",
+    ]
+
+    # A second run reuses the cached ground truth: no model is re-trained for the LDS.
+    again = run.main(["--quick", "--experiments", "digits", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    assert again["lds"]["digits"]["ground_truth"]["trained"] == 0
