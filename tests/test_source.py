@@ -1,0 +1,456 @@
+"""SOURCE against exact unrolled differentiation, re-training, influence functions, and on digits.
+
+The reference model is full-batch gradient descent on linear regression (UCI Concrete, one
+``nn.Linear``, MSE), recorded with the real :class:`TDACallback`. There the Gauss-Newton Hessian
+``H = (2/N) Σ a aᵀ`` is exact and constant, and the derivative of the final parameters with respect
+to the weight ε of training example m is linear algebra:
+
+    dθ_T/dε = −(1/N) Σ_k η_k Π_{j>k} (I − η_j H) g_m(θ_k)
+
+so ``τ_exact(q, m) = −N ⟨∇f(q, θ_T), dθ_T/dε⟩`` (removal, 1/N dropped), which is also checked
+against re-training with the example's weight changed by ±ε.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace, TraceError
+from lightning_tda.curvature import decay_response, exp_decay
+from lightning_tda.demo import load_concrete
+from lightning_tda.methods import SOURCE, EKFACInfluence
+
+N_TRAIN, N_QUERIES, STEPS, LR = 800, 12, 150, 0.05
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors: one thread is much faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class LinearRegression(L.LightningModule):
+    """``y = w·x + b`` trained on the mean squared error, started far from the optimum."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = LR, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.net = nn.Linear(8, 1)
+        nn.init.normal_(self.net.weight, std=2.0)
+        nn.init.constant_(self.net.bias, 2.0)
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.optimizer]
+        return kind(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+@pytest.fixture(scope="module")
+def concrete():
+    x, y = (torch.from_numpy(v) for v in load_concrete())
+    rows = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)  # bias column last
+    return {
+        "train": TensorDataset(x[:N_TRAIN], y[:N_TRAIN]),
+        "queries": TensorDataset(x[N_TRAIN : N_TRAIN + N_QUERIES], y[N_TRAIN : N_TRAIN + N_QUERIES]),
+        "a": rows[:N_TRAIN],
+        "y": y[:N_TRAIN].double(),
+        "a_q": rows[N_TRAIN : N_TRAIN + N_QUERIES],
+        "y_q": y[N_TRAIN : N_TRAIN + N_QUERIES].double(),
+    }
+
+
+def record(path, concrete, segments, checkpoints_per_segment=2, optimizer="sgd", lr=LR, weight_decay=0.0):
+    """Full-batch training of LinearRegression with the callback; returns the opened trace."""
+    L.seed_everything(0, verbose=False)
+    model = LinearRegression(optimizer, lr, weight_decay)
+    callback = TDACallback(
+        str(path), task=RegressionTask(), segments=segments, checkpoints_per_segment=checkpoints_per_segment
+    )
+    quiet_trainer(max_steps=STEPS, callbacks=[callback]).fit(model, DataLoader(concrete["train"], batch_size=N_TRAIN))
+    return Trace.open(path)
+
+
+@pytest.fixture(scope="module")
+def sgd_traces(tmp_path_factory, concrete):
+    root = tmp_path_factory.mktemp("source_linear")
+    return {
+        "one": record(root / "one.h5", concrete, segments=1, checkpoints_per_segment=1),
+        "many": record(root / "many.h5", concrete, segments=30),
+    }
+
+
+def parameters(state) -> torch.Tensor:
+    return torch.cat([state["net.weight"][0], state["net.bias"]]).double()
+
+
+def gradient_descent(concrete, theta0, lrs, weights):
+    """Full-batch GD on ``(1/N) Σ w_i (θ·a_i − y_i)²`` for several weight vectors at once.
+
+    ``weights``: ``(M, N)``; returns the trajectory ``[θ_0, ..., θ_T]`` of ``(M, 9)`` float64 tensors."""
+    a, y = concrete["a"], concrete["y"]
+    theta = theta0.expand(len(weights), -1).clone()
+    trajectory = [theta]
+    for lr in lrs:
+        residual = theta @ a.T - y
+        theta = theta - lr * (2 * (weights * residual) @ a / len(y))
+        trajectory.append(theta)
+    return trajectory
+
+
+def exact_unrolled_scores(concrete, trajectory, lrs):
+    """``τ(q, m) = Σ_k η_k ∇f(q, θ_T)ᵀ Π_{j>k}(I − η_j H) g_m(θ_k)``: ``(Q, N)`` float64."""
+    a, y, a_q, y_q = concrete["a"], concrete["y"], concrete["a_q"], concrete["y_q"]
+    hessian = 2 * a.T @ a / len(y)
+    v = 2 * (a_q @ trajectory[-1][0] - y_q)[:, None] * a_q  # query gradients (Q, 9)
+    scores = torch.zeros(len(a_q), len(y), dtype=torch.float64)
+    for k in range(len(lrs) - 1, -1, -1):
+        train_gradients = 2 * (a @ trajectory[k][0] - y)[:, None] * a
+        scores += lrs[k] * v @ train_gradients.T
+        v = v - lrs[k] * v @ hessian
+    return scores
+
+
+def mean_pearson(a, b) -> float:
+    return float(np.mean([np.corrcoef(x, y)[0, 1] for x, y in zip(np.asarray(a), np.asarray(b))]))
+
+
+def relative_error(estimate, reference) -> float:
+    return float((estimate - reference).norm() / reference.norm())
+
+
+def source_scores(trace, concrete, **kwargs):
+    method = SOURCE(trace, LinearRegression(), RegressionTask(), **kwargs)
+    return method.attribute(concrete["queries"], concrete["train"]).values.double()
+
+
+# ------------------------------------------------------------------------------ exact unrolling
+
+
+@pytest.fixture(scope="module")
+def exact(sgd_traces, concrete):
+    trace = sgd_traces["many"]
+    lrs = trace.steps().lr[:, 0]
+    theta0 = parameters(trace.initial_state())
+    trajectory = gradient_descent(concrete, theta0, lrs, torch.ones(1, N_TRAIN, dtype=torch.float64))
+    return {
+        "theta0": theta0,
+        "lrs": lrs,
+        "trajectory": trajectory,
+        "scores": exact_unrolled_scores(concrete, trajectory, lrs),
+    }
+
+
+def test_reference_reproduces_training_and_retraining(sgd_traces, concrete, exact):
+    final = parameters(sgd_traces["many"].checkpoint_state(sgd_traces["many"].final_checkpoint.index))
+    torch.testing.assert_close(exact["trajectory"][-1][0], final, atol=1e-5, rtol=0)
+    # Re-train with example m's weight at 1 ± ε (central difference of the query losses).
+    examples, eps = torch.arange(0, N_TRAIN, 97), 1e-4
+    weights = torch.ones(len(examples), N_TRAIN, dtype=torch.float64)
+    losses = []
+    for sign in (1, -1):
+        weights[torch.arange(len(examples)), examples] = 1 + sign * eps
+        theta = gradient_descent(concrete, exact["theta0"], exact["lrs"], weights)[-1]
+        losses.append((theta @ concrete["a_q"].T - concrete["y_q"]) ** 2)  # (M, Q)
+    retrained = (-N_TRAIN * (losses[0] - losses[1]) / (2 * eps)).T  # removal score, (Q, M)
+    torch.testing.assert_close(exact["scores"][:, examples], retrained, rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def many_scores(sgd_traces, concrete):
+    return source_scores(sgd_traces["many"], concrete)
+
+
+def test_source_approaches_exact_unrolling_with_more_segments(sgd_traces, concrete, exact, many_scores):
+    reference = exact["scores"]
+    one = source_scores(sgd_traces["one"], concrete)
+    many = many_scores
+    print(
+        f"SOURCE vs exact unrolling: 1 segment r={mean_pearson(one, reference):.5f} rel.err "
+        f"{relative_error(one, reference):.4f}; 30 segments r={mean_pearson(many, reference):.5f} "
+        f"rel.err {relative_error(many, reference):.4f}"
+    )
+    assert mean_pearson(many, reference) > 0.9997
+    assert relative_error(many, reference) < 0.03
+    assert relative_error(many, reference) < 0.3 * relative_error(one, reference)
+    # The predicted effect of re-training without an example, against actual re-training.
+    examples, eps = torch.tensor([3, 250, 611]), 1e-4
+    weights = torch.ones(len(examples), N_TRAIN, dtype=torch.float64)
+    weights[torch.arange(len(examples)), examples] = 1 - eps
+    theta = gradient_descent(concrete, exact["theta0"], exact["lrs"], weights)[-1]
+    base = (exact["trajectory"][-1][0] @ concrete["a_q"].T - concrete["y_q"]) ** 2
+    change = ((theta @ concrete["a_q"].T - concrete["y_q"]) ** 2 - base).T  # (Q, M)
+    predicted = many[:, examples] * eps / N_TRAIN
+    assert relative_error(predicted, change) < 0.03
+
+
+def test_ekfac_is_exact_for_a_linear_layer(sgd_traces, concrete):
+    ekfac = source_scores(sgd_traces["one"], concrete)
+    dense = source_scores(sgd_traces["one"], concrete, curvature="gauss-newton")
+    torch.testing.assert_close(ekfac, dense, rtol=1e-6, atol=1e-9)
+
+
+def test_segments_add_up_and_select(sgd_traces, concrete, many_scores):
+    trace = sgd_traces["many"]
+    early = source_scores(trace, concrete, segments=range(15))
+    late = source_scores(trace, concrete, segments=[29, *range(15, 29)])
+    torch.testing.assert_close(early + late, many_scores, rtol=1e-5, atol=1e-7)
+    assert SOURCE(trace, LinearRegression(), RegressionTask(), segments=[15, 3]).config()["segments"] == [3, 15]
+
+
+def test_self_influence_is_the_diagonal(sgd_traces, concrete):
+    method = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[27, 29], batch_size=100)
+    self_scores = method.self_influence(concrete["train"])
+    assert self_scores.kind == "self" and self_scores.shape == (N_TRAIN,)
+    chosen = [0, 5, 399, 799]
+    pairwise = method.attribute(Subset(concrete["train"], chosen), concrete["train"]).values
+    torch.testing.assert_close(self_scores.values[chosen], pairwise[range(4), chosen], rtol=1e-5, atol=1e-8)
+    assert (self_scores.values > 0).float().mean() > 0.95
+
+
+def test_fast_source_on_a_linear_model(sgd_traces, concrete):
+    fast = source_scores(sgd_traces["many"], concrete, fast=True, segments=[27, 29])
+    # Gradients are linear in θ here, so the mean gradient equals the gradient at the mean parameters
+    # (up to the float32 rounding of the averaged checkpoint).
+    assert relative_error(fast, source_scores(sgd_traces["many"], concrete, segments=[27, 29])) < 1e-5
+
+
+# ------------------------------------------------------------------------------ influence functions
+
+
+def test_phi_functions_are_stable_and_match_the_limits():
+    sigma = torch.tensor([0.0, 1e-300, 1e-12, 1e-6, 1e-2, 1.0, 1e3, 1e8], dtype=torch.float64)
+    horizon = 7.0
+    response = decay_response(sigma, horizon)
+    assert torch.isfinite(response).all()
+    assert response[0] == horizon and torch.allclose(
+        response[:3], torch.full((3,), horizon, dtype=torch.float64), rtol=1e-11
+    )
+    direct = (1 - torch.exp(-horizon * sigma[4:])) / sigma[4:]
+    torch.testing.assert_close(response[4:], direct, rtol=1e-12, atol=0)
+    torch.testing.assert_close(exp_decay(sigma, horizon), torch.exp(-horizon * sigma))
+    # Against an influence function with damping λ = 1/(ηK): 1 ≤ φ_r(σ)(σ + λ) ≤ max_x (1−e^{−x})(1+x)/x < 1.3,
+    # with equality in both limits (x = ηKσ → 0 and → ∞).
+    ratio = response * (sigma + 1 / horizon)
+    assert (ratio >= 1 - 1e-12).all() and (ratio <= 1.2985).all()
+    assert abs(float(ratio[0]) - 1) < 1e-12 and abs(float(ratio[-1]) - 1) < 1e-6
+
+
+def _set_horizon(path, horizon: float) -> Trace:
+    """Rewrite the single segment's mean learning rate so that η̄K = horizon (nothing else changes)."""
+    with h5py.File(path, "a") as f:
+        group = f["segments/0000"]
+        group.attrs["mean_lr"] = np.array([horizon / group.attrs["num_steps"]])
+    return Trace.open(path)
+
+
+def test_one_segment_source_is_ekfac_influence_with_damping_one_over_eta_k(sgd_traces, concrete, tmp_path):
+    """One segment, gradients at the final parameters, same EK-FAC as the influence function:
+
+    * exact identity: 1/(σ + λ) = ∫_0^∞ λe^{−λt} φ_r^{(t)}(σ) dt, i.e. EK-FAC IF with damping λ = 1/(η̄K) is
+      SOURCE averaged over training horizons t ~ Exp(mean η̄K) (Gauss-Laguerre quadrature over t);
+    * limits: long training (η̄Kσ ≫ 1) gives the undamped IF, short training η̄K × the gradient dot product.
+    """
+    path = tmp_path / "final.h5"
+    shutil.copy(sgd_traces["one"].path, path)
+    trace = Trace.open(path)
+    segment = trace.segments[0]
+    horizon = float(segment.mean_lr[0]) * segment.num_steps
+    damping = 1 / horizon
+    model, task = LinearRegression(), RegressionTask()
+    influence = EKFACInfluence(trace, model, task, damping=damping).attribute(concrete["queries"], concrete["train"])
+    nodes, weights = np.polynomial.laguerre.laggauss(48)
+    averaged = sum(w * source_scores(_set_horizon(path, x * horizon), concrete) for x, w in zip(nodes, weights))
+    torch.testing.assert_close(averaged, influence.values.double(), rtol=2e-3, atol=1e-3 * influence.values.abs().max())
+    assert relative_error(averaged, influence.values.double()) < 2e-3
+
+    long = source_scores(_set_horizon(path, 1e6), concrete)
+    undamped = EKFACInfluence(trace, model, task, damping=1e-6).attribute(concrete["queries"], concrete["train"])
+    assert relative_error(long, undamped.values.double()) < 1e-4
+    short = source_scores(_set_horizon(path, 1e-7), concrete) / 1e-7
+    dot = EKFACInfluence(trace, model, task, damping=1e7).attribute(concrete["queries"], concrete["train"])
+    assert relative_error(short, dot.values.double() * 1e7) < 1e-5
+
+
+# ------------------------------------------------------------------------------ optimizers
+
+
+def adam_retraining(concrete, theta0, weights, lr, weight_decay, decoupled, freeze_second_moment):
+    """Full-batch Adam/AdamW (torch's update) on the example-weighted loss for ``(M, N)`` weights.
+
+    ``freeze_second_moment``: use the unweighted run's second moments (the linearisation SOURCE models)."""
+    a, y = concrete["a"], concrete["y"]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    theta = theta0.expand(len(weights), -1).clone()
+    base = theta0[None].clone()
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    m_base, v_base = torch.zeros_like(base), torch.zeros_like(base)
+    for k in range(1, STEPS + 1):
+        grad = 2 * (weights * (theta @ a.T - y)) @ a / len(y)
+        grad_base = 2 * (base @ a.T - y) @ a / len(y)
+        if decoupled:
+            theta, base = theta * (1 - lr * weight_decay), base * (1 - lr * weight_decay)
+        else:
+            grad, grad_base = grad + weight_decay * theta, grad_base + weight_decay * base
+        m, m_base = beta1 * m + (1 - beta1) * grad, beta1 * m_base + (1 - beta1) * grad_base
+        v, v_base = beta2 * v + (1 - beta2) * grad**2, beta2 * v_base + (1 - beta2) * grad_base**2
+        second = v_base if freeze_second_moment else v
+        theta = theta - lr * (m / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
+        base = base - lr * (m_base / (1 - beta1**k)) / ((v_base / (1 - beta2**k)).sqrt() + eps)
+    return theta
+
+
+@pytest.mark.parametrize("optimizer,weight_decay", [("adam", 0.0), ("adamw", 0.1)])
+def test_adam_source_tracks_retraining(tmp_path, concrete, optimizer, weight_decay):
+    lr = 0.01
+    trace = record(tmp_path / "adam.h5", concrete, 10, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+    theta0 = parameters(trace.initial_state())
+    decoupled = optimizer == "adamw"
+    replica = adam_retraining(
+        concrete, theta0, torch.ones(1, N_TRAIN, dtype=torch.float64), lr, weight_decay, decoupled, False
+    )
+    torch.testing.assert_close(
+        replica[0], parameters(trace.checkpoint_state(trace.final_checkpoint.index)), atol=1e-4, rtol=0
+    )
+    examples, eps = torch.arange(0, N_TRAIN, 8), 1e-4
+    scores = {}
+    for frozen in (True, False):
+        weights = torch.ones(len(examples), N_TRAIN, dtype=torch.float64)
+        losses = []
+        for sign in (1, -1):
+            weights[torch.arange(len(examples)), examples] = 1 + sign * eps
+            theta = adam_retraining(concrete, theta0, weights, lr, weight_decay, decoupled, frozen)
+            losses.append((theta @ concrete["a_q"].T - concrete["y_q"]) ** 2)
+        scores[frozen] = (-N_TRAIN * (losses[0] - losses[1]) / (2 * eps)).T
+    source = SOURCE(trace, LinearRegression(optimizer), RegressionTask()).attribute(
+        concrete["queries"], concrete["train"]
+    )
+    estimate = source.values.double()[:, examples]
+    linearised, retrained = mean_pearson(estimate, scores[True]), mean_pearson(estimate, scores[False])
+    error = relative_error(estimate, scores[True])
+    print(f"{optimizer}: SOURCE vs linearised unrolling r={linearised:.4f} (rel.err {error:.3f}), ", end="")
+    print(f"vs re-training r={retrained:.4f}")
+    assert linearised > 0.98 and error < 0.3
+    assert retrained > 0.85
+
+
+def test_momentum_sets_the_effective_learning_rate(digits_run):
+    trace = Trace.open(digits_run["path"])
+    method = SOURCE(trace, digits_run["model_factory"](), ClassificationTask())
+    segment = trace.segments[0]
+    group = trace.optimizer["param_groups"][0]
+    assert group["momentum"] == 0.9
+    expected = float(segment.mean_lr[0]) * segment.num_steps / (1 - 0.9)
+    assert method.config()["horizons"]["0"]["net.0"] == pytest.approx(expected)
+    json.dumps(method.config())
+
+
+# ------------------------------------------------------------------------------ digits
+
+
+@pytest.fixture(scope="module")
+def digits_source(digits_run):
+    trace = Trace.open(digits_run["path"])
+    dm = digits_run["datamodule"]
+    dm.setup()
+    # Queries that are exact duplicates of training examples the model has not fit to zero loss (a
+    # duplicate of an example with vanishing loss has a vanishing gradient, so nothing to attribute).
+    model = digits_run["model_factory"]()
+    trace.load_checkpoint(model, trace.final_checkpoint.index)
+    inputs, targets = dm.train_set.tensors
+    with torch.no_grad():
+        losses = F.cross_entropy(model.eval()(inputs), targets, reduction="none")
+    duplicated = losses.argsort(descending=True)[:20]
+    queries = Subset(dm.train_set, duplicated.tolist())
+    method = SOURCE(trace, model, ClassificationTask(), batch_size=256, correction_examples=512)
+    scores = method.attribute(queries, dm.train_set)
+    return {"trace": trace, "queries": queries, "train": dm.train_set, "duplicated": duplicated, "scores": scores}
+
+
+def test_duplicate_of_a_query_gets_a_large_positive_score(digits_source):
+    values = digits_source["scores"].values
+    own = digits_source["duplicated"]
+    own_scores = values[torch.arange(len(own)), own]
+    top1 = float((values.argmax(dim=1) == own).float().mean())
+    ratio = own_scores / values.abs().median(dim=1).values
+    print(f"digits duplicates: top-1 rate {top1:.2f}, own score / median |score| >= {float(ratio.min()):.0f}")
+    assert (own_scores > 0).all()
+    assert top1 >= 0.9
+    assert (ratio > 20).all()
+
+
+def test_fast_source_correlates_with_source(digits_source, digits_run):
+    model = digits_run["model_factory"]()
+    fast = SOURCE(
+        digits_source["trace"], model, ClassificationTask(), fast=True, batch_size=256, correction_examples=512
+    )
+    fast_values = fast.attribute(digits_source["queries"], digits_source["train"]).values
+    r = mean_pearson(fast_values, digits_source["scores"].values)
+    print(f"digits: Fast-SOURCE vs SOURCE mean per-query Pearson {r:.3f}")
+    assert fast.config()["fast"] is True
+    assert r > 0.8
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_errors(sgd_traces, concrete, tmp_path):
+    trace = sgd_traces["many"]
+    model, task = LinearRegression(), RegressionTask()
+    with pytest.raises(ValueError, match=r"segment\(s\) \[30\] are not in the trace.*segments \[0, 1"):
+        SOURCE(trace, model, task, segments=[30])
+    with pytest.raises(ValueError, match="curvature='exact'"):
+        SOURCE(trace, model, task, curvature="exact")
+    # A segment without checkpoints: attributed, or needed to propagate a later one's query.
+    path = tmp_path / "gap.h5"
+    shutil.copy(trace.path, path)
+    with h5py.File(path, "a") as f:
+        for name in list(f["checkpoints"]):
+            if name != "initial" and int(f["checkpoints"][name].attrs["segment"]) == 4:
+                del f["checkpoints"][name]
+    gap = Trace.open(path)
+    with pytest.raises(TraceError, match="Segment 4 .* holds no checkpoints.*checkpoints_per_segment"):
+        SOURCE(gap, model, task, segments=[4])
+    with pytest.raises(TraceError, match="needed to propagate"):
+        SOURCE(gap, model, task, segments=[2])
+    SOURCE(gap, model, task, segments=[5])  # later segments alone are fine
+    # An optimizer SOURCE cannot model.
+    path = tmp_path / "rmsprop.h5"
+    shutil.copy(trace.path, path)
+    with h5py.File(path, "a") as f:
+        record_ = json.loads(f["meta/optimizer"][()])
+        record_.update({"class": "torch.optim.rmsprop.RMSprop", "name": "RMSprop"})
+        del f["meta/optimizer"]
+        f["meta"].create_dataset("optimizer", data=json.dumps(record_))
+    with pytest.raises(ValueError, match=r"RMSprop.*supports SGD \(plain, with momentum or Nesterov\), Adam and AdamW"):
+        SOURCE(Trace.open(path), model, task)
+    # Queries that do not fit the model; a model that does not fit the trace.
+    with pytest.raises(ValueError, match="query examples have the shape"):
+        SOURCE(trace, model, task).attribute(TensorDataset(torch.randn(3, 5), torch.randn(3)), concrete["train"])
+    with pytest.raises(TraceError, match="shape"):
+        SOURCE(trace, _Wider(), task)
+
+
+class _Wider(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(9, 1)
