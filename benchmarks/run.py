@@ -71,6 +71,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "Forward-INF": ("ForwardINF", {}),
 }
 RANDOM = "random"
+# Label-free set-up a method's own protocol calls for, run (and timed) before attribution.
+PREPARE: dict[str, Callable[[Any, Any], Any]] = {"ForwardINF": lambda method, train: method.tune(train)}
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -146,6 +148,7 @@ class Config:
     workdir: Path
     methods: list[str]
     experiments: list[str]
+    ground_truth_only: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -204,6 +207,8 @@ def run_method(
             **kwargs,
             **(extra or {}),
         )
+        if class_name in PREPARE:
+            PREPARE[class_name](method, train)
         if mode == "self":
             scores, signal = self_or_validation_influence(method, queries, train)
         else:
@@ -248,17 +253,26 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def progress_every(step: int, label: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            log(f"{label}: trained {done}/{total}")
+
+    return report
+
+
 # --- experiments --------------------------------------------------------------------------------
 def lds_experiment(setting: Setting, cfg: Config, results: dict[str, Any]) -> dict[str, MethodRun]:
     train, test, _ = setting.datasets(cfg.max_train)
     queries = TensorDataset(*test[: cfg.queries])
     trace = cfg.workdir / f"{setting.name}.h5"
-    log(f"{setting.name}: training the attributed model ({len(train)} examples)")
-    train_traced(setting, train, trace)
     runs = {}
-    for name in method_names(cfg):
-        runs[name] = run_method(name, cfg, trace, setting, queries, train)
-        log(f"{setting.name}: {name} {runs[name].status} {runs[name].seconds:.1f}s")
+    if not cfg.ground_truth_only:
+        log(f"{setting.name}: training the attributed model ({len(train)} examples)")
+        train_traced(setting, train, trace)
+        for name in method_names(cfg):
+            runs[name] = run_method(name, cfg, trace, setting, queries, train)
+            log(f"{setting.name}: {name} {runs[name].status} {runs[name].seconds:.1f}s")
     log(f"{setting.name}: ground truth, {cfg.subsets} subsets x {cfg.seeds} seeds")
     start = time.perf_counter()
     truth = lds_ground_truth(
@@ -272,6 +286,7 @@ def lds_experiment(setting: Setting, cfg: Config, results: dict[str, Any]) -> di
         cache=cfg.workdir / "ground_truth.h5",
         tag=setting.recipe(),
         workers=cfg.workers,
+        progress=progress_every(25, setting.name),
     )
     gt_seconds = time.perf_counter() - start
     scores = {name: lds(run.scores, truth) for name, run in runs.items() if run.scores is not None}
@@ -413,33 +428,15 @@ def two_stage_experiment(cfg: Config, results: dict) -> None:
     epochs1, epochs2 = 6, 4
     fn = TwoStageTrainFn(LightningTrainFn(setting.module_factory, stage1, max_epochs=epochs1), stage2, epochs2)
     trace = cfg.workdir / "digits-two-stage.h5"
-    log("two-stage: training stage 1 (upright) then stage 2 (transposed)")
-    fn.fit(
-        np.arange(half),
-        0,
-        callbacks=[TDACallback(str(trace), task=setting.task, segments=1, if_exists="overwrite")],
-        callbacks2=[TDACallback(str(trace), task=setting.task, segments=2, if_exists="append")],
-    )
-    variants = {
-        "SOURCE (stage-1 segment)": ("SOURCE", {"segments": [0]}),
-        "SOURCE (all segments)": ("SOURCE", {}),
-        "EK-FAC IF (final model)": ("EKFACInfluence", {}),
-        "TracInCP": ("TracInCP", {}),
-        "DataInf": ("DataInf", {}),
-        "Forward-INF": ("ForwardINF", {}),
-    }
-    runs = {}
-    for label, (class_name, kwargs) in variants.items():
-        display = next((d for d, (c, _) in METHODS.items() if c == class_name), None)
-        if display not in cfg.methods:
-            continue
-        run = run_method(display, cfg, trace, setting, queries, pooled, extra=kwargs)
-        if run.scores is not None:  # every method sees the pooled data; keep the stage-1 columns
-            s = run.scores
-            run.scores = Scores(s.values[:, :half], s.train_ids[:half], s.query_ids, s.method, s.config)
-        runs[label] = run
-        log(f"two-stage: {label} {run.status} {run.seconds:.1f}s")
-    runs[RANDOM] = run_method(RANDOM, cfg, trace, setting, queries, stage1)
+    if not cfg.ground_truth_only:
+        log("two-stage: training stage 1 (upright) then stage 2 (transposed)")
+        fn.fit(
+            np.arange(half),
+            0,
+            callbacks=[TDACallback(str(trace), task=setting.task, segments=1, if_exists="overwrite")],
+            callbacks2=[TDACallback(str(trace), task=setting.task, segments=2, if_exists="append")],
+        )
+    runs = {} if cfg.ground_truth_only else two_stage_runs(cfg, trace, setting, queries, pooled, half)
     log(f"two-stage: ground truth, {cfg.subsets} subsets of stage 1 x {cfg.seeds} seeds")
     truth = lds_ground_truth(
         fn,
@@ -451,6 +448,7 @@ def two_stage_experiment(cfg: Config, results: dict) -> None:
         cache=cfg.workdir / "ground_truth.h5",
         tag=f"two-stage {setting.recipe()} stage1={epochs1} stage2={epochs2}",
         workers=cfg.workers,
+        progress=progress_every(25, "two-stage"),
     )
     scores = {name: lds(run.scores, truth) for name, run in runs.items() if run.scores is not None}
     results["two_stage"] = {
@@ -459,6 +457,30 @@ def two_stage_experiment(cfg: Config, results: dict) -> None:
     }
     if scores:
         plot_lds(scores, cfg.workdir / "plots" / "lds-two-stage.png", title="LDS: two-stage digits, stage-1 data")
+
+
+def two_stage_runs(cfg: Config, trace: Path, setting: Setting, queries: Any, pooled: Any, half: int) -> dict:
+    """Every method on the pooled two-stage data, keeping the stage-1 columns of its scores."""
+    variants = {
+        "SOURCE (stage-1 segment)": ("SOURCE", {"segments": [0]}),
+        "SOURCE (all segments)": ("SOURCE", {}),
+        "EK-FAC IF (final model)": ("EK-FAC IF", {}),
+        "TracInCP": ("TracInCP", {}),
+        "DataInf": ("DataInf", {}),
+        "Forward-INF": ("Forward-INF", {}),
+    }
+    runs = {}
+    for label, (display, kwargs) in variants.items():
+        if display not in cfg.methods:
+            continue
+        run = run_method(display, cfg, trace, setting, queries, pooled, extra=kwargs)
+        if run.scores is not None:
+            s = run.scores
+            run.scores = Scores(s.values[:, :half], s.train_ids[:half], s.query_ids, s.method, s.config)
+        runs[label] = run
+        log(f"two-stage: {label} {run.status} {run.seconds:.1f}s")
+    runs[RANDOM] = run_method(RANDOM, cfg, trace, setting, TensorDataset(*queries[:]), TensorDataset(*pooled[:half]))
+    return runs
 
 
 def lds_entries(runs: dict[str, MethodRun], scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -510,7 +532,8 @@ def report(results: dict[str, Any], cfg: Config) -> str:
         f"{cfg.queries} test queries, 95% bootstrap CI over queries; training sets "
         f"{'truncated to ' + str(cfg.max_train) + ' examples' if cfg.max_train else 'complete'}; every model "
         f"trained with SGD (momentum 0.9, batch 64) and recorded with TDACallback (3 segments, true Fisher). "
-        f"Methods run with their default hyper-parameters on one CPU thread; time = fit + attribution. "
+        f"Methods run with their default hyper-parameters on one CPU thread (Forward-INF after its label-free "
+        f"`tune()` of K and α); time = fit + tuning + attribution. "
         f"Best LDS in bold; `random` = random scores (chance).",
         *cfg.notes,
     ]
@@ -601,8 +624,13 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--workers", type=int, default=2, help="processes re-training in parallel")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--experiments", nargs="+", default=None, choices=EXPERIMENTS)
-    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "_work")
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent.parent / "runs" / "benchmark")
     parser.add_argument("--out", type=Path, default=BENCHMARKS_MD, help="Markdown file to write the section into")
+    parser.add_argument(
+        "--ground-truth-only",
+        action="store_true",
+        help="only re-train the LDS ground truths into the cache (they do not depend on the methods)",
+    )
     parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log plots and numbers to W&B")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -622,6 +650,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         workdir=args.workdir,
         methods=args.methods,
         experiments=args.experiments or default_experiments,
+        ground_truth_only=args.ground_truth_only,
     )
     return cfg, args
 
@@ -634,6 +663,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"lds": {}}
     settings = {"concrete": CONCRETE, "concrete-early": CONCRETE_EARLY, "digits": DIGITS, "digits-early": DIGITS_EARLY}
     digits_runs = None
+    if cfg.ground_truth_only:
+        for name in cfg.experiments:
+            if name in settings:
+                lds_experiment(settings[name], cfg, results)
+        if "two-stage" in cfg.experiments:
+            two_stage_experiment(cfg, results)
+        log(f"ground truths cached in {cfg.workdir / 'ground_truth.h5'} ({(time.perf_counter() - start) / 60:.1f} min)")
+        return results
     for name in cfg.experiments:
         if name in settings:
             runs = lds_experiment(settings[name], cfg, results)
