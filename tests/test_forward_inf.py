@@ -1,0 +1,257 @@
+"""Forward-INF: the first-order TracIn relation, batching, joint/descent modes, leakage detection, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import quiet_trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tda import ClassificationTask, TDACallback, Trace
+from lightning_tda.demo import MLPClassifier
+from lightning_tda.methods import ForwardINF
+
+TASK = ClassificationTask()
+
+
+@pytest.fixture(scope="module")
+def digits(digits_run):
+    trace = Trace.open(digits_run["path"])
+    dm = digits_run["datamodule"]
+    x, y = dm.train_set.tensors
+    xq, yq = dm.test_set.tensors
+    return {
+        "trace": trace,
+        "train": TensorDataset(x[:150], y[:150]),
+        "queries": TensorDataset(xq[:6], yq[:6]),
+        "factory": digits_run["model_factory"],
+    }
+
+
+def method(digits, **kwargs) -> ForwardINF:
+    return ForwardINF(digits["trace"], digits["factory"](), TASK, **kwargs)
+
+
+def flat_gradients(model, data: TensorDataset, names: list[str] | None = None) -> torch.Tensor:
+    """``(n, D)`` per-example gradients of the loss by plain autograd, one example at a time."""
+    params = [p for n, p in model.named_parameters() if names is None or n in names]
+    rows = []
+    for x, y in data:
+        loss = TASK.train_loss(model, (x[None], y[None])).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_one_small_step_is_alpha_times_the_gradient_inner_product(digits):
+    """Score ≈ α⟨∇ℓ(z), ∇f(z_q)⟩ (the paper's eq. 8); the error is second order, so it shrinks with α."""
+    fi = method(digits, steps=1, lr=1e-2)
+    expected = flat_gradients(fi.model, digits["queries"]) @ flat_gradients(fi.model, digits["train"]).T
+    errors = []
+    for lr in (1e-2, 3e-3, 1e-3):
+        fi.lr = lr
+        errors.append(relative_error(fi.attribute(digits["queries"], digits["train"]).values / lr, expected))
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[0] / errors[1] > 2 and errors[2] < 5e-3, errors
+    # K small steps: K·α⟨·,·⟩ to first order (the query gradient grows along the way: second order).
+    fi.steps = 3
+    errors = []
+    for lr in (1e-3, 3e-4):
+        fi.lr = lr
+        errors.append(relative_error(fi.attribute(digits["queries"], digits["train"]).values / (3 * lr), expected))
+    assert errors[0] / errors[1] > 2 and errors[1] < 3e-2, errors
+
+
+def test_descent_keeps_positive_as_helpful(digits):
+    """Descent is scored with the sign flipped, so it has the same first-order term as ascent."""
+    descent = method(digits, steps=1, lr=1e-3, direction="descent")
+    expected = flat_gradients(descent.model, digits["queries"]) @ flat_gradients(descent.model, digits["train"]).T
+    scores = descent.attribute(digits["queries"], digits["train"])
+    assert scores.config["direction"] == "descent"
+    # A step down can cross a ReLU kink of a training example (one entry here), so compare robustly.
+    correlation = np.corrcoef(scores.values.flatten() / 1e-3, expected.flatten())[0, 1]
+    assert correlation > 0.98 and relative_error(scores.values / 1e-3, expected) < 0.1
+
+
+def test_batched_queries_equal_one_query_at_a_time(digits):
+    batched = method(digits, steps=3, lr=0.05, query_batch_size=4, batch_size=64)
+    scores = batched.attribute(digits["queries"], digits["train"]).values
+    single = method(digits, steps=3, lr=0.05, query_batch_size=1, batch_size=150)
+    rows = [single.attribute(TensorDataset(x[None], y[None]), digits["train"]).values[0] for x, y in digits["queries"]]
+    torch.testing.assert_close(scores, torch.stack(rows), rtol=1e-4, atol=1e-6)
+    looped = method(digits, steps=3, lr=0.05, query_batch_size=4, vectorize=False)
+    looped_scores = looped.attribute(digits["queries"], digits["train"]).values
+    torch.testing.assert_close(scores, looped_scores, rtol=1e-4, atol=1e-6)
+
+
+def test_normalized_steps_move_each_query_the_same_distance(digits):
+    fi = method(digits, steps=1, lr=0.01, normalize=True)
+    stacked, _ = fi._ascend(tuple(digits["queries"].tensors), torch.arange(6))
+    moved = torch.stack([(stacked[n] - fi.original[n]).reshape(6, -1).pow(2).sum(1) for n in stacked]).sum(0).sqrt()
+    torch.testing.assert_close(moved, torch.full((6,), 0.01), rtol=1e-4, atol=0)
+
+
+class ItemMLP(MLPClassifier):
+    """Same parameters as the digits MLP, but ``forward`` calls ``.item()``, which vmap cannot trace."""
+
+    def forward(self, x):
+        scale = 1.0 if self.net[0].weight.abs().max().item() >= 0 else 0.0
+        return self.net(x) * scale
+
+
+def test_models_vmap_cannot_run_fall_back_to_a_loop(digits):
+    reference = method(digits, steps=2, lr=0.05).attribute(digits["queries"], digits["train"]).values
+    fi = ForwardINF(digits["trace"], ItemMLP(), TASK, steps=2, lr=0.05)
+    with pytest.warns(UserWarning, match="vmap cannot run this model"):
+        scores = fi.attribute(digits["queries"], digits["train"]).values
+    torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_joint_mode_steps_on_the_mean_query_loss(digits):
+    fi = method(digits, steps=1, lr=1e-3)
+    joint = fi.attribute(digits["queries"], digits["train"], joint=True)
+    assert joint.shape == (1, 150) and joint.config["joint"] and joint.config["n_joint_queries"] == 6
+    grads = flat_gradients(fi.model, digits["train"])
+    mean_query = flat_gradients(fi.model, digits["queries"]).mean(0)
+    assert relative_error(joint.values[0] / 1e-3, grads @ mean_query) < 1e-2
+    # Streaming the query set in batches gives the same single step.
+    small_batches = method(digits, steps=2, lr=0.05, query_batch_size=4)
+    one_batch = method(digits, steps=2, lr=0.05, query_batch_size=6)
+    torch.testing.assert_close(
+        small_batches.attribute(digits["queries"], digits["train"], joint=True).values,
+        one_batch.attribute(digits["queries"], digits["train"], joint=True).values,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    # A single query as the whole set is the per-query row.
+    query = TensorDataset(*[t[:1] for t in digits["queries"].tensors])
+    torch.testing.assert_close(
+        one_batch.attribute(query, digits["train"], joint=True).values,
+        one_batch.attribute(query, digits["train"]).values,
+    )
+
+
+def test_only_selected_modules_move(digits):
+    fi = method(digits, steps=1, lr=1e-3, modules=["net.4"])
+    assert fi.moving_names == ["net.4.weight", "net.4.bias"]
+    stacked, _ = fi._ascend(tuple(digits["queries"].tensors), torch.arange(6))
+    assert set(stacked) == {"net.4.weight", "net.4.bias"}
+    names = fi.moving_names
+    expected = flat_gradients(fi.model, digits["queries"], names) @ flat_gradients(fi.model, digits["train"], names).T
+    assert relative_error(fi.attribute(digits["queries"], digits["train"]).values / 1e-3, expected) < 1e-2
+    assert method(digits, layers=["net.0"]).moving_names == ["net.0.weight", "net.0.bias"]
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        method(digits, modules=["encoder.*"])
+
+
+def test_self_influence_is_the_diagonal_of_pairwise_scores(digits):
+    fi = method(digits, steps=2, lr=0.05, query_batch_size=16)
+    small = TensorDataset(*[t[:40] for t in digits["train"].tensors])
+    own = fi.self_influence(small)
+    assert own.kind == "self" and own.shape == (40,)
+    torch.testing.assert_close(own.values, fi.attribute(small, small).values.diagonal(), rtol=1e-4, atol=1e-6)
+
+
+def test_default_step_size_is_the_last_learning_rate(digits):
+    fi = method(digits)
+    assert fi.lr == pytest.approx(float(np.max(digits["trace"].steps().lr[-1]))) and fi.steps == 5
+    assert fi.checkpoint == digits["trace"].final_checkpoint.index
+    assert {"steps", "lr", "direction", "modules", "normalize"} <= set(fi.config())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "K must be a positive integer"),
+        ({"steps": -2}, "K must be a positive integer"),
+        ({"steps": 1.5}, "K must be a positive integer"),
+        ({"lr": 0.0}, "finite number > 0"),
+        ({"lr": -0.1}, "finite number > 0"),
+        ({"lr": math.nan}, "finite number > 0"),
+        ({"direction": "sideways"}, "use 'ascent' or 'descent'"),
+        ({"query_batch_size": 0}, "query_batch_size >= 1"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused(digits, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        method(digits, **kwargs)
+
+
+def test_a_loss_that_turns_nan_stops_and_names_the_query(digits):
+    x, y = (t.clone() for t in digits["queries"].tensors)
+    x[4, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"query loss .* query id\(s\) \[4\]"):
+        method(digits, steps=2, lr=0.05).attribute(TensorDataset(x, y), digits["train"])
+    # Steps so large that the ascent itself overflows: stop rather than return NaN scores.
+    with pytest.raises(FloatingPointError, match=r"query id\(s\) \[\d"):
+        method(digits, steps=20, lr=1e3).attribute(digits["queries"], digits["train"])
+
+
+def test_empty_or_shuffled_sets_are_refused(digits):
+    fi = method(digits)
+    empty = TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="query set is empty"):
+        fi.attribute(empty, digits["train"])
+    with pytest.raises(ValueError, match="query set is empty"):
+        fi.attribute(empty, digits["train"], joint=True)
+    with pytest.raises(ValueError, match="training set is empty|train set is empty"):
+        fi.attribute(digits["queries"], empty)
+    with pytest.raises(ValueError, match="shuffles"):
+        fi.attribute(DataLoader(digits["queries"], shuffle=True), digits["train"])
+
+
+# --- a real data set with leaked test points ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def leaked(digits_run, tmp_path_factory):
+    """The digits MLP trained on its training set plus copies of 30 test points (the leak)."""
+    dm = digits_run["datamodule"]
+    (x, y), (xq, yq) = dm.train_set.tensors, dm.test_set.tensors
+    n_leaked = 30
+    train = TensorDataset(torch.cat([x, xq[:n_leaked]]), torch.cat([y, yq[:n_leaked]]))
+    path = tmp_path_factory.mktemp("leak") / "trace.h5"
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(lr=0.1, momentum=0.9)
+    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    quiet_trainer(max_epochs=8, callbacks=[TDACallback(str(path), task=TASK)]).fit(model, loader)
+    copies = torch.arange(len(x), len(x) + n_leaked)
+    queries = TensorDataset(xq[:n_leaked], yq[:n_leaked])
+    return {"trace": Trace.open(path), "train": train, "queries": queries, "copies": copies}
+
+
+def copy_ranks(scores: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+    own = scores[torch.arange(len(copies)), copies]
+    return (scores >= own[:, None]).sum(1)
+
+
+def test_leaked_test_points_are_found_in_the_training_set(leaked):
+    """Each leaked test point's own copy ranks near the top of ~1,470 training examples."""
+    fi = ForwardINF(leaked["trace"], MLPClassifier(), TASK, steps=10, lr=1.0, normalize=True)
+    ranks = copy_ranks(fi.attribute(leaked["queries"], leaked["train"]).values, leaked["copies"])
+    n_train = len(leaked["train"])
+    assert (ranks == 1).float().mean() >= 0.25, ranks  # chance: 1 / 1468
+    assert (ranks <= 10).float().mean() >= 0.6, ranks
+    assert ranks.float().median() <= 5, ranks
+    assert ranks.float().median() < n_train / 100
+
+
+def test_tune_picks_the_candidate_that_ranks_planted_copies_first(leaked):
+    fi = ForwardINF(leaked["trace"], MLPClassifier(), TASK, normalize=True, query_batch_size=24)
+    result = fi.tune(leaked["train"], steps=(1, 10), lrs=(0.1, 1.0, 1e4), n_planted=12, seed=0)
+    assert set(result.top1) | set(result.diverged) == {(k, a) for k in (1, 10) for a in (0.1, 1.0, 1e4)}
+    best = result.top1[(result.steps, result.lr)]
+    assert all(best >= rate for rate in result.top1.values())
+    assert best >= 0.25 and (fi.steps, fi.lr) == (result.steps, result.lr)
+    assert len(result.planted) == 12 and "chosen" in result.table()
+    unnormalized = ForwardINF(leaked["trace"], MLPClassifier(), TASK)
+    diverging = unnormalized.tune(leaked["train"], steps=(1, 50), lrs=(1.0,), n_planted=4, apply=False)
+    assert (50, 1.0) in diverging.diverged and (1, 1.0) in diverging.top1
+    assert (unnormalized.steps, unnormalized.lr) == (5, pytest.approx(0.1))
