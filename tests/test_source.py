@@ -65,8 +65,8 @@ class LinearRegression(L.LightningModule):
         return kind(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-@pytest.fixture(scope="module")
-def concrete():
+def concrete_data() -> dict:
+    """Concrete split: 800 training examples, 12 queries; rows ``a`` carry the bias column last."""
     x, y = (torch.from_numpy(v) for v in load_concrete())
     rows = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)  # bias column last
     return {
@@ -77,6 +77,11 @@ def concrete():
         "a_q": rows[N_TRAIN : N_TRAIN + N_QUERIES],
         "y_q": y[N_TRAIN : N_TRAIN + N_QUERIES].double(),
     }
+
+
+@pytest.fixture(scope="module")
+def concrete():
+    return concrete_data()
 
 
 def record(path, concrete, segments, checkpoints_per_segment=2, optimizer="sgd", lr=LR, weight_decay=0.0):
