@@ -238,7 +238,8 @@ def method_kwargs(cls: type, spec: MethodSpec) -> dict[str, Any]:
         parsed = parser.parse_object({"args": dict(spec.init_args)})
         values = _plain(parser.instantiate_classes(parsed).args)
     except Exception as err:  # jsonargparse reports type problems as several exception types
-        raise CLIError(f"methods[{spec.name}].init_args: {_one_line(err)}") from err
+        problem = _one_line(err).replace('key "args.', 'key "')
+        raise CLIError(f"methods[{spec.name}].init_args: {problem}") from err
     return {key: values[key] for key in spec.init_args}
 
 
@@ -279,7 +280,6 @@ def fit(job: Job) -> Any:
 
     from lightning_tda.callback import TDACallback
 
-    L.seed_everything(job.config.seed_everything, verbose=False)
     kwargs = dict(job.trainer_kwargs)
     kwargs.setdefault("default_root_dir", str(job.output_dir))
     callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -328,6 +328,8 @@ def attribute(job: Job) -> list[str]:
         if global_rank() == 0:
             saved += [result.save(job.trace_path) for result in results]
             print(line)
+        if fabric is not None:  # the other ranks must not open the trace while rank 0 writes into it
+            fabric.barrier()
     return saved
 
 
@@ -425,6 +427,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     use_offline_by_default()
     sub = config[subcommand]
+    import lightning as L
+
+    L.seed_everything(sub.seed_everything, verbose=False)  # before the model is built, as LightningCLI does
     try:
         job = Job(sub, parser._subcommands_action._name_parser_map[subcommand])
     except CLIError:

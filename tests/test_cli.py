@@ -1,0 +1,189 @@
+"""The `lightning-tda` command on configs/tiny.yaml: the main job end to end (read back from the
+offline W&B run and the HTML page), each subcommand, one-line errors for bad configs, and DDP
+attribution writing the report once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_reporting import _ReportParser
+from wandb_reader import OfflineRun, find_runs
+
+from lightning_tda import Scores
+from lightning_tda.cli import main
+from lightning_tda.reporting.wandb_report import SELF_COLUMNS, table_columns
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+METHODS = ["source", "datainf", "forward-inf"]  # tiny.yaml's main methods; ekfac and tracin are baselines
+K, QUERIES, SELF_TOP = 3, 4, 10
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "lightning-tda"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_tda.cli"]
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR")}
+    env["WANDB_SILENT"] = "true"
+    return subprocess.run([*_command(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    """`lightning-tda run --config configs/tiny.yaml` in a fresh directory, without W&B credentials."""
+    cwd = tmp_path_factory.mktemp("main_job")
+    done = _run_cli(["run", "--config", str(TINY)], cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"cwd": cwd, "out": cwd / "runs" / "tiny", "stdout": done.stdout}
+
+
+def test_main_job_writes_an_offline_wandb_run_with_the_report(main_job):
+    out = main_job["out"]
+    (run_dir,) = find_runs(out / "wandb")  # training and the report share the WandbLogger's run
+    assert f"wandb sync {run_dir}" in main_job["stdout"]
+    assert f"HTML report: {out / 'report.html'}" in main_job["stdout"]
+    run = OfflineRun.read(run_dir)
+    assert "train_loss" in {key for step in run.history for key in step}
+    for method in METHODS:
+        table = run.table(f"tda/{method}/queries")
+        assert table["columns"] == table_columns(K) and len(table["data"]) == QUERIES
+        assert [row[0] for row in table["data"]] == list(range(QUERIES))
+        histogram = run.logged(f"tda/{method}/scores")
+        assert histogram["_type"] == "histogram" and sum(histogram["values"]) == QUERIES * 449
+        ranking = run.table(f"tda/{method}/self_influence")
+        assert ranking["columns"] == SELF_COLUMNS and len(ranking["data"]) == SELF_TOP
+    artifact = run.artifact("tda-trace")
+    assert artifact["files"]["trace.h5"].size == (out / "trace.h5").stat().st_size
+    assert artifact["metadata"]["methods"] == METHODS
+    # the trace in the artifact holds every method's scores and self-influence
+    assert sorted(Scores.available(out / "trace.h5")) == sorted(METHODS + [f"{m}-self" for m in METHODS])
+
+
+def test_main_job_html_names_every_query_with_k_proponents_and_opponents(main_job):
+    parser = _ReportParser()
+    parser.feed((main_job["out"] / "report.html").read_text())
+    assert sorted(parser.queries) == sorted((m, q) for m in METHODS for q in range(QUERIES))
+    for found in parser.queries.values():
+        assert len(found["proponent"]) == K and len(found["opponent"]) == K
+    assert parser.external == []
+
+
+def test_each_subcommand(main_job, tmp_path, capsys):
+    trace = main_job["out"] / "trace.h5"
+    assert main(["inspect", str(trace)]) == 0
+    assert "results: " in capsys.readouterr().out
+
+    out = tmp_path / "sub"
+    common = ["--config", str(TINY), "--output_dir", str(out)]
+    assert main(["fit", *common, "--trainer.logger", "false", "--trainer.max_epochs", "1"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"trace: {out / 'trace.h5'}")
+
+    assert main(["attribute", *common, "--method", "tracin"]) == 0  # a baseline, asked for by name
+    assert "tracin: scores (4, 449)" in capsys.readouterr().out
+    assert sorted(Scores.available(out / "trace.h5")) == ["tracin", "tracin-self"]
+
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["report", *common, "--trace", str(out / "trace.h5"), "--output_dir", str(elsewhere)]) == 0
+    printed = capsys.readouterr().out
+    assert f"HTML report: {elsewhere / 'report.html'}" in printed and "wandb sync" in printed
+    parser = _ReportParser()
+    parser.feed((elsewhere / "report.html").read_text())
+    assert sorted(parser.queries) == [("tracin", q) for q in range(QUERIES)]
+    (run_dir,) = find_runs(elsewhere)
+    assert len(OfflineRun.read(run_dir).table("tda/tracin/queries")["data"]) == QUERIES
+
+
+def _config_without(key: str, tmp_path: Path) -> str:
+    config = yaml.safe_load(TINY.read_text())
+    del config[key]
+    path = tmp_path / f"without_{key}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _config_with(tmp_path: Path, **changes) -> str:
+    config = yaml.safe_load(TINY.read_text())
+    config.update(changes)
+    path = tmp_path / f"changed_{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_model",
+        "wrong_type",
+        "wrong_type_in_yaml",
+        "unknown_method",
+        "unknown_method_in_config",
+        "bad_method_argument",
+        "missing_trace",
+        "missing_trace_inspect",
+        "missing_config_file",
+    ],
+)
+def test_bad_configs_give_one_line_errors(case, tmp_path, capsys):
+    missing = str(tmp_path / "nowhere" / "trace.h5")
+    argv, expected = {
+        "missing_model": (["fit", "--config", _config_without("model", tmp_path)], "model"),
+        "wrong_type": (["fit", "--config", str(TINY), "--queries.count", "many"], "queries.count"),
+        "wrong_type_in_yaml": (["fit", "--config", _config_with(tmp_path, report={"k": "five"})], "report.k"),
+        "unknown_method": (["attribute", "--config", str(TINY), "--method", "magic"], "'magic'"),
+        "unknown_method_in_config": (
+            ["attribute", "--config", _config_with(tmp_path, methods=[{"name": "magic"}]), "--trace", missing],
+            "unknown method 'magic'",
+        ),
+        "bad_method_argument": (
+            [
+                "attribute",
+                "--config",
+                _config_with(tmp_path, methods=[{"name": "tracin", "init_args": {"batch_size": "big"}}]),
+                "--trace",
+                missing,
+            ],
+            "batch_size",
+        ),
+        "missing_trace": (["report", "--config", str(TINY), "--trace", missing], f"No trace at {missing}"),
+        "missing_trace_inspect": (["inspect", missing], f"No trace at {missing}"),
+        "missing_config_file": (["fit", "--config", str(tmp_path / "nope.yaml")], "nope.yaml"),
+    }[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("lightning-tda: error: ") and expected in lines[0], lines[0]
+
+
+def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
+    """Two gloo processes share the training set; only rank 0 saves scores and writes the report."""
+    done = _run_cli(
+        [
+            "run",
+            "--config",
+            str(TINY),
+            "--attribution.devices",
+            "2",
+            "--methods",
+            '[{"name": "source", "init_args": {"cache": false}}]',
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny"
+    assert done.stdout.count("source: scores (4, 449)") == 1
+    assert list(out.rglob("*.html")) == [out / "report.html"]
+    (run_dir,) = find_runs(out)
+    assert len(OfflineRun.read(run_dir).table("tda/source/queries")["data"]) == QUERIES
+    # the same seed trains the same model, so sharded scores equal the single-process ones
+    for name in ("source", "source-self"):
+        sharded = Scores.load(out / "trace.h5", name).values
+        single = Scores.load(main_job["out"] / "trace.h5", name).values
+        assert (sharded - single).abs().max() <= 1e-4 * single.abs().max()
