@@ -208,6 +208,24 @@ def test_source_approaches_exact_unrolling_with_more_segments(sgd_traces, concre
     assert relative_error(predicted, change) < 0.03
 
 
+def test_removing_top_positive_examples_raises_the_query_loss_more_than_random(concrete, exact, many_scores):
+    k = 40
+    generator = torch.Generator().manual_seed(0)
+    top = many_scores.topk(k, dim=1).indices  # (Q, k)
+    random = torch.stack([torch.randperm(N_TRAIN, generator=generator)[:k] for _ in range(N_QUERIES)])
+    increases = {}
+    for name, removed in (("top", top), ("random", random)):
+        weights = torch.ones(N_QUERIES, N_TRAIN, dtype=torch.float64)
+        weights[torch.arange(N_QUERIES)[:, None], removed] = 0
+        weights *= N_TRAIN / (N_TRAIN - k)  # re-training on the N - k remaining examples
+        theta = gradient_descent(concrete, exact["theta0"], exact["lrs"], weights)[-1]  # one model per query
+        after = (torch.einsum("qd,qd->q", theta, concrete["a_q"]) - concrete["y_q"]) ** 2
+        before = (concrete["a_q"] @ exact["trajectory"][-1][0] - concrete["y_q"]) ** 2
+        increases[name] = after - before
+    assert (increases["top"] > 0).all()
+    assert (increases["top"] > increases["random"]).all()
+
+
 def test_ekfac_is_exact_for_a_linear_layer(sgd_traces, concrete):
     ekfac = source_scores(sgd_traces["one"], concrete)
     dense = source_scores(sgd_traces["one"], concrete, curvature="gauss-newton")
