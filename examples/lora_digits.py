@@ -130,13 +130,16 @@ def finetune(
     sizes: list[int] | None = None,
     rank: int = 4,
     epochs: int = 8,
+    batch_size: int = 32,
     seed: int = 0,
 ) -> LoRAClassifier:
     """LoRA-fine-tune on digits 5–9 with ``TDACallback(layers="lora")`` writing the trace to ``path``."""
     L.seed_everything(seed, verbose=False)
     model = LoRAClassifier(sizes, rank=rank)
     model.load_base(base_state)
-    loader = DataLoader(data.finetune, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        data.finetune, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     callback = TDACallback(str(path), task=ClassificationTask(), layers="lora", if_exists="overwrite")
     _trainer(epochs, [callback]).fit(model, loader)
     return model
