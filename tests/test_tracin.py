@@ -1,0 +1,111 @@
+"""TracInCP against a direct loop over the checkpoints (torch.func gradients, learning rates per param group)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import quiet_trainer
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import Subset, TensorDataset
+
+from lightning_tda import ClassificationTask, TDACallback
+from lightning_tda.demo import DigitsDataModule, MLPClassifier
+from lightning_tda.methods import TracInCP
+from lightning_tda.trace import Trace, TraceError
+
+SIZES = [64, 12, 10]
+
+
+class TwoGroupMLP(MLPClassifier):
+    """The hidden layer and the head in two optimizer param groups with different learning rates,
+    and a cosine schedule, so each layer's rate differs per checkpoint."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(
+            [
+                {"params": self.net[0].parameters(), "lr": 0.2},
+                {"params": self.net[2].parameters(), "lr": 0.02},
+            ],
+            momentum=0.5,
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=30)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)
+    path = tmp_path_factory.mktemp("tracin") / "trace.h5"
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    model = TwoGroupMLP(sizes=SIZES)
+    callback = TDACallback(str(path), task=ClassificationTask(), segments=2, checkpoints_per_segment=2)
+    quiet_trainer(max_epochs=2, limit_train_batches=12, callbacks=[callback]).fit(model, dm)
+    return {
+        "trace": Trace.open(path),
+        "train": Subset(dm.train_set, range(150)),
+        "queries": Subset(dm.test_set, range(6)),
+    }
+
+
+def _stack(dataset):
+    x, y = zip(*[dataset[i] for i in range(len(dataset))])
+    return torch.stack(x).double(), torch.stack(y)
+
+
+def direct_tracin(trace: Trace, train, queries, self_influence: bool = False) -> torch.Tensor:
+    """Σ_c Σ_params η_{c,group} ⟨∇f(q, θ_c), ∇ℓ(z, θ_c)⟩ with the learning rates read from the step log."""
+    net = TwoGroupMLP(sizes=SIZES).net.double()
+    x, y = _stack(train)
+    xq, yq = _stack(queries)
+    steps = trace.steps()
+    group = {"0": 0, "2": 1}
+
+    def loss(params, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(net, params, (xi[None],)), yi[None])
+
+    total = torch.zeros(len(x)) if self_influence else torch.zeros(len(xq), len(x))
+    total = total.double()
+    for checkpoint in trace.checkpoints:
+        state = trace.checkpoint_state(checkpoint.index)
+        params = {k.removeprefix("net."): v.double() for k, v in state.items()}
+        lr = steps.lr[list(steps.step).index(checkpoint.step)]
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        q = g if self_influence else vmap(grad(loss), in_dims=(None, 0, 0))(params, xq, yq)
+        for name in g:
+            rate = lr[group[name.split(".")[0]]]
+            if self_influence:
+                total += rate * (g[name].flatten(1) ** 2).sum(1)
+            else:
+                total += rate * q[name].flatten(1) @ g[name].flatten(1).T
+    return total
+
+
+def test_tracin_equals_a_direct_loop_over_checkpoints(run):
+    trace = run["trace"]
+    lrs = trace.steps().lr
+    assert len(trace.checkpoints) == 4 and lrs.shape[1] == 2 and lrs[:, 0].std() > 0
+    method = TracInCP(trace, TwoGroupMLP(sizes=SIZES), ClassificationTask(), batch_size=64)
+    scores = method.attribute(run["queries"], run["train"])
+    expected = direct_tracin(trace, run["train"], run["queries"])
+    assert scores.shape == (6, 150) and scores.method == "tracin"
+    assert torch.allclose(scores.values.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+    own = method.self_influence(run["train"])
+    assert own.kind == "self"
+    expected_self = direct_tracin(trace, run["train"], run["queries"], self_influence=True)
+    assert torch.allclose(own.values.double(), expected_self, rtol=1e-4)
+
+
+def test_chosen_checkpoints_and_bad_input(run):
+    trace = run["trace"]
+    last = TracInCP(trace, TwoGroupMLP(sizes=SIZES), ClassificationTask(), checkpoints=[3])
+    assert last.config()["checkpoints"] == [3]
+    assert set(last.learning_rates) == {3}
+    with pytest.raises(ValueError, match="checkpoints=\\[7\\]"):
+        TracInCP(trace, TwoGroupMLP(sizes=SIZES), ClassificationTask(), checkpoints=[7])
+    with pytest.raises(TraceError, match="trained architecture"):
+        TracInCP(trace, MLPClassifier(sizes=[64, 30, 10]), ClassificationTask())
+    wrong = TensorDataset(torch.randn(3, 10), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="shape and type"):
+        last.attribute(wrong, run["train"])
