@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -191,7 +192,7 @@ class ForwardINF(AttributionMethod):
 
     @staticmethod
     def _check_lr(lr: float) -> float:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"ForwardINF(lr={lr!r}): the step size α must be a finite number > 0 (e.g. lr=1e-2).")
         return float(lr)
 
@@ -245,12 +246,8 @@ class ForwardINF(AttributionMethod):
         }
 
     # --- functional pieces ----------------------------------------------------------------------
-    def _query_objective(self, moving: Params, batch: Any) -> tuple[Tensor, Tensor]:
-        """Mean query measurement (to step on) and the per-example values (to check)."""
-        values = self.task.measurement(_Functional(self.model, self.fixed, moving), batch)
-        return values.mean(), values.detach()
-
     def _query_sum(self, moving: Params, batch: Any) -> tuple[Tensor, Tensor]:
+        """Summed query measurement (to differentiate) and the per-example values (to check)."""
         values = self.task.measurement(_Functional(self.model, self.fixed, moving), batch)
         return values.sum(), values.detach()
 
@@ -280,10 +277,10 @@ class ForwardINF(AttributionMethod):
     def _step(self, params: Params, batch: Any, query_ids: Tensor) -> Params:
         """One step of every query's own parameter set on its own example."""
 
-        def objective(p: Params, example: Any) -> tuple[Tensor, Tensor]:
-            return self._query_objective(p, _one_example(example))
+        def objective(p: Params, example: Any) -> Tensor:
+            return self._query_sum(p, _one_example(example))[0]
 
-        grads, (values, _) = self._map(grad_and_value(objective, has_aux=True), (0, 0), params, batch)
+        grads, values = self._map(grad_and_value(objective), (0, 0), params, batch)
         self._check_finite(values, query_ids, "query loss")
         return self._update(params, grads, query_ids)
 
