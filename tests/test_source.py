@@ -61,8 +61,11 @@ class LinearRegression(L.LightningModule):
         return F.mse_loss(self(x), y)
 
     def configure_optimizers(self):
+        options = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.optimizer in ("momentum", "nesterov"):
+            return torch.optim.SGD(self.parameters(), momentum=0.9, nesterov=self.optimizer == "nesterov", **options)
         kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.optimizer]
-        return kind(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return kind(self.parameters(), **options)
 
 
 def concrete_data() -> dict:
@@ -340,6 +343,54 @@ def adam_retraining(concrete, theta0, weights, lr, weight_decay, decoupled, free
         theta = theta - lr * (m / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
         base = base - lr * (m_base / (1 - beta1**k)) / ((v_base / (1 - beta2**k)).sqrt() + eps)
     return theta
+
+
+def momentum_retraining(concrete, theta0, weights, lr, nesterov):
+    """Full-batch SGD with momentum 0.9 (torch's update, dampening 0) for ``(M, N)`` example weights."""
+    a, y = concrete["a"], concrete["y"]
+    theta = theta0.expand(len(weights), -1).clone()
+    buffer = None
+    for _ in range(STEPS):
+        grad = 2 * (weights * (theta @ a.T - y)) @ a / len(y)
+        buffer = grad if buffer is None else 0.9 * buffer + grad
+        theta = theta - lr * (grad + 0.9 * buffer if nesterov else buffer)
+    return theta
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "nesterov"])
+def test_momentum_source_tracks_exact_unrolling(tmp_path, concrete, optimizer):
+    """Heavy-ball and Nesterov momentum 0.9 enter SOURCE as the effective rate η/(1 − β)."""
+    lr = LR / 10
+    trace = record(tmp_path / "momentum.h5", concrete, 30, optimizer=optimizer, lr=lr)
+    theta0 = parameters(trace.initial_state())
+    nesterov = optimizer == "nesterov"
+    replica = momentum_retraining(concrete, theta0, torch.ones(1, N_TRAIN, dtype=torch.float64), lr, nesterov)
+    final = parameters(trace.checkpoint_state(trace.final_checkpoint.index))
+    torch.testing.assert_close(replica[0], final, atol=1e-5, rtol=0)
+    examples, eps = torch.arange(0, N_TRAIN, 4), 1e-4
+    weights = torch.ones(len(examples), N_TRAIN, dtype=torch.float64)
+    losses = []
+    for sign in (1, -1):
+        weights[torch.arange(len(examples)), examples] = 1 + sign * eps
+        theta = momentum_retraining(concrete, theta0, weights, lr, nesterov)
+        losses.append((theta @ concrete["a_q"].T - concrete["y_q"]) ** 2)
+    retrained = (-N_TRAIN * (losses[0] - losses[1]) / (2 * eps)).T
+    estimate = source_scores(trace, concrete)[:, examples]
+    r, error = mean_pearson(estimate, retrained), relative_error(estimate, retrained)
+    print(f"{optimizer}: SOURCE vs unrolled momentum SGD r={r:.5f} (rel.err {error:.3f})", end="")
+    assert r > 0.995 and error < 0.1
+    if nesterov:
+        return
+    # The same trace read as if trained without momentum (rate η instead of η/(1 − β)) is far off.
+    with h5py.File(trace.path, "a") as f:
+        record_ = json.loads(f["meta/optimizer"][()])
+        record_["param_groups"][0]["momentum"] = 0.0
+        del f["meta/optimizer"]
+        f["meta"].create_dataset("optimizer", data=json.dumps(record_))
+    plain = source_scores(Trace.open(trace.path), concrete)[:, examples]
+    plain_error = relative_error(plain, retrained)
+    print(f"; read without momentum r={mean_pearson(plain, retrained):.4f} (rel.err {plain_error:.3f})")
+    assert plain_error > 3 * error
 
 
 @pytest.mark.parametrize("optimizer,weight_decay", [("adam", 0.0), ("adamw", 0.1)])
