@@ -159,6 +159,30 @@ def test_self_influence_is_the_diagonal_of_pairwise_scores(digits):
     torch.testing.assert_close(own.values, fi.attribute(small, small).values.diagonal(), rtol=1e-4, atol=1e-6)
 
 
+class OneOfTwoProcesses:
+    """A stand-in for a launched Fabric of two processes whose all-reduce we do by hand."""
+
+    world_size = 2
+    device = torch.device("cpu")
+
+    def __init__(self, rank: int) -> None:
+        self.global_rank = rank
+
+    def all_reduce(self, tensor, reduce_op):
+        return tensor
+
+
+def test_shards_of_the_training_set_add_up_to_the_full_scores(digits):
+    full = method(digits, steps=2, lr=0.05, batch_size=32)
+    expected = full.attribute(digits["queries"], digits["train"]).values
+    shards = [method(digits, steps=2, lr=0.05, batch_size=32, fabric=OneOfTwoProcesses(r)) for r in (0, 1)]
+    parts = [m.attribute(digits["queries"], digits["train"]).values for m in shards]
+    assert (parts[0] != 0).any() and (parts[1] != 0).any()
+    torch.testing.assert_close(parts[0] + parts[1], expected)
+    own = sum(m.self_influence(digits["train"]).values for m in shards)
+    torch.testing.assert_close(own, full.self_influence(digits["train"]).values)
+
+
 def test_default_step_size_is_the_last_learning_rate(digits):
     fi = method(digits)
     assert fi.lr == pytest.approx(float(np.max(digits["trace"].steps().lr[-1]))) and fi.steps == 5
