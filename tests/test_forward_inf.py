@@ -279,3 +279,33 @@ def test_tune_picks_the_candidate_that_ranks_planted_copies_first(leaked):
     diverging = unnormalized.tune(leaked["train"], steps=(1, 50), lrs=(1.0,), n_planted=4, apply=False)
     assert (50, 1.0) in diverging.diverged and (1, 1.0) in diverging.top1
     assert (unnormalized.steps, unnormalized.lr) == (5, pytest.approx(0.1))
+
+
+def test_regression_task_follows_the_same_first_order_relation(tmp_path):
+    """Concrete (UCI) regression MLP: score/α → ⟨∇ℓ(z), ∇f(z_q)⟩ with an error linear in α."""
+    from lightning_tda import RegressionTask
+    from lightning_tda.demo import ConcreteDataModule, MLPRegressor
+
+    L.seed_everything(0, verbose=False)
+    dm = ConcreteDataModule(batch_size=64, seed=0)
+    task = RegressionTask()
+    path = tmp_path / "concrete.h5"
+    quiet_trainer(max_epochs=5, callbacks=[TDACallback(str(path), task=task)]).fit(MLPRegressor(), dm)
+    train = TensorDataset(*[t[:100] for t in dm.train_set.tensors])
+    queries = TensorDataset(*[t[:4] for t in dm.test_set.tensors])
+    fi = ForwardINF(Trace.open(path), MLPRegressor(), task, steps=1, lr=1e-2)
+    params = list(fi.model.parameters())
+
+    def gradients(data):
+        rows = []
+        for x, y in data:
+            loss = task.train_loss(fi.model, (x[None], y[None])).sum()
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+        return torch.stack(rows)
+
+    expected = gradients(queries) @ gradients(train).T
+    errors = []
+    for lr in (1e-2, 1e-3):
+        fi.lr = lr
+        errors.append(relative_error(fi.attribute(queries, train).values / lr, expected))
+    assert errors[0] / errors[1] > 5 and errors[1] < 0.03, errors
