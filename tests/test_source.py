@@ -361,7 +361,7 @@ def momentum_retraining(concrete, theta0, weights, lr, nesterov):
 def test_momentum_source_tracks_exact_unrolling(tmp_path, concrete, optimizer):
     """Heavy-ball and Nesterov momentum 0.9 enter SOURCE as the effective rate η/(1 − β)."""
     lr = LR / 10
-    trace = record(tmp_path / "momentum.h5", concrete, 30, optimizer=optimizer, lr=lr)
+    trace = record(tmp_path / "momentum.h5", concrete, 15, optimizer=optimizer, lr=lr)
     theta0 = parameters(trace.initial_state())
     nesterov = optimizer == "nesterov"
     replica = momentum_retraining(concrete, theta0, torch.ones(1, N_TRAIN, dtype=torch.float64), lr, nesterov)
