@@ -507,16 +507,19 @@ def test_bad_input_errors(sgd_traces, concrete, tmp_path):
     with pytest.raises(TraceError, match="needed to propagate"):
         SOURCE(gap, model, task, segments=[2])
     SOURCE(gap, model, task, segments=[5])  # later segments alone are fine
-    # An optimizer SOURCE cannot model.
-    path = tmp_path / "rmsprop.h5"
-    shutil.copy(trace.path, path)
-    with h5py.File(path, "a") as f:
-        record_ = json.loads(f["meta/optimizer"][()])
-        record_.update({"class": "torch.optim.rmsprop.RMSprop", "name": "RMSprop"})
-        del f["meta/optimizer"]
-        f["meta"].create_dataset("optimizer", data=json.dumps(record_))
+    # An optimizer SOURCE cannot model; an Adam trace without its second moments.
+    for name in ("RMSprop", "Adam"):
+        path = tmp_path / f"{name}.h5"
+        shutil.copy(trace.path, path)
+        with h5py.File(path, "a") as f:
+            record_ = json.loads(f["meta/optimizer"][()])
+            record_.update({"class": f"torch.optim.{name.lower()}.{name}", "name": name})
+            del f["meta/optimizer"]
+            f["meta"].create_dataset("optimizer", data=json.dumps(record_))
     with pytest.raises(ValueError, match=r"RMSprop.*supports SGD \(plain, with momentum or Nesterov\), Adam and AdamW"):
-        SOURCE(Trace.open(path), model, task)
+        SOURCE(Trace.open(tmp_path / "RMSprop.h5"), model, task)
+    with pytest.raises(TraceError, match="no Adam second moments for layer 'net' in segment 0.*every_n_steps"):
+        SOURCE(Trace.open(tmp_path / "Adam.h5"), model, task)
     # Queries that do not fit the model; a model that does not fit the trace.
     with pytest.raises(ValueError, match="query examples have the shape"):
         SOURCE(trace, model, task).attribute(TensorDataset(torch.randn(3, 5), torch.randn(3)), concrete["train"])
