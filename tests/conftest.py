@@ -21,6 +21,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
+def pytest_configure(config):
+    """One torch thread: the tests' tensors are tiny, and threads only add contention on 2 cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def quiet_trainer(**kwargs):
     """A CPU Trainer without logger, checkpoints, progress bar or model summary (tests only)."""
     import lightning as L
