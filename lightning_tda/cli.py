@@ -132,7 +132,9 @@ def _job_parser(subcommand: str) -> ArgumentParser:
     return parser
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The command's parser. With ``only``, the other job subcommands get a bare parser: reading the
+    Trainer's signature for each costs about a second, and a command line uses one of them."""
     parser = ArgumentParser(prog="lightning-tda", exit_on_error=False, description=__doc__.split("\n\n")[0])
     subcommands = parser.add_subcommands(required=True, dest="subcommand")
     helps = {
@@ -142,7 +144,9 @@ def build_parser() -> ArgumentParser:
         "run": "fit, attribute and report: the main job.",
     }
     for name, text in helps.items():
-        subcommands.add_subcommand(name, _job_parser(name), help=text)
+        full = only is None or name == only
+        job = _job_parser(name) if full else ArgumentParser(exit_on_error=False, description=text)
+        subcommands.add_subcommand(name, job, help=text)
     inspect = ArgumentParser(exit_on_error=False, description="Print a summary of a trace.")
     inspect.add_argument("trace", type=str, help="Path of a trace file.")
     subcommands.add_subcommand("inspect", inspect, help="Print a summary of a trace.")
@@ -395,8 +399,14 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
 
 # ---------------------------------------------------------------------------------------- main
 def _one_line(err: BaseException) -> str:
-    """jsonargparse messages can span lines (one per candidate type); keep the problem in one line."""
+    """jsonargparse messages span lines (one per candidate type of a union); keep the problem in one line:
+    for a class given by class_path, the nested key and what was wrong with it."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and "Does not validate against any of the Union subtypes" in lines[1]:
+        start = next((i for i, line in enumerate(lines) if line.startswith("- Problem with given class_path")), None)
+        if start is not None:
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("- ")), len(lines))
+            lines = [lines[0], lines[start].removeprefix("- ")] + lines[start + 1 : end]
     text = " ".join(lines) if lines else type(err).__name__
     return text if len(text) <= 400 else text[:397] + "..."
 
@@ -410,8 +420,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     from lightning_tda.reporting import use_offline_by_default
     from lightning_tda.trace import TraceError
 
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=argv[0] if argv and not argv[0].startswith("-") else None)
     try:
         config = parser.parse_args(argv)
     except Exception as err:  # ArgumentError and the type errors jsonargparse raises while parsing

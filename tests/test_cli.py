@@ -4,6 +4,7 @@ attribution writing the report once."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from lightning_tda.reporting.wandb_report import SELF_COLUMNS, table_columns
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
+TINY_CONFIG = yaml.safe_load(TINY.read_text())
+SOURCE_ARGS = next(m.get("init_args", {}) for m in TINY_CONFIG["methods"] if m["name"] == "source")
 METHODS = ["source", "datainf", "forward-inf"]  # tiny.yaml's main methods; ekfac and tracin are baselines
 K, QUERIES, SELF_TOP = 3, 4, 10
 
@@ -122,6 +125,7 @@ def _config_with(tmp_path: Path, **changes) -> str:
         "missing_model",
         "wrong_type",
         "wrong_type_in_yaml",
+        "wrong_type_nested",
         "unknown_method",
         "unknown_method_in_config",
         "bad_method_argument",
@@ -136,6 +140,10 @@ def test_bad_configs_give_one_line_errors(case, tmp_path, capsys):
         "missing_model": (["fit", "--config", _config_without("model", tmp_path)], "model"),
         "wrong_type": (["fit", "--config", str(TINY), "--queries.count", "many"], "queries.count"),
         "wrong_type_in_yaml": (["fit", "--config", _config_with(tmp_path, report={"k": "five"})], "report.k"),
+        "wrong_type_nested": (
+            ["fit", "--config", _config_with(tmp_path, model={**TINY_CONFIG["model"], "init_args": {"lr": "fast"}})],
+            "class_path 'lightning_tda.demo.MLPClassifier': Parser key \"lr\": Expected a <class 'float'>",
+        ),
         "unknown_method": (["attribute", "--config", str(TINY), "--method", "magic"], "'magic'"),
         "unknown_method_in_config": (
             ["attribute", "--config", _config_with(tmp_path, methods=[{"name": "magic"}]), "--trace", missing],
@@ -172,7 +180,7 @@ def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
             "--attribution.devices",
             "2",
             "--methods",
-            '[{"name": "source", "init_args": {"cache": false}}]',
+            json.dumps([{"name": "source", "init_args": {**SOURCE_ARGS, "cache": False}}]),
         ],
         tmp_path,
     )

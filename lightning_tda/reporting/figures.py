@@ -35,8 +35,9 @@ def _show(ax, example: ExampleView, title: str, color: str) -> None:
 
 def _image_grid(view: QueryView, method: str) -> Figure:
     k = max(len(view.helpful), len(view.harmful))
-    fig = Figure(figsize=(1.25 * (k + 1), 3.1), dpi=100, layout="constrained")
+    fig = Figure(figsize=(1.25 * (k + 1), 3.4), dpi=90)
     axes = fig.subplots(2, k + 1, squeeze=False)
+    fig.subplots_adjust(left=0.03, right=0.97, top=0.86, bottom=0.02, wspace=0.2, hspace=0.55)
     q = view.query
     _show(axes[0, 0], q, f"query #{q.id}\nlabel {q.label}\npred {q.prediction}", "black")
     axes[1, 0].axis("off")
@@ -55,9 +56,11 @@ def _image_grid(view: QueryView, method: str) -> Figure:
 
 def _score_bars(view: QueryView, method: str) -> Figure:
     examples = view.helpful + view.harmful[::-1]
-    fig = Figure(figsize=(7.5, 0.32 * len(examples) + 1.2), dpi=100, layout="constrained")
+    height = 0.32 * len(examples) + 1.2
+    fig = Figure(figsize=(7.5, height), dpi=90)
     ax = fig.subplots()
-    labels = [textwrap.shorten(f"#{e.id} y={e.label}: {e.rendered.text}", 70) for e in examples]
+    fig.subplots_adjust(left=0.5, right=0.97, top=1 - 0.45 / height, bottom=0.6 / height)
+    labels = [textwrap.shorten(f"#{e.id} y={e.label}: {e.rendered.text}", 60) for e in examples]
     values = [e.score for e in examples]
     colors = [HELPFUL_COLOR if v >= 0 else HARMFUL_COLOR for v in values]
     positions = np.arange(len(examples))[::-1]
@@ -66,16 +69,14 @@ def _score_bars(view: QueryView, method: str) -> Figure:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("score (positive = helped the query)", fontsize=8)
     q = view.query
-    ax.set_title(
-        textwrap.shorten(f"{method}: query #{q.id} (label {q.label}, pred {q.prediction}): {q.rendered.text}", 110),
-        fontsize=8,
-    )
+    ax.set_title(textwrap.shorten(f"{method}: query #{q.id} (label {q.label}, pred {q.prediction})", 80), fontsize=8)
     return fig
 
 
 def histogram_figure(values: np.ndarray, method: str, title: str = "pairwise scores") -> Figure:
-    fig = Figure(figsize=(5, 2.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(5, 2.6), dpi=90)
     ax = fig.subplots()
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.88, bottom=0.2)
     ax.hist(np.asarray(values, dtype=np.float64).reshape(-1), bins=60, color="#0969da")
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_title(f"{method}: {title}", fontsize=9)
