@@ -173,14 +173,15 @@ class OneOfTwoProcesses:
 
 
 def test_shards_of_the_training_set_add_up_to_the_full_scores(digits):
-    full = method(digits, steps=2, lr=0.05, batch_size=32)
-    expected = full.attribute(digits["queries"], digits["train"]).values
-    shards = [method(digits, steps=2, lr=0.05, batch_size=32, fabric=OneOfTwoProcesses(r)) for r in (0, 1)]
-    parts = [m.attribute(digits["queries"], digits["train"]).values for m in shards]
+    train = TensorDataset(*[t[:60] for t in digits["train"].tensors])
+    settings = {"steps": 2, "lr": 0.05, "batch_size": 16, "query_batch_size": 16}
+    full = method(digits, **settings)
+    shards = [method(digits, **settings, fabric=OneOfTwoProcesses(rank)) for rank in (0, 1)]
+    parts = [m.attribute(digits["queries"], train).values for m in shards]
     assert (parts[0] != 0).any() and (parts[1] != 0).any()
-    torch.testing.assert_close(parts[0] + parts[1], expected)
-    own = sum(m.self_influence(digits["train"]).values for m in shards)
-    torch.testing.assert_close(own, full.self_influence(digits["train"]).values)
+    torch.testing.assert_close(parts[0] + parts[1], full.attribute(digits["queries"], train).values)
+    own = sum(m.self_influence(train).values for m in shards)
+    torch.testing.assert_close(own, full.self_influence(train).values)
 
 
 def test_default_step_size_is_the_last_learning_rate(digits):
@@ -268,15 +269,16 @@ def test_leaked_test_points_are_found_in_the_training_set(leaked):
 
 
 def test_tune_picks_the_candidate_that_ranks_planted_copies_first(leaked):
+    pool = TensorDataset(*[t[:400] for t in leaked["train"].tensors])
     fi = ForwardINF(leaked["trace"], MLPClassifier(), TASK, normalize=True, query_batch_size=24)
-    result = fi.tune(leaked["train"], steps=(1, 10), lrs=(0.1, 1.0, 1e4), n_planted=12, seed=0)
+    result = fi.tune(pool, steps=(1, 10), lrs=(0.1, 1.0, 1e4), n_planted=12, seed=0)
     assert set(result.top1) | set(result.diverged) == {(k, a) for k in (1, 10) for a in (0.1, 1.0, 1e4)}
     best = result.top1[(result.steps, result.lr)]
     assert all(best >= rate for rate in result.top1.values())
     assert best >= 0.25 and (fi.steps, fi.lr) == (result.steps, result.lr)
     assert len(result.planted) == 12 and "chosen" in result.table()
     unnormalized = ForwardINF(leaked["trace"], MLPClassifier(), TASK)
-    diverging = unnormalized.tune(leaked["train"], steps=(1, 50), lrs=(1.0,), n_planted=4, apply=False)
+    diverging = unnormalized.tune(pool, steps=(1, 50), lrs=(1.0,), n_planted=2, apply=False)
     assert (50, 1.0) in diverging.diverged and (1, 1.0) in diverging.top1
     assert (unnormalized.steps, unnormalized.lr) == (5, pytest.approx(0.1))
 
