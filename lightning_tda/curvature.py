@@ -247,14 +247,38 @@ def pseudo_gradient_rows(
     )
     if exact:
         factors = task.fisher_factors(outputs)
-        for k, factor in enumerate(factors):
-            yield capture.output_gradient_rows((outputs * factor).sum(), retain_graph=k < len(factors) - 1), 1.0
+        try:
+            yield from ((rows, 1.0) for rows in _batched_output_gradient_rows(capture, outputs, factors))
+        except RuntimeError:  # an operation without a batched backward: one backward pass per factor
+            for k, factor in enumerate(factors):
+                yield capture.output_gradient_rows((outputs * factor).sum(), retain_graph=k < len(factors) - 1), 1.0
         return
     samples = fisher.samples or DEFAULT_SAMPLES
     for s in range(samples):
         sampled = task.sample_targets(outputs, generator)
         loss = task.loss(outputs, sampled).sum()
         yield capture.output_gradient_rows(loss, retain_graph=s < samples - 1), 1.0 / samples
+
+
+def _batched_output_gradient_rows(capture: LayerCapture, outputs: Tensor, factors: Tensor) -> list[dict[str, Tensor]]:
+    """Output-gradient rows of every factor ``⟨factor_k, outputs⟩`` from one vmapped backward pass."""
+    names = list(capture.outputs)
+    flat = [out for name in names for out in capture.outputs[name]]
+    grads = torch.autograd.grad(
+        outputs, flat, grad_outputs=factors, retain_graph=True, is_grads_batched=True, allow_unused=True
+    )
+    per_factor: list[dict[str, Tensor]] = [{} for _ in range(len(factors))]
+    position = 0
+    for name in names:
+        layer = next(la for la in capture.layers if la.name == name)
+        parts = []
+        for out in capture.outputs[name]:
+            grad = grads[position]
+            position += 1
+            parts.append(torch.zeros(len(factors), *out.shape, dtype=out.dtype) if grad is None else grad)
+        for k in range(len(factors)):
+            per_factor[k][name] = torch.cat([layer.gradient_rows(part[k]) for part in parts], dim=1)
+    return per_factor
 
 
 def per_example_matrices(rows: Tensor, activations: Tensor) -> Tensor:
@@ -344,7 +368,8 @@ def correct_eigenvalues(
 
     ``Λ*_{ij} = mean_n Σ_k w_k (Q_Sᵀ G_{n,k} Q_A)_{ij}²`` over the pass's examples, with the
     pseudo-gradients ``G_{n,k}`` of :func:`pseudo_gradient_rows`. For one row per example
-    (``R = 1``) the square factorises: ``(Q_Sᵀ δ)_i² (Q_Aᵀ a)_j²``, a single matrix product.
+    (``R = 1``) the square factorises, ``(Q_Sᵀ δ_k)_i² (Q_Aᵀ a)_j²``, so the pass costs one
+    ``(out, B) × (B, a_dim)`` product per batch after summing ``(Q_Sᵀ δ_k)²`` over the factors.
     """
     layers = [layer for layer in layers if layer.name in curvature]
     sums = {layer.name: torch.zeros_like(curvature[layer.name].eigenvalues) for layer in layers}
@@ -358,16 +383,19 @@ def correct_eigenvalues(
                 outputs = _evaluate(model, task, batch)
                 targets = task.targets(batch)
                 acts = {name: capture.activations[name].double() for name in sums}
+                squared_deltas: dict[str, Tensor] = {}  # one row per example: Σ_k w_k (Q_Sᵀ δ_k)²
                 for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
                     for name, total in sums.items():
                         basis = curvature[name]
                         delta, act = rows[name].double(), acts[name]
                         if delta.shape[1] == 1 and act.shape[1] == 1:
-                            rotated_delta = (delta[:, 0] @ basis.q_s) ** 2
-                            rotated_act = (act[:, 0] @ basis.q_a) ** 2
-                            total += weight * (rotated_delta.T @ rotated_act)
+                            squared = weight * (delta[:, 0] @ basis.q_s) ** 2
+                            previous = squared_deltas.get(name)
+                            squared_deltas[name] = squared if previous is None else previous + squared
                         else:
                             total += weight * basis.rotate(per_example_matrices(delta, act)).pow(2).sum(0)
+                for name, squared in squared_deltas.items():
+                    sums[name] += squared.T @ (acts[name][:, 0] @ curvature[name].q_a) ** 2
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
