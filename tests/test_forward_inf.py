@@ -214,6 +214,10 @@ def test_a_loss_that_turns_nan_stops_and_names_the_query(digits):
     x[4, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"query loss .* query id\(s\) \[4\]"):
         method(digits, steps=2, lr=0.05).attribute(TensorDataset(x, y), digits["train"])
+    with pytest.raises(FloatingPointError, match=r"query id\(s\) \[4\]"):
+        method(digits, steps=2, lr=0.05).attribute(TensorDataset(x, y), digits["train"], joint=True)
+    with pytest.raises(FloatingPointError, match=r"NaN/inf while stepping on (query id|the joint query set)"):
+        method(digits, steps=20, lr=1e3).attribute(digits["queries"], digits["train"], joint=True)
     # Steps so large that the ascent itself overflows: stop rather than return NaN scores.
     with pytest.raises(FloatingPointError, match=r"query id\(s\) \[\d"):
         method(digits, steps=20, lr=1e3).attribute(digits["queries"], digits["train"])

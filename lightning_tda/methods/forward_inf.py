@@ -284,7 +284,7 @@ class ForwardINF(AttributionMethod):
         self._check_finite(values, query_ids, "query loss")
         return self._update(params, grads, query_ids)
 
-    def _update(self, params: Params, grads: Params, query_ids: Tensor) -> Params:
+    def _update(self, params: Params, grads: Params, query_ids: Tensor | None) -> Params:
         """``θ ± α·g`` (or ``± α·g/‖g‖`` with ``normalize``) for stacked ``(P, ...)`` parameter sets."""
         step = self.sign * self.lr
         if self.normalize:
@@ -296,13 +296,18 @@ class ForwardINF(AttributionMethod):
         self._check_finite(_row_finite(updated), query_ids, "updated parameters")
         return updated
 
-    def _check_finite(self, values: Tensor, query_ids: Tensor, what: str) -> None:
+    def _check_finite(self, values: Tensor, query_ids: Tensor | None, what: str) -> None:
+        """Raise naming the queries (``None``: the joint query set) whose ``values`` rows are not finite."""
         bad = ~torch.isfinite(values) if values.dtype != torch.bool else ~values
         if bad.any():
-            ids = query_ids[bad.reshape(len(query_ids), -1).any(dim=1).cpu()].tolist()
+            if query_ids is None:
+                who = "the joint query set"
+            else:
+                ids = query_ids[bad.reshape(values.shape[0], -1).any(dim=1).cpu()].tolist()
+                who = f"query id(s) {ids[:10]}{' ...' if len(ids) > 10 else ''}"
             raise FloatingPointError(
-                f"Forward-INF: the {what} became NaN/inf while stepping on query id(s) {ids[:10]}"
-                f"{' ...' if len(ids) > 10 else ''} (K={self.steps}, α={self.lr:g}, {self.direction}). "
+                f"Forward-INF: the {what} became NaN/inf while stepping on {who} "
+                f"(K={self.steps}, α={self.lr:g}, {self.direction}). "
                 f"Use a smaller lr or fewer steps (ForwardINF.tune picks them), or check those queries."
             )
 
@@ -343,7 +348,9 @@ class ForwardINF(AttributionMethod):
                 losses[ids.to(self.device)] = self._train_losses(self.original, batch).to(losses.dtype)
         return self.sum_across_processes(losses)
 
-    def _updated_losses(self, stacked: Params, train: Data, base: Tensor, query_ids: Tensor, out: Tensor) -> None:
+    def _updated_losses(
+        self, stacked: Params, train: Data, base: Tensor, query_ids: Tensor | None, out: Tensor
+    ) -> None:
         """Write ``ℓ(z_i, θ_q) − ℓ(z_i, θ̂)`` (sign-adjusted) into ``out (P, N)`` for this process's share."""
         with torch.no_grad():
             for ids, batch in self.train_batches(train, "Forward-INF forward passes"):
@@ -372,9 +379,9 @@ class ForwardINF(AttributionMethod):
             params = _stack1(self.original)
             for _ in range(self.steps):
                 grads = self._joint_gradient({n: p[0] for n, p in params.items()}, queries)
-                params = self._update(params, _stack1(grads), torch.tensor([0]))
+                params = self._update(params, _stack1(grads), None)
             values = torch.zeros(1, n_train, device=self.device)
-            self._updated_losses(params, train, base, torch.tensor([0]), values)
+            self._updated_losses(params, train, base, None, values)
             result = self.scores(self.sum_across_processes(values), 1, n_train)
             result.config["joint"] = True
             result.config["n_joint_queries"] = n_queries
