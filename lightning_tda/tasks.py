@@ -36,6 +36,11 @@ def _second(batch: Any) -> Any:
     return batch[1]
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """Half-precision tensors as float32 (losses need the range); float32 and float64 unchanged."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
 class Task:
     """Base task for ``(inputs, targets)`` batches; subclasses define the loss.
 
@@ -118,7 +123,7 @@ class ClassificationTask(Task):
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         flat = F.cross_entropy(
-            outputs.reshape(-1, outputs.shape[-1]).float(),
+            at_least_float32(outputs.reshape(-1, outputs.shape[-1])),
             targets.reshape(-1),
             reduction="none",
             ignore_index=self.ignore_index,
@@ -127,7 +132,7 @@ class ClassificationTask(Task):
 
     def margin(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example margin ``logit_y - logsumexp_{c != y} logit_c`` (summed over positions)."""
-        logits = outputs.reshape(-1, outputs.shape[-1]).float()
+        logits = at_least_float32(outputs.reshape(-1, outputs.shape[-1]))
         flat_targets = targets.reshape(-1)
         valid = flat_targets != self.ignore_index
         safe = flat_targets.clamp(min=0)
@@ -174,8 +179,8 @@ class RegressionTask(Task):
         return x.reshape(x.shape[0], -1)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        diff = self._as_matrix(outputs).float() - self._as_matrix(targets).float()
-        return diff.pow(2).mean(dim=1)
+        predictions = at_least_float32(self._as_matrix(outputs))
+        return (predictions - self._as_matrix(targets).to(predictions.dtype)).pow(2).mean(dim=1)
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         dim = self._as_matrix(outputs).shape[1]
