@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tda.capture import LORA_PATTERNS, UnsupportedModelError, find_layers
+from lightning_tda.capture import LORA_PATTERNS, TrackedLayer, UnsupportedModelError, find_layers
 from lightning_tda.methods.base import AttributionMethod, Data
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
@@ -50,7 +50,9 @@ from lightning_tda.trace import Trace
 Gradients = dict[str, Tensor]  # layer name -> (B, d_l) float64
 
 
-def select_modules(model: nn.Module, layers: list, modules: str | Sequence[str] | None) -> list:
+def select_modules(
+    model: nn.Module, layers: list[TrackedLayer], modules: str | Sequence[str] | None
+) -> list[TrackedLayer]:
     """Restrict tracked ``layers`` to ``modules``: ``None`` (all), ``"lora"`` (peft LoRA adapters) or
     fnmatch patterns on layer names. Raises a ``ValueError`` naming the fix when nothing is left."""
     if modules is None:
@@ -131,9 +133,27 @@ class LayerwiseInfluence(AttributionMethod):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "modules": self.modules, "mean_query": self.mean_query}
 
+    def self_influence(self, train: Data) -> Scores:
+        """``Σ_l g_{l,k}ᵀ A_l g_{l,k}`` with ``A_l`` the method's approximation of ``(G_l + λ_l I)⁻¹``
+        (the identity for Hessian-free): kind ``"self"``, shape ``(N,)``. Large = unusual or mislabeled."""
+        n_train = len(self.loader(train, "train").dataset)
+        self.load_checkpoint(self.trace.final_checkpoint.index)
+        inverses = self.inverse_matrices(train)
+        values = torch.zeros(n_train, dtype=torch.float64)
+        for ids, grads in self.train_gradients(train, f"{self.name}: self-influence"):
+            for name, g in grads.items():
+                applied = g if inverses[name] is None else g @ inverses[name]
+                values[ids] += (applied * g).sum(1).cpu()
+        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
+
     # --- to implement ---------------------------------------------------------------------------
     def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
         """``{layer: r (Q, d_l) float64}``: the approximate ``(G_l + λ_l I)⁻¹ v`` of each query row."""
+        raise NotImplementedError
+
+    def inverse_matrices(self, train: Data) -> dict[str, Tensor | None]:
+        """``{layer: (d_l, d_l) float64}``, the approximate inverse as a matrix (``None`` = identity);
+        used by :meth:`self_influence`."""
         raise NotImplementedError
 
     # --- shared passes --------------------------------------------------------------------------
@@ -286,24 +306,11 @@ class DampedInfluence(LayerwiseInfluence):
                 f"max_dim if the memory and time are affordable."
             )
 
-    def inverse_matrices(self, train: Data) -> dict[str, Tensor]:
-        """``{layer: (d_l, d_l)}`` float64: the method's approximation of ``(G_l + λ_l I)⁻¹``."""
-        raise NotImplementedError
-
     def self_influence(self, train: Data) -> Scores:
-        """``g_kᵀ (G + λI)⁻¹ g_k`` summed over layers (with the method's inverse), kind ``"self"``, ``(N,)``.
-
-        Needs a ``d_l × d_l`` matrix per layer, so layers above ``max_dim`` are refused.
-        """
+        """See :meth:`LayerwiseInfluence.self_influence`; needs a ``d_l × d_l`` matrix per layer, so
+        layers above ``max_dim`` are refused."""
         self.check_dims("self-influence")
-        n_train = len(self.loader(train, "train").dataset)
-        self.load_checkpoint(self.trace.final_checkpoint.index)
-        inverses = self.inverse_matrices(train)
-        values = torch.zeros(n_train, dtype=torch.float64)
-        for ids, grads in self.train_gradients(train, f"{self.name}: self-influence"):
-            for name, g in grads.items():
-                values[ids] += ((g @ inverses[name]) * g).sum(1).cpu()
-        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
+        return super().self_influence(train)
 
 
 class DataInf(DampedInfluence):
@@ -510,7 +517,7 @@ class LiSSA(DampedInfluence):
                 )
         return products
 
-    def self_influence(self, train: Data) -> Scores:
+    def inverse_matrices(self, train: Data) -> dict[str, Tensor | None]:
         raise NotImplementedError(
             "LiSSA has no self-influence here: it would run the recursion once per training example. "
             "Use ExactInfluence, DataInf or HessianFree.self_influence."
@@ -540,12 +547,5 @@ class HessianFree(LayerwiseInfluence):
     def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
         return query_grads
 
-    def self_influence(self, train: Data) -> Scores:
-        """``‖g_k‖²`` summed over the selected layers, kind ``"self"``, shape ``(N,)``."""
-        n_train = len(self.loader(train, "train").dataset)
-        self.load_checkpoint(self.trace.final_checkpoint.index)
-        values = torch.zeros(n_train, dtype=torch.float64)
-        for ids, grads in self.train_gradients(train, "hessian-free: self-influence"):
-            for g in grads.values():
-                values[ids] += (g * g).sum(1).cpu()
-        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
+    def inverse_matrices(self, train: Data) -> dict[str, Tensor | None]:
+        return {la.name: None for la in self.layers}
