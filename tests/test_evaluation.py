@@ -231,6 +231,15 @@ def test_leakage_top_k_rates_on_known_ranks():
     with pytest.raises(ValueError, match="duplicate"):
         leakage_detection(scores, duplicates[:2])
 
+    # A loud example (large gradient, large self-influence) outranks the duplicate until normalized.
+    raw = torch.tensor([[2.0, 1.0, 0.1], [3.0, 0.2, 1.0]])  # duplicates: example 1 for q0, example 2 for q1
+    self_influence = torch.tensor([100.0, 1.0, 1.0])
+    assert leakage_detection(raw, [1, 2], ks=(1,)).top_k[1] == 0.0
+    normalized = leakage_detection(raw, [1, 2], ks=(1,), self_influence=self_influence)
+    np.testing.assert_array_equal(normalized.ranks, [1, 1])
+    with pytest.raises(ValueError, match="self_influence"):
+        leakage_detection(raw, [1, 2], self_influence=torch.ones(2))
+
 
 # --- the ready-made Lightning training function, plots and W&B ----------------------------------
 def test_lightning_train_fn_trains_a_demo_module_reproducibly():

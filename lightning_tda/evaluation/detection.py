@@ -102,13 +102,19 @@ def leakage_detection(
     scores: Scores | Tensor | np.ndarray,
     duplicates: Sequence[int] | np.ndarray | Tensor,
     ks: Sequence[int] = (1, 5, 10),
+    self_influence: Scores | Tensor | np.ndarray | None = None,
 ) -> LeakageResult:
     """Rank of each query's duplicate among the training examples by score (ties count against it).
+
+    Raw influence favours training examples with large gradients over a well-fit duplicate (whose
+    gradient, like its query's, is small); pass ``self_influence`` to rank by
+    ``τ(q, m) / √|τ(m, m)|`` instead (the cosine-like normalization of RelatIF / gradient cosine).
 
     Args:
         scores: ``(Q, N)`` scores of the leaked test points over the training set.
         duplicates: ``(Q,)`` training-set position of each query's planted copy.
         ks: the top-k cut-offs to report.
+        self_influence: optional ``(N,)`` self-influence of the training examples for the normalization.
     """
     values = scores.values if isinstance(scores, Scores) else torch.as_tensor(scores)
     values = values.double().numpy()
@@ -120,6 +126,12 @@ def leakage_detection(
         )
     if duplicates.min() < 0 or duplicates.max() >= values.shape[1]:
         raise ValueError(f"duplicates must be training positions in [0, {values.shape[1]}).")
+    if self_influence is not None:
+        own_scores = self_influence.values if isinstance(self_influence, Scores) else torch.as_tensor(self_influence)
+        norms = np.sqrt(np.abs(own_scores.double().numpy()))
+        if norms.shape != (values.shape[1],):
+            raise ValueError(f"self_influence has shape {norms.shape}; expected one value per training example.")
+        values = values / np.maximum(norms, np.finfo(np.float64).tiny)[None, :]
     if not np.isfinite(values).all():
         raise ValueError("The scores contain NaN or infinite values; check the method's damping or precision.")
     own = values[np.arange(len(duplicates)), duplicates]
