@@ -337,6 +337,16 @@ def attribute(job: Job) -> list[str]:
     return saved
 
 
+def _finish_wandb_runs(loggers: Sequence[Any] | None) -> None:
+    """End the WandbLogger's run so its offline log is complete when the command returns
+    (``WandbLogger.finalize`` leaves the run open)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers or []:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def _launch_fabric(devices: int) -> Any:
     if devices < 1:
         raise CLIError(f"attribution.devices={devices}: use at least 1.")
@@ -459,6 +469,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 loggers = fit(job).loggers
             attribute(job)
             report(job, loggers)
+            _finish_wandb_runs(loggers)
     except TraceError as err:
         raise CLIError(str(err)) from err
     return 0

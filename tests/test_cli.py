@@ -33,7 +33,10 @@ def _command() -> list[str]:
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR")}
+    # No credentials and no mode: the command must choose offline itself. WANDB_SERVICE would attach the
+    # command to this test process's wandb service, which writes the run log on its own schedule.
+    dropped = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_SERVICE")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["WANDB_SILENT"] = "true"
     return subprocess.run([*_command(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 

@@ -69,10 +69,11 @@ class OfflineRun:
         """Read a finished run. ``run.finish()`` returns before wandb's service has written the whole
         log, so wait (up to ``timeout`` seconds) for the run's exit record."""
         directory = Path(directory)
-        logs = list(directory.glob("run-*.wandb"))
+        deadline = time.monotonic() + timeout
+        while not (logs := list(directory.glob("run-*.wandb"))) and time.monotonic() < deadline:
+            time.sleep(0.2)
         if len(logs) != 1:
             raise FileNotFoundError(f"Expected one run-*.wandb in {directory}, found {logs}.")
-        deadline = time.monotonic() + timeout
         while True:
             records = read_records(logs[0])
             if any(r.WhichOneof("record_type") == "exit" for r in records):
