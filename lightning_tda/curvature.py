@@ -382,20 +382,17 @@ def correct_eigenvalues(
             with torch.enable_grad(), LayerCapture(layers) as capture:
                 outputs = _evaluate(model, task, batch)
                 targets = task.targets(batch)
-                acts = {name: capture.activations[name].double() for name in sums}
-                squared_deltas: dict[str, Tensor] = {}  # one row per example: Σ_k w_k (Q_Sᵀ δ_k)²
-                for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
-                    for name, total in sums.items():
-                        basis = curvature[name]
-                        delta, act = rows[name].double(), acts[name]
-                        if delta.shape[1] == 1 and act.shape[1] == 1:
-                            squared = weight * (delta[:, 0] @ basis.q_s) ** 2
-                            previous = squared_deltas.get(name)
-                            squared_deltas[name] = squared if previous is None else previous + squared
-                        else:
+                weighted = list(pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator))
+                weights = torch.tensor([w for _, w in weighted], dtype=torch.float64, device=outputs.device)
+                for name, total in sums.items():
+                    basis, act = curvature[name], capture.activations[name].double()
+                    deltas = torch.stack([rows[name] for rows, _ in weighted]).double()  # (K, B, R, out)
+                    if deltas.shape[2] == 1 and act.shape[1] == 1:  # Σ_k w_k (Q_Sᵀ δ_k)² per example
+                        squared = torch.einsum("k,kbo->bo", weights, (deltas[:, :, 0] @ basis.q_s) ** 2)
+                        total += squared.T @ (act[:, 0] @ basis.q_a) ** 2
+                    else:
+                        for delta, weight in zip(deltas, weights):
                             total += weight * basis.rotate(per_example_matrices(delta, act)).pow(2).sum(0)
-                for name, squared in squared_deltas.items():
-                    sums[name] += squared.T @ (acts[name][:, 0] @ curvature[name].q_a) ** 2
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
