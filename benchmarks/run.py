@@ -152,6 +152,7 @@ class Config:
     experiments: list[str]
     ground_truth_only: bool = False
     notes: list[str] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
 
 
 # --- running the methods ------------------------------------------------------------------------
@@ -298,7 +299,9 @@ def lds_experiment(setting: Setting, cfg: Config, results: dict[str, Any]) -> di
         "methods": lds_entries(runs, scores),
     }
     if scores:
-        plot_lds(scores, cfg.workdir / "plots" / f"lds-{setting.name}.png", title=f"LDS: {setting.title}")
+        cfg.plots.append(
+            plot_lds(scores, cfg.workdir / "plots" / f"lds-{setting.name}.png", title=f"LDS: {setting.title}")
+        )
     return runs
 
 
@@ -331,7 +334,11 @@ def counterfactual_experiment(setting: Setting, runs: dict[str, MethodRun], cfg:
         "random": next(iter(out.values())).random_flip_fraction.tolist() if out else None,
     }
     if out:
-        plot_counterfactual(out, cfg.workdir / "plots" / "counterfactual.png", title=f"Subset removal: {setting.title}")
+        cfg.plots.append(
+            plot_counterfactual(
+                out, cfg.workdir / "plots" / "counterfactual.png", title=f"Subset removal: {setting.title}"
+            )
+        )
 
 
 def mislabel_experiment(cfg: Config, results: dict) -> None:
@@ -357,7 +364,9 @@ def mislabel_experiment(cfg: Config, results: dict) -> None:
         "methods": table,
     }
     if out:
-        plot_mislabel(out, cfg.workdir / "plots" / "mislabel.png", title=f"Mislabel detection: {setting.title}")
+        cfg.plots.append(
+            plot_mislabel(out, cfg.workdir / "plots" / "mislabel.png", title=f"Mislabel detection: {setting.title}")
+        )
 
 
 def leakage_experiment(cfg: Config, results: dict) -> None:
@@ -384,7 +393,7 @@ def leakage_experiment(cfg: Config, results: dict) -> None:
         table[name] = entry
     results["leakage"] = {"title": "Digits MLP with planted test duplicates", "leaked": len(leaked), "methods": table}
     if out:
-        plot_leakage(out, cfg.workdir / "plots" / "leakage.png")
+        cfg.plots.append(plot_leakage(out, cfg.workdir / "plots" / "leakage.png"))
 
 
 class TwoStageTrainFn:
@@ -462,7 +471,9 @@ def two_stage_experiment(cfg: Config, results: dict) -> None:
         "methods": lds_entries(runs, scores),
     }
     if scores:
-        plot_lds(scores, cfg.workdir / "plots" / "lds-two-stage.png", title="LDS: two-stage digits, stage-1 data")
+        cfg.plots.append(
+            plot_lds(scores, cfg.workdir / "plots" / "lds-two-stage.png", title="LDS: two-stage digits, stage-1 data")
+        )
 
 
 def two_stage_runs(cfg: Config, trace: Path, setting: Setting, queries: Any, pooled: Any, half: int) -> dict:
@@ -745,7 +756,7 @@ def log_wandb(project: str, cfg: Config, results: dict[str, Any]) -> None:
         for name, m in e["methods"].items()
         if "lds" in m
     }
-    images = {f"plots/{p.stem}": p for p in sorted((cfg.workdir / "plots").glob("*.png"))}
+    images = {f"plots/{p.stem}": p for p in cfg.plots}
     run = wandb.init(project=project, job_type="benchmark", config={"subsets": cfg.subsets, "seeds": cfg.seeds})
     try:
         log_to_wandb(run, images, scalars)
