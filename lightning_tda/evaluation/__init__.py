@@ -7,7 +7,18 @@
 * ``plot_*`` PNGs and :func:`log_to_wandb`.
 
 Re-training uses your own ``train_fn(subset_indices, seed) -> model``; :class:`LightningTrainFn`
-builds one around a Lightning ``Trainer`` for any LightningModule.
+builds one around a Lightning ``Trainer`` for any LightningModule. Example::
+
+    from functools import partial
+    from lightning_tda.evaluation import LightningTrainFn, lds, lds_ground_truth
+
+    train_fn = LightningTrainFn(partial(MLPClassifier, lr=0.1), dm.train_set, max_epochs=8)  # the traced recipe
+    truth = lds_ground_truth(train_fn, ClassificationTask(), queries, len(dm.train_set),
+                             num_subsets=100, num_seeds=3, cache="ground_truth.h5", workers=2)
+    print(lds(SOURCE(trace, model=MLPClassifier(), task=ClassificationTask()).attribute(queries, dm.train_set), truth))
+
+A second ``lds_ground_truth`` call with the same subsets, seeds and queries reads the cache and
+trains nothing, so every method is scored against the same re-trained models.
 """
 
 from lightning_tda.evaluation.counterfactual import CounterfactualResult, subset_removal
