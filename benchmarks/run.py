@@ -60,7 +60,7 @@ from lightning_tda.evaluation import (  # noqa: E402
     plot_mislabel,
     subset_removal,
 )
-from lightning_tda.evaluation.retrain import quiet_lightning  # noqa: E402
+from lightning_tda.evaluation.retrain import fingerprint, quiet_lightning  # noqa: E402
 
 # Display name -> (class in lightning_tda.methods, keyword arguments). Defaults unless noted.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -401,6 +401,9 @@ class TwoStageTrainFn:
 
     def __init__(self, stage1: LightningTrainFn, stage2: TensorDataset, epochs2: int) -> None:
         self.stage1, self.stage2, self.epochs2 = stage1, stage2, epochs2
+
+    def cache_key(self) -> str:
+        return f"{self.stage1.cache_key()}|{fingerprint(self.stage2)}|{self.epochs2}"
 
     def fit(self, indices: np.ndarray, seed: int, callbacks: tuple = (), callbacks2: tuple = ()) -> Any:
         import lightning as L

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, Scores
 from lightning_tda.evaluation import (
@@ -109,6 +110,35 @@ def test_ground_truth_is_cached_and_a_second_evaluation_does_not_retrain(tmp_pat
     assert fit.calls == 28
     lds_ground_truth(fit, RegressionTask(), queries, 80, num_subsets=6, num_seeds=2, cache=cache, tag="other-recipe")
     assert fit.calls == 40
+
+
+def test_a_train_fn_cache_key_separates_recipes(tmp_path):
+    train, queries = ols_data(n=50, q=3)
+
+    class KeyedFit(OLSFit):
+        def __init__(self, train, recipe: str) -> None:
+            super().__init__(train)
+            self.recipe = recipe
+
+        def cache_key(self) -> str:
+            return self.recipe
+
+    first, same, other = KeyedFit(train, "a"), KeyedFit(train, "a"), KeyedFit(train, "b")
+    for fit in (first, same, other):
+        lds_ground_truth(fit, RegressionTask(), queries, 50, num_subsets=3, cache=tmp_path / "gt.h5")
+    assert (first.calls, same.calls, other.calls) == (3, 0, 3)
+
+
+def test_lightning_train_fn_cache_key_follows_recipe_and_data():
+    from lightning_tda.demo import MLPClassifier
+
+    data = (torch.randn(20, 64), torch.randint(0, 10, (20,)))
+    factory = functools.partial(MLPClassifier, lr=0.1)
+    key = LightningTrainFn(factory, TensorDataset(*data)).cache_key()
+    assert key == LightningTrainFn(functools.partial(MLPClassifier, lr=0.1), TensorDataset(*data)).cache_key()
+    assert key != LightningTrainFn(functools.partial(MLPClassifier, lr=0.2), TensorDataset(*data)).cache_key()
+    assert key != LightningTrainFn(factory, TensorDataset(*data), max_epochs=3).cache_key()
+    assert key != LightningTrainFn(factory, TensorDataset(data[0] + 1, data[1])).cache_key()
 
 
 def test_parallel_workers_give_the_same_ground_truth(tmp_path):

@@ -91,6 +91,15 @@ class LightningTrainFn:
         self.batch_size = batch_size
         self.trainer_kwargs = dict(trainer_kwargs or {})
 
+    def cache_key(self) -> str:
+        """Names the recipe and the training data in cache keys, so changing either re-trains.
+
+        Built from ``repr`` of the module factory and trainer arguments (keep them free of object
+        addresses, e.g. pass classes or ``functools.partial``) and a hash of the training set.
+        """
+        recipe = repr((self.module_factory, self.max_epochs, self.batch_size, sorted(self.trainer_kwargs.items())))
+        return hashlib.sha1((recipe + fingerprint(self.train_set)).encode()).hexdigest()
+
     def fit(self, subset_indices: Sequence[int] | np.ndarray, seed: int, callbacks: Sequence[Any] = ()) -> nn.Module:
         """Train a fresh module on ``train_set[subset_indices]``; ``callbacks`` e.g. a ``TDACallback``."""
         import lightning as L
@@ -196,8 +205,9 @@ class RetrainRunner:
         task: gives the query measurement (and, for classification, whether each query is correct).
         queries: the query set (map-style dataset or tuple of tensors).
         cache: HDF5 file for the results (created if missing); ``None`` keeps nothing on disk.
-        tag: names the training recipe in the cache key: use a different tag (or file) when
-            ``train_fn`` changes, since the cache cannot see inside it.
+        tag: names the training recipe in the cache key. A ``train_fn`` with a ``cache_key()`` method
+            (like :class:`LightningTrainFn`) adds its own; for any other, use a different tag (or
+            file) when ``train_fn`` changes, since the cache cannot see inside it.
         workers: processes to re-train in parallel (``1`` = in this process).
         threads_per_worker: torch threads in each worker.
         start_method: how workers start: ``"fork"`` (default where available, like DataLoader
@@ -219,6 +229,8 @@ class RetrainRunner:
         if self.workers < 1:
             raise ValueError(f"workers={self.workers}: use 1 (train in this process) or more.")
         self.query_fingerprint = fingerprint(self.queries)
+        recipe = getattr(self.train_fn, "cache_key", None)
+        self.recipe_key = f"{self.tag}|{recipe()}" if callable(recipe) else self.tag
 
     def _read(self, keys: list[str]) -> dict[str, Outcome]:
         if self.cache is None or not Path(self.cache).exists():
@@ -248,7 +260,7 @@ class RetrainRunner:
         self, jobs: Sequence[tuple[np.ndarray, int]], progress: Callable[[int, int], None] | None = None
     ) -> list[Outcome]:
         """Outcomes of ``jobs`` (``(subset_indices, seed)`` pairs), in order; trains only what the cache lacks."""
-        keys = [_key(indices, seed, self.query_fingerprint, self.tag) for indices, seed in jobs]
+        keys = [_key(indices, seed, self.query_fingerprint, self.recipe_key) for indices, seed in jobs]
         results = self._read(keys)
         missing = {key: job for key, job in zip(keys, jobs) if key not in results}
         if missing:
