@@ -10,8 +10,8 @@ keep eigenvalues on the Kronecker grid, ``(out, a_dim)``:
 
 The pseudo-gradients of the true Fisher are, by default, the **exact expectation** over the model's
 predictive distribution: each square-root factor of the output Hessian (``task.fisher_factors``) is
-back-propagated (K backward passes for K outputs), so ``Σ_k G_{n,k} ⊗ G_{n,k}`` is the example's
-Gauss-Newton matrix and the correction has no sampling noise. ``samples=m`` draws ``m`` targets per
+back-propagated (K factors for K outputs, in one vmapped backward pass), so ``Σ_k vec(G_{n,k}) vec(G_{n,k})ᵀ``
+is the example's Gauss-Newton matrix and the correction has no sampling noise. ``samples=m`` draws ``m`` targets per
 example instead (kronfluence draws one); sequence outputs always use samples, because the factors
 of a sum over positions cannot be back-propagated jointly without cross-position terms. An
 ``"empirical"`` trace is corrected with the real-label gradients.
@@ -275,7 +275,7 @@ def _batched_output_gradient_rows(capture: LayerCapture, outputs: Tensor, factor
         for out in capture.outputs[name]:
             grad = grads[position]
             position += 1
-            parts.append(torch.zeros(len(factors), *out.shape, dtype=out.dtype) if grad is None else grad)
+            parts.append(out.new_zeros(len(factors), *out.shape) if grad is None else grad)
         for k in range(len(factors)):
             per_factor[k][name] = torch.cat([layer.gradient_rows(part[k]) for part in parts], dim=1)
     return per_factor

@@ -102,6 +102,24 @@ def test_sampled_correction_approaches_the_expectation(small_run):
         assert error_many < error_one / 3  # noise falls like 1/sqrt(samples): 1/8 expected
 
 
+def test_unbatched_backward_fallback_gives_the_same_correction(small_run, monkeypatch):
+    trace = Trace.open(small_run["path"])
+    model, task = MLPClassifier(sizes=[64, 12, 10]), ClassificationTask()
+    trace.load_checkpoint(model, trace.final_checkpoint.index)
+    layers = trace.tracked_layers(model)
+    bases = eigenbases_from_covariances({la.name: trace.covariances(1, la.name) for la in layers})
+    data = PassData(torch.utils.data.Subset(small_run["train"], range(64)), batch_size=32)
+    batched = correct_eigenvalues(bases, model, layers, task, data, FisherOptions("true"))
+
+    def unsupported(*args):
+        raise RuntimeError("no batched backward")
+
+    monkeypatch.setattr(curvature, "_batched_output_gradient_rows", unsupported)
+    looped = correct_eigenvalues(bases, model, layers, task, data, FisherOptions("true"))
+    for name in batched:
+        assert torch.allclose(batched[name], looped[name], rtol=1e-10, atol=1e-14)
+
+
 def test_correction_with_several_rows_per_example_matches_a_loop():
     """Sequence-shaped inputs (R > 1 rows per example) take the general path; check it against autograd."""
     torch.manual_seed(0)
