@@ -327,8 +327,8 @@ def attribute(job: Job) -> list[str]:
             try:
                 results.append(method.self_influence(train))
                 line += f"; self-influence in {time.perf_counter() - start:.1f} s"
-            except NotImplementedError:
-                pass
+            except (NotImplementedError, ValueError) as err:  # e.g. DataInf's d×d self-influence on big layers
+                line += f"; no self-influence ({str(err).splitlines()[0]})"
         if global_rank() == 0:
             saved += [result.save(job.trace_path) for result in results]
             print(line)
