@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from conftest import quiet_trainer
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tda import ClassificationTask, Trace
+from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.capture import UnsupportedModelError
 from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA
 
@@ -191,32 +192,17 @@ def test_layer_too_large_for_exact(digits_run, lora_run):
 
 def test_zero_gradient_layer(lora_run, tmp_path):
     """Adapters that never trained keep B = 0, so every lora_A gradient is 0 and the automatic λ is 0."""
-    data = lora_run["data"]
-    small = lora_digits.DigitsSplit(
-        data.pretrain, TensorDataset(*[t[:32] for t in data.finetune.tensors]), data.test, data.flipped[:32]
-    )
+    train = TensorDataset(*[t[:32] for t in lora_run["data"].finetune.tensors])
     model = lora_digits.LoRAClassifier(rank=RANK, lr=0.0)
     model.load_base(lora_run["base"])
-    import lightning as L
-
-    from lightning_tda import TDACallback
-
-    path = tmp_path / "frozen.h5"
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[TDACallback(str(path), task=TASK, layers="lora")],
-    )
-    trainer.fit(model, torch.utils.data.DataLoader(small.finetune, batch_size=16))
-    trace = Trace.open(path)
-    queries = lora_run["queries"]
+    path = tmp_path / "untrained.h5"
+    trainer = quiet_trainer(max_epochs=1, callbacks=[TDACallback(str(path), task=TASK, layers="lora")])
+    trainer.fit(model, DataLoader(train, batch_size=16))
+    trace, queries = Trace.open(path), lora_run["queries"]
     with pytest.raises(ValueError, match=r"lora_A.*zero gradient.*fixed damping"):
-        DataInf(trace, lora_digits.LoRAClassifier(rank=RANK), TASK, modules="lora").attribute(queries, small.finetune)
+        DataInf(trace, lora_digits.LoRAClassifier(rank=RANK), TASK, modules="lora").attribute(queries, train)
     fixed = DataInf(trace, lora_digits.LoRAClassifier(rank=RANK), TASK, modules="lora", damping=1e-3)
-    per_layer = fixed.attribute_per_layer(queries, small.finetune)
+    per_layer = fixed.attribute_per_layer(queries, train)
     assert all((s.values == 0).all() for name, s in per_layer.items() if "lora_A" in name)
     assert any((s.values != 0).any() for name, s in per_layer.items() if "lora_B" in name)
 
