@@ -230,7 +230,7 @@ def method_class(name: str) -> type:
 
     try:
         return getattr(methods, METHODS[name])
-    except ImportError as err:
+    except (ImportError, AttributeError) as err:
         raise CLIError(f"Method {name!r} ({METHODS[name]}) is not available in this installation: {err}.") from err
 
 

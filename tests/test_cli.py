@@ -173,6 +173,16 @@ def test_bad_configs_give_one_line_errors(case, tmp_path, capsys):
     assert lines[0].startswith("lightning-tda: error: ") and expected in lines[0], lines[0]
 
 
+def test_a_method_that_is_not_installed_is_a_one_line_error(main_job, monkeypatch, capsys):
+    import lightning_tda.methods as methods
+
+    monkeypatch.setitem(methods._WHERE, "SOURCE", "not_landed_yet")
+    trace = str(main_job["out"] / "trace.h5")
+    assert main(["attribute", "--config", str(TINY), "--trace", trace, "--method", "source"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lightning-tda: error: Method 'source' (SOURCE) is not available in this installation")
+
+
 def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
     """Two gloo processes share the training set; only rank 0 saves scores and writes the report."""
     done = _run_cli(
