@@ -458,7 +458,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise CLIError(f"Could not create the configured objects: {_one_line(err)}") from err
     try:
         if subcommand == "fit":
-            fit(job)
+            _finish_wandb_runs(fit(job).loggers)
         elif subcommand == "attribute":
             attribute(job)
         elif subcommand == "report":
