@@ -369,3 +369,37 @@ def test_browser_renders_the_report_without_console_errors(chromium, report_case
     pixels = imread(tmp_path / "report.png")
     assert pixels.shape[:2] == (1400, 1100)
     assert pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_token_ids_are_decoded_by_a_real_tokenizer_in_wandb_and_html(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    train_text = ["the cat sat on the mat", "a dog ran in the park", "the cat ate the fish", "stocks fell on monday"]
+    query_text = ["the cat sat", "markets fell on friday"]
+    words = sorted({w for s in train_text + query_text for w in s.split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+
+    def encode(texts):
+        rows = [tokenizer.encode(t).ids for t in texts]
+        return torch.tensor([r + [0] * (8 - len(r)) for r in rows])
+
+    train = torch.utils.data.TensorDataset(encode(train_text), torch.tensor([0, 0, 0, 1]))
+    queries = torch.utils.data.TensorDataset(encode(query_text), torch.tensor([0, 1]))
+    bags = [{w for w in s.split()} for s in train_text]
+    overlap = torch.tensor([[len(set(q.split()) & b) for b in bags] for q in query_text], dtype=torch.float32)
+    scores = Scores(overlap - overlap.mean(dim=1, keepdim=True), torch.arange(4), torch.arange(2), "overlap")
+    content = build_report(scores, queries, train, k=1, renderer=TextRenderer(tokenizer=tokenizer, ignore_ids=[0]))
+
+    written = write_reports(content, html=tmp_path / "report.html", wandb=WandbReporter(save_dir=str(tmp_path)))
+    table = OfflineRun.read(written.wandb.run_dir).table("tda/overlap/queries")
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(r["query"], r["helpful_1"], r["harmful_1"]) for r in rows] == [
+        ("the cat sat", "the cat sat on the mat", "stocks fell on monday"),
+        ("markets fell on friday", "stocks fell on monday", "a dog ran in the park"),
+    ]
+    html = written.html.read_text()
+    assert "the cat sat on the mat" in html and "[PAD]" not in html
