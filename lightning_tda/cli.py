@@ -15,7 +15,10 @@ Subcommands::
     lightning-tda inspect TRACE                              # summary of a trace
 
 Errors in the config (missing key, wrong type, unknown method, missing trace) are one line naming
-the problem, with exit status 2.
+the problem, with exit status 2. Unlike LightningCLI, the trainer has no logger unless the config
+names one, and ``fit`` replaces an existing trace at the same path (``callback.if_exists``).
+With ``attribution.devices > 1`` Fabric starts the extra processes by running the same command
+again; in ``run`` they skip training and join attribution, and only rank 0 writes.
 """
 
 from __future__ import annotations
