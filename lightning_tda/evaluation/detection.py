@@ -109,6 +109,8 @@ def leakage_detection(
     Raw influence favours training examples with large gradients over a well-fit duplicate (whose
     gradient, like its query's, is small); pass ``self_influence`` to rank by
     ``τ(q, m) / √|τ(m, m)|`` instead (the cosine-like normalization of RelatIF / gradient cosine).
+    For a symmetric positive semi-definite score this ranks an *exact* copy first by Cauchy–Schwarz,
+    so it is informative for near-duplicates, not for exact ones.
 
     Args:
         scores: ``(Q, N)`` scores of the leaked test points over the training set.
