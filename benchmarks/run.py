@@ -674,7 +674,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         queries=args.queries or (8 if quick else 50),
         max_train=300 if quick else None,
         leaked=6 if quick else 30,
-        counterfactual_queries=2 if quick else 10,
+        counterfactual_queries=2 if quick else 20,
         ks=(20, 60) if quick else (10, 50, 150, 300),
         workers=args.workers,
         workdir=args.workdir,
