@@ -13,7 +13,9 @@ if str(ROOT) not in sys.path:
 from benchmarks import run  # noqa: E402
 
 
-def test_quick_benchmark_writes_tables(tmp_path):
+def test_quick_benchmark_writes_tables(tmp_path, monkeypatch):
+    # A method that is not importable is reported, not fatal.
+    monkeypatch.setitem(run.METHODS, "Missing", ("NoSuchMethod", {}))
     out = tmp_path / "BENCHMARKS.md"
     results = run.main(["--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)])
 
@@ -25,6 +27,7 @@ def test_quick_benchmark_writes_tables(tmp_path):
     for name in [*run.METHODS, "random"]:
         assert text.count(f"| {name} |") >= 4, name
     assert "| random removal |" in text
+    assert text.count("| Missing | not available") >= 4
 
     digits = results["lds"]["digits"]["methods"]
     assert -1.0 <= digits["random"]["lds"] <= 1.0
