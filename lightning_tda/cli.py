@@ -160,8 +160,12 @@ def build_parser(only: str | None = None) -> ArgumentParser:
 class Job:
     """A parsed config with its objects instantiated (model, data module, task, renderer)."""
 
-    def __init__(self, config: Namespace, parser: ArgumentParser) -> None:
+    def __init__(self, config: Namespace, parser: ArgumentParser, trains: bool) -> None:
         self.config = config
+        if not trains:  # do not create the trainer's logger (it makes directories and runs) just to read
+            config = config.clone()
+            config.trainer.logger = False
+            config.trainer.callbacks = None
         init = parser.instantiate_classes(config)
         self.model, self.data, self.task = init.model, init.data, init.task
         self.output_dir = Path(config.output_dir).resolve()
@@ -454,7 +458,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     L.seed_everything(sub.seed_everything, verbose=False)  # before the model is built, as LightningCLI does
     try:
-        job = Job(sub, parser._subcommands_action._name_parser_map[subcommand])
+        job = Job(sub, parser._subcommands_action._name_parser_map[subcommand], trains=subcommand in ("fit", "run"))
     except CLIError:
         raise
     except Exception as err:  # constructor errors of the configured classes
