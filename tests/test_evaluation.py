@@ -148,6 +148,19 @@ def test_parallel_workers_give_the_same_ground_truth(tmp_path):
     np.testing.assert_allclose(serial.measurements, parallel.measurements)
 
 
+def test_lds_skips_queries_whose_measurement_never_changes():
+    from lightning_tda.evaluation import GroundTruth
+
+    subsets = draw_subsets(6, 8, 0.5, seed=0)
+    masks = np.zeros((8, 6))
+    np.put_along_axis(masks, subsets, 1.0, axis=1)
+    tau = np.array([[1.0, -2.0, 0.5, 3.0, 0.0, 1.5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    measurements = np.stack([-(masks @ tau[0]), np.full(8, 2.0)], axis=1)[:, None, :]  # query 1 is constant
+    result = lds(torch.tensor(tau), GroundTruth(subsets, np.array([0]), measurements, 6))
+    assert result.per_query[0] == pytest.approx(1.0) and np.isnan(result.per_query[1])
+    assert result.mean == pytest.approx(1.0)
+
+
 def test_lds_rejects_mismatched_scores_and_bad_subsets():
     train, queries = ols_data(n=40, q=3)
     truth = lds_ground_truth(OLSFit(train), RegressionTask(), queries, 40, num_subsets=3)
