@@ -191,7 +191,7 @@ def run_method(
     class_name, kwargs = METHODS[display]
     try:
         cls = import_method(class_name)
-    except (ImportError, AttributeError) as err:
+    except Exception as err:  # not landed (AttributeError/ImportError) or broken on import
         return MethodRun(status=f"not available ({type(err).__name__})")
     from lightning_tda.trace import Trace
 
