@@ -33,15 +33,15 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-METHODS = {
+METHODS = {  # the order reports follow: the three methods, then the baselines
     "source": "SOURCE",
+    "datainf": "DataInf",
+    "forward-inf": "ForwardINF",
     "ekfac": "EKFACInfluence",
     "tracin": "TracInCP",
-    "datainf": "DataInf",
     "exact": "ExactInfluence",
     "lissa": "LiSSA",
     "hessian-free": "HessianFree",
-    "forward-inf": "ForwardINF",
 }
 # Arguments the command supplies itself, never read from the config.
 _SUPPLIED = {"trace", "model", "task", "fabric", "progress"}
