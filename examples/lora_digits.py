@@ -7,7 +7,7 @@
 3. Score every fine-tuning example with DataInf on the LoRA layers: per test query, and against the
    mean test gradient (the paper's mislabel detection: flipped labels get the most negative scores).
 
-Run: ``python examples/lora_digits.py`` (about 20 s on a laptop CPU). The pieces are importable so a
+Run: ``python examples/lora_digits.py`` (under 10 s on an idle 2-core CPU). The pieces are importable so a
 test or a benchmark can run them small.
 """
 
