@@ -300,6 +300,7 @@ class PassData:
     seed: int = 0
     shard: tuple[int, int] = (0, 1)  # (rank, world size): this process takes every world-th batch
     reduce: Callable[[Tensor], Tensor] | None = None  # sums a partial result across processes
+    barrier: Callable[[], None] | None = None  # waits for every process (Fabric's barrier)
     progress: bool | None = None
 
     def loader(self, task: Task) -> DataLoader:
@@ -322,6 +323,17 @@ class PassData:
 
     def total(self, tensor: Tensor) -> Tensor:
         return tensor if self.reduce is None else self.reduce(tensor)
+
+    def write_cache(self, trace: Trace, key: str, tensors: Mapping[str, Tensor], attrs: Mapping[str, Any]) -> None:
+        """Write a fitted result into the trace from the first process only, then wait for every process.
+
+        Every process fitted the same (all-reduced) result, so the others keep their own copy; the
+        barrier makes sure no process opens the trace while it is being written (HDF5 locks it).
+        """
+        if self.shard[0] == 0:
+            trace.write_group(key, tensors, attrs)
+        if self.barrier is not None and self.shard[1] > 1:
+            self.barrier()
 
     def fingerprint(self, task: Task) -> str:
         """Identifies the data of a pass: number of examples and a hash of the first and last batch."""
@@ -535,7 +547,7 @@ def fit_curvature(
         fisher: ``"true"`` or ``"empirical"``; default: what the trace recorded.
         samples: ``None`` for the exact expectation over the predictive distribution, or sampled
             targets per example (true Fisher only).
-        cache: read/write the fit in the trace's ``cache/`` group.
+        cache: read/write the fit in the trace's ``cache/`` group (written by the first process only).
 
     Returns:
         ``{layer name: LayerEigenbasis | DenseLayerCurvature}`` in the order of ``layers``.
@@ -597,7 +609,7 @@ def fit_curvature(
         result = dict(bases)
     if cache:
         tensors = {f"{name}/{part}": t for name, c in result.items() for part, t in c.tensors().items()}
-        trace.write_group(key, tensors, {"options": to_json(key_fields)})
+        data.write_cache(trace, key, tensors, {"options": to_json(key_fields)})
     return {name: c.to(data.device) for name, c in result.items()}
 
 

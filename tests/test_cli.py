@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 from test_reporting import _ReportParser
@@ -195,13 +196,15 @@ def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
             "--attribution.devices",
             "2",
             "--methods",
-            json.dumps([{"name": "source", "init_args": {**SOURCE_ARGS, "cache": False}}]),
+            json.dumps([{"name": "source", "init_args": SOURCE_ARGS}]),
         ],
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "runs" / "tiny"
     assert done.stdout.count("source: scores (4, 449)") == 1
+    with h5py.File(out / "trace.h5", "r") as f:  # the fitted curvature was cached (by rank 0 only)
+        assert len(f["cache"]) > 0
     assert list(out.rglob("*.html")) == [out / "report.html"]
     (run_dir,) = find_runs(out)
     assert len(OfflineRun.read(run_dir).table("tda/source/queries")["data"]) == QUERIES

@@ -132,6 +132,7 @@ class EKFACInfluence(AttributionMethod):
             seed=self.seed,
             shard=(rank, world),
             reduce=self.sum_across_processes,
+            barrier=self.fabric.barrier if world > 1 else None,
             progress=self.progress,
         )
         self.curvature = fit_curvature(

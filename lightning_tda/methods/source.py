@@ -319,6 +319,7 @@ class SOURCE(AttributionMethod):
             seed=self.seed,
             shard=(rank, world),
             reduce=self.sum_across_processes if world > 1 else None,
+            barrier=self.fabric.barrier if world > 1 else None,
             progress=self.progress,
         )
 
@@ -375,7 +376,7 @@ class SOURCE(AttributionMethod):
             fitted = dict(bases)
         if self.cache:
             tensors = {f"{name}/{part}": t for name, c in fitted.items() for part, t in c.tensors().items()}
-            self.trace.write_group(key, tensors, {"options": to_json(key_fields)})
+            data.write_cache(self.trace, key, tensors, {"options": to_json(key_fields)})
         return {name: c.to(self.device) for name, c in fitted.items()}
 
     def operators(self, train: Data) -> dict[int, SegmentOperators]:
