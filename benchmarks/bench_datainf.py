@@ -156,8 +156,8 @@ def main() -> None:
     body = (
         "Mislabel detection: AUC of −score (most harmful to the mean clean-test loss first) against the "
         "flipped-label mask (the paper's Figure 2 protocol). Times are wall-clock seconds of `attribute` from "
-        "the trace (query gradients included) on a shared 2-core CPU with other jobs running, so absolute "
-        "times are noisy; ratios come from one run. Passes over the "
+        "the trace (query gradients included) on a 2-core CPU that other jobs may share, fastest of "
+        f"{args.repeats} round-robin runs. Passes over the "
         "training set: DataInf 3 (squared norms, r, scores), exact 2 (+ a d_l³ Cholesky per layer), LiSSA 11 "
         "(10 iterations + scores), Hessian-free 1.\n\n" + "\n\n".join(parts)
     )
