@@ -104,12 +104,23 @@ def test_exact_gauss_newton_curvature_gives_the_exact_influence(tiny):
     _assert_close(scores.values, expected)
 
 
-def test_kfac_curvature_equals_the_dense_kronecker_inverse(tiny):
+@pytest.mark.parametrize("covariances", ["recompute", "stream"])
+def test_kfac_curvature_equals_the_dense_kronecker_inverse(tiny, covariances):
+    """K-FAC with the factors recomputed at the final parameters (the default) or streamed in training."""
     trace = tiny["trace"]
-    method = EKFACInfluence(trace, MLPClassifier(sizes=SIZES), ClassificationTask(), curvature="kfac")
+    method = EKFACInfluence(
+        trace, MLPClassifier(sizes=SIZES), ClassificationTask(), curvature="kfac", covariances=covariances
+    )
     scores = method.attribute(tiny["queries"], tiny["train"])
-    segment = trace.final_checkpoint.segment
-    factors = {name: trace.covariances(segment, name) for name in ("net.0", "net.2")}
+    if covariances == "stream":
+        segment = trace.final_checkpoint.segment
+        factors = {name: trace.covariances(segment, name) for name in ("net.0", "net.2")}
+    else:
+        method.load_checkpoint(trace.final_checkpoint.index)
+        data = curvature.PassData(tiny["train"])
+        factors = curvature.covariances_at(
+            method.model, method.layers, ClassificationTask(), data, curvature.FisherOptions("true")
+        )
     expected = exact_gauss_newton_influence(_final_model(trace), tiny["train"], tiny["queries"], kronecker=factors)
     _assert_close(scores.values, expected)
 
