@@ -41,7 +41,7 @@ class EKFACInfluence(AttributionMethod):
             default because the influence function is defined at the final parameters: on the digits
             MLP the streamed basis (averaged over the last third of training, while the model grew
             confident) gives mean per-query Pearson 0.28 with exact per-layer Gauss-Newton influence,
-            the recomputed one 0.44 (the best Kronecker basis reaches 0.46), for one extra pass as
+            the recomputed one 0.44 (EK-FAC in an ideal Kronecker basis: 0.46), for one extra pass as
             cheap as the correction pass (BENCHMARKS.md, ``bench_ekfac.py``). SOURCE, which needs
             the curvature along training, uses the streamed covariances.
         fisher: ``"true"`` or ``"empirical"`` for the fitting passes; default: what the trace recorded.
