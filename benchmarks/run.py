@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -721,7 +722,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = time.perf_counter() - start
     cfg.notes.append(f"Total wall time {total / 60:.1f} min with {cfg.workers} re-training workers.")
     body = report(results, cfg)
-    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])
+    kept = [a for i, a in enumerate(given) if a != "--note" and (i == 0 or given[i - 1] != "--note")]
+    command = "python benchmarks/run.py " + shlex.join(kept)  # notes are in the body already
     section = "evaluation-quick" if cfg.quick else "evaluation"
     title = (
         "Attribution quality (quick smoke run)"
