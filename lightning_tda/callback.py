@@ -16,11 +16,12 @@ summed across ranks first. The callback's own state is saved in Lightning checkp
 Overhead: taking statistics costs about one forward pass of each tracked layer (plus a forward
 and backward pass with the true Fisher) on the steps where they are taken. ``every_n_steps="auto"``
 takes them on every k-th step with k = min(k_max, steps of the shortest planned segment // 8),
-k_max = 10 for the empirical and 16 for the true Fisher (whose extra forward and backward cost about
-one training step), so the overhead stays near 10% while every segment still gets at least 8
+k_max = 10 for the empirical and 20 for the true Fisher (whose extra forward and backward cost about
+one training step), so the overhead stays under about 10% while every segment still gets at least 8
 statistics steps when it has that many; see ``BENCHMARKS.md`` for the measured cost. The EK-FAC
-eigenvalue correction of the attribution methods re-estimates the curvature's scale from the training
-set, so a few hundred examples per segment are enough for the eigenbases.
+eigenvalue correction of the attribution methods re-estimates the eigenvalues from the training set,
+and the streamed eigenbasis was measured no better with statistics on every step than on every 7th
+(BENCHMARKS.md, EK-FAC section), so sampling steps costs attribution little.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from lightning_tda.tasks import Task
 from lightning_tda.trace import TraceWriter
 
 MIN_STATS_STEPS_PER_SEGMENT = 8
-AUTO_MAX_EVERY = {"empirical": 10, "true": 16}
+AUTO_MAX_EVERY = {"empirical": 10, "true": 20}
 _IF_EXISTS = {"error": "create", "overwrite": "overwrite", "append": "append"}
 
 
