@@ -646,6 +646,13 @@ def _average_over_checkpoints(
 
 def _load_cached(trace: Trace, key: str, layers: Sequence[TrackedLayer], device: torch.device) -> Curvature:
     tensors, _ = trace.read_group(key)
+    return curvature_from_tensors(tensors, layers, device)
+
+
+def curvature_from_tensors(
+    tensors: Mapping[str, Tensor], layers: Sequence[TrackedLayer], device: torch.device
+) -> Curvature:
+    """Rebuild fitted curvature from cached datasets (``<layer>/matrix`` or ``<layer>/q_a, q_s, eigenvalues``)."""
     result: Curvature = {}
     for layer in layers:
         if f"{layer.name}/matrix" in tensors:

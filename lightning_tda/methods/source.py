@@ -37,6 +37,7 @@ from lightning_tda.curvature import (
     LayerEigenbasis,
     PassData,
     correct_eigenvalues,
+    curvature_from_tensors,
     decay_response,
     eigenbases_from_covariances,
     exp_decay,
@@ -359,7 +360,7 @@ class SOURCE(AttributionMethod):
         key = "cache/source-fast-" + hashlib.sha1(to_json(key_fields).encode()).hexdigest()[:20]
         if self.cache and self.trace.has_group(key):
             tensors, _ = self.trace.read_group(key)
-            return _curvature_from_tensors(tensors, self.layers, self.device)
+            return curvature_from_tensors(tensors, self.layers, self.device)
         self.model.load_state_dict(self._averaged_state(segment))
         self.model.eval()
         if self.curvature_kind == "gauss-newton":
@@ -471,21 +472,6 @@ class SOURCE(AttributionMethod):
                     total += weight * (u * grads).sum(dim=1)
             values[ids.to(self.device)] = total
         return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
-
-
-def _curvature_from_tensors(tensors: Mapping[str, Tensor], layers: Sequence[Any], device: torch.device) -> Curvature:
-    result: Curvature = {}
-    for layer in layers:
-        if f"{layer.name}/matrix" in tensors:
-            result[layer.name] = DenseLayerCurvature(layer.name, layer.shape, tensors[f"{layer.name}/matrix"])
-        else:
-            result[layer.name] = LayerEigenbasis(
-                layer.name,
-                tensors[f"{layer.name}/q_a"],
-                tensors[f"{layer.name}/q_s"],
-                tensors[f"{layer.name}/eigenvalues"],
-            )
-    return {name: c.to(device) for name, c in result.items()}
 
 
 __all__ = ["SOURCE", "SUPPORTED_OPTIMIZERS", "LayerDynamics", "SegmentOperators", "layer_dynamics", "optimizer_kind"]
