@@ -38,7 +38,7 @@ def child(model_name: str, config: str, epochs: int) -> None:
     import torch
 
     from lightning_tda import ClassificationTask, TDACallback
-    from lightning_tda.demo import DigitsDataModule, MLPClassifier, SmallCNN
+    from lightning_tda.demo import DigitsDataModule, MLPClassifier, SmallCNN, headless_trainer
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -50,16 +50,7 @@ def child(model_name: str, config: str, epochs: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if kwargs is not None:
             callbacks.append(TDACallback(f"{tmp}/trace.h5", task=ClassificationTask(), **kwargs))
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            callbacks=callbacks,
-        )
+        trainer = headless_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks)
         start = time.perf_counter()
         trainer.fit(model, data)
         seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ import lora_digits  # noqa: E402
 
 from benchmarks.report import markdown_table, write_section  # noqa: E402
 from lightning_tda import ClassificationTask, TDACallback, Trace  # noqa: E402
-from lightning_tda.demo import DigitsDataModule, MLPClassifier  # noqa: E402
+from lightning_tda.demo import DigitsDataModule, MLPClassifier, headless_trainer  # noqa: E402
 from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA  # noqa: E402
 
 METHODS = (DataInf, ExactInfluence, LiSSA, HessianFree)
@@ -93,15 +93,7 @@ def full_mlp_run(seed: int, workdir: Path) -> tuple[dict, dict, int, int]:
     L.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(flip_fraction=0.2, seed=seed)
     path = workdir / f"mlp_s{seed}.h5"
-    trainer = L.Trainer(
-        max_epochs=10,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[TDACallback(str(path), task=TASK)],
-    )
+    trainer = headless_trainer(max_epochs=10, callbacks=[TDACallback(str(path), task=TASK)])
     trainer.fit(MLPClassifier(), dm)
     trace = Trace.open(path)
 

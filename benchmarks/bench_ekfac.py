@@ -90,17 +90,12 @@ def train_digits(path: Path, epochs: int, **callback_options):
     import lightning as L
 
     from lightning_tda import ClassificationTask, TDACallback
-    from lightning_tda.demo import DigitsDataModule, MLPClassifier
+    from lightning_tda.demo import DigitsDataModule, MLPClassifier, headless_trainer
 
     L.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=64, seed=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = headless_trainer(
         max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[TDACallback(str(path), task=ClassificationTask(), **callback_options)],

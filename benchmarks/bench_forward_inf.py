@@ -40,19 +40,11 @@ def train(path: Path, train_set: TensorDataset, epochs: int = 8, seed: int = 0):
     import lightning as L
 
     from lightning_tda import ClassificationTask, TDACallback, Trace
-    from lightning_tda.demo import MLPClassifier
+    from lightning_tda.demo import MLPClassifier, headless_trainer
 
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[TDACallback(str(path), task=ClassificationTask())],
-    )
+    trainer = headless_trainer(max_epochs=epochs, callbacks=[TDACallback(str(path), task=ClassificationTask())])
     trainer.fit(MLPClassifier(lr=0.1, momentum=0.9), loader)
     return Trace.open(path)
 

@@ -47,7 +47,13 @@ if __package__ in (None, ""):
 
 from benchmarks.report import BENCHMARKS_MD, markdown_table, write_section  # noqa: E402
 from lightning_tda import ClassificationTask, RegressionTask, Scores, Task  # noqa: E402
-from lightning_tda.demo import ConcreteDataModule, DigitsDataModule, MLPClassifier, MLPRegressor  # noqa: E402
+from lightning_tda.demo import (  # noqa: E402
+    ConcreteDataModule,
+    DigitsDataModule,
+    MLPClassifier,
+    MLPRegressor,
+    headless_trainer,
+)
 from lightning_tda.evaluation import (  # noqa: E402
     LightningTrainFn,
     bootstrap_mean,
@@ -401,19 +407,10 @@ class TwoStageTrainFn:
         return f"{self.stage1.cache_key()}|{fingerprint(self.stage2)}|{self.epochs2}"
 
     def fit(self, indices: np.ndarray, seed: int, callbacks: tuple = (), callbacks2: tuple = ()) -> Any:
-        import lightning as L
 
         model = self.stage1.fit(indices, seed, callbacks)
         with quiet_lightning():
-            trainer = L.Trainer(
-                accelerator="cpu",
-                max_epochs=self.epochs2,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=list(callbacks2),
-            )
+            trainer = headless_trainer(max_epochs=self.epochs2, callbacks=list(callbacks2))
             loader = torch.utils.data.DataLoader(
                 self.stage2, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed + 1)
             )

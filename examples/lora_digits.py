@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback
-from lightning_tda.demo import DigitsDataModule, MLPClassifier
+from lightning_tda.demo import DigitsDataModule, MLPClassifier, headless_trainer
 from lightning_tda.methods import DataInf
 from lightning_tda.trace import Trace
 
@@ -102,16 +102,7 @@ class LoRAClassifier(MLPClassifier):
 
 
 def _trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks or [],
-    )
+    return headless_trainer(max_epochs=epochs, callbacks=callbacks or [])
 
 
 def pretrain(data: DigitsSplit, sizes: list[int] | None = None, epochs: int = 5, seed: int = 0) -> dict:

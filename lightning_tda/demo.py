@@ -119,6 +119,22 @@ class ConcreteDataModule(ArrayDataModule):
         return load_concrete()
 
 
+def headless_trainer(**overrides) -> L.Trainer:
+    """A one-process CPU ``Trainer`` without logger, checkpoints, progress bar or model summary.
+
+    What tests, benchmarks and re-training loops want; ``overrides`` are any other ``Trainer`` arguments.
+    """
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**options, **overrides})
+
+
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers with ReLU between them."""
     layers: list[nn.Module] = []

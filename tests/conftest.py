@@ -30,20 +30,9 @@ def pytest_configure(config):
 
 def quiet_trainer(**kwargs):
     """A CPU Trainer without logger, checkpoints, progress bar or model summary (tests only)."""
-    import lightning as L
+    from lightning_tda.demo import headless_trainer
 
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return headless_trainer(**{"num_sanity_val_steps": 0, "limit_val_batches": 0, **kwargs})
 
 
 @pytest.fixture(scope="session")

@@ -104,6 +104,8 @@ class LightningTrainFn:
         """Train a fresh module on ``train_set[subset_indices]``; ``callbacks`` e.g. a ``TDACallback``."""
         import lightning as L
 
+        from lightning_tda.demo import headless_trainer
+
         indices = np.asarray(subset_indices, dtype=np.int64)
         with quiet_lightning():
             L.seed_everything(int(seed), verbose=False)
@@ -114,19 +116,9 @@ class LightningTrainFn:
                 shuffle=True,
                 generator=torch.Generator().manual_seed(int(seed)),
             )
-            options = dict(
-                accelerator="cpu",
-                devices=1,
-                max_epochs=self.max_epochs,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                limit_val_batches=0,
-            )
+            options = dict(max_epochs=self.max_epochs, num_sanity_val_steps=0, limit_val_batches=0)
             options.update(self.trainer_kwargs)
-            trainer = L.Trainer(callbacks=list(callbacks), **options)
+            trainer = headless_trainer(callbacks=list(callbacks), **options)
             trainer.fit(model, train_dataloaders=loader)
         return model.eval()
 
