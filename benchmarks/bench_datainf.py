@@ -33,7 +33,7 @@ import lora_digits  # noqa: E402
 from benchmarks.report import markdown_table, write_section  # noqa: E402
 from lightning_tda import ClassificationTask, TDACallback, Trace  # noqa: E402
 from lightning_tda.demo import DigitsDataModule, MLPClassifier, headless_trainer  # noqa: E402
-from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA  # noqa: E402
+from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA, MethodOptions  # noqa: E402
 
 METHODS = (DataInf, ExactInfluence, LiSSA, HessianFree)
 TASK = ClassificationTask()
@@ -98,7 +98,7 @@ def full_mlp_run(seed: int, workdir: Path) -> tuple[dict, dict, int, int]:
     trace = Trace.open(path)
 
     def make(cls, **kwargs):
-        return cls(trace, MLPClassifier(), TASK, layers=["net.4"], **kwargs)
+        return cls(trace, MLPClassifier(), TASK, options=MethodOptions(layers=["net.4"]), **kwargs)
 
     last_layer = run_methods(make, dm.test_set, dm.train_set, dm.flipped, repeats=0)
     scores = DataInf(trace, MLPClassifier(), TASK, mean_query=True).attribute(dm.test_set, dm.train_set)

@@ -48,7 +48,7 @@ def child(method: str, trace_path: str, repeat: int) -> dict:
 
     from lightning_tda import ClassificationTask, Trace
     from lightning_tda.demo import DigitsDataModule, MLPClassifier
-    from lightning_tda.methods import SOURCE, EKFACInfluence
+    from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions
 
     torch.set_num_threads(1)
     dm = DigitsDataModule(batch_size=64, seed=0)
@@ -61,7 +61,7 @@ def child(method: str, trace_path: str, repeat: int) -> dict:
         before_mb = int(statm.read().split()[1]) * page / 2**20  # resident set before attributing
 
     def build():
-        kwargs = {"batch_size": 256}
+        kwargs = {"options": MethodOptions(batch_size=256)}
         if method == "ekfac":
             return EKFACInfluence(trace, MLPClassifier(), ClassificationTask(), **kwargs)
         return SOURCE(trace, MLPClassifier(), ClassificationTask(), fast=method == "fast-source", **kwargs)

@@ -68,6 +68,7 @@ from lightning_tda.evaluation import (  # noqa: E402
     subset_removal,
 )
 from lightning_tda.evaluation.retrain import fingerprint, quiet_lightning  # noqa: E402
+from lightning_tda.methods import MethodOptions  # noqa: E402
 
 # Display name -> (class in lightning_tda.methods, keyword arguments). Defaults unless noted.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -211,7 +212,7 @@ def run_method(
             Trace.open(copy),
             model=setting.module_factory(),
             task=setting.task,
-            progress=False,
+            options=MethodOptions(progress=False),
             **kwargs,
             **(extra or {}),
         )

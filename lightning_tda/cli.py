@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ METHODS = {  # the order reports follow: the three methods, then the baselines
     "hessian-free": "HessianFree",
 }
 # Arguments the command supplies itself, never read from the config.
-_SUPPLIED = {"trace", "model", "task", "fabric", "progress"}
+_SUPPLIED = {"trace", "model", "task"}
 
 
 class CLIError(Exception):
@@ -307,6 +307,7 @@ def attribute(job: Job) -> list[str]:
     import torch
     from torch.utils.data import Subset
 
+    from lightning_tda.methods import MethodOptions
     from lightning_tda.reporting import global_rank
     from lightning_tda.trace import Trace
 
@@ -321,7 +322,7 @@ def attribute(job: Job) -> list[str]:
     saved = []
     for (spec, cls), extra in zip(classes, kwargs):
         if fabric is not None:
-            extra = {**extra, "fabric": fabric}
+            extra = {**extra, "options": replace(extra.get("options") or MethodOptions(), fabric=fabric)}
         method = cls(trace, model=job.model, task=job.task, **extra)
         start = time.perf_counter()
         scores = method.attribute(queries, train)

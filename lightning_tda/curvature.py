@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_tda.batches import Data, as_loader, move_to, progress_bar
 from lightning_tda.capture import LayerCapture, TrackedLayer
-from lightning_tda.methods.base import Data, as_loader, move_to, progress_bar
 from lightning_tda.statistics import outer_sum
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError, to_json

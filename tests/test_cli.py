@@ -159,7 +159,7 @@ def test_bad_configs_give_one_line_errors(case, tmp_path, capsys):
             [
                 "attribute",
                 "--config",
-                _config_with(tmp_path, methods=[{"name": "tracin", "init_args": {"batch_size": "big"}}]),
+                _config_with(tmp_path, methods=[{"name": "tracin", "init_args": {"options": {"batch_size": "big"}}}]),
                 "--trace",
                 missing,
             ],

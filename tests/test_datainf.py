@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.capture import UnsupportedModelError
-from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA
+from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA, MethodOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 pytest.importorskip("peft")
@@ -184,9 +184,11 @@ def test_no_lora_layers(digits_run):
 
 def test_layer_too_large_for_exact(digits_run, lora_run):
     trace = Trace.open(digits_run["path"])
-    with pytest.raises(ValueError, match=r"max_dim=4096.*modules='lora' or layers="):
+    with pytest.raises(ValueError, match=r"max_dim=4096.*modules='lora' or options.layers"):
         ExactInfluence(trace, digits_run["model_factory"](), TASK)
-    ExactInfluence(trace, digits_run["model_factory"](), TASK, layers=["net.4"])  # 10 × 129: fine
+    ExactInfluence(
+        trace, digits_run["model_factory"](), TASK, options=MethodOptions(layers=["net.4"])
+    )  # 10 × 129: fine
     with pytest.raises(ValueError, match="max_dim=100"):
         make(ExactInfluence, lora_run, max_dim=100)
 

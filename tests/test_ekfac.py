@@ -14,7 +14,7 @@ from torch.utils.data import Subset, TensorDataset
 import lightning_tda.curvature as curvature
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback
 from lightning_tda.demo import ConcreteDataModule, DigitsDataModule, MLPClassifier, MLPRegressor
-from lightning_tda.methods import EKFACInfluence
+from lightning_tda.methods import EKFACInfluence, MethodOptions
 from lightning_tda.trace import Trace, TraceError
 
 SIZES = [64, 12, 10]
@@ -216,7 +216,9 @@ def test_removing_the_most_helpful_examples_raises_the_query_loss_most(linear_ru
 
 def test_self_influence_is_the_diagonal(tiny):
     train = Subset(tiny["train"], range(40))
-    method = EKFACInfluence(tiny["trace"], MLPClassifier(sizes=SIZES), ClassificationTask(), batch_size=16)
+    method = EKFACInfluence(
+        tiny["trace"], MLPClassifier(sizes=SIZES), ClassificationTask(), options=MethodOptions(batch_size=16)
+    )
     pairwise = method.attribute(train, train)
     own = method.self_influence(train)
     assert own.kind == "self" and own.shape == (40,)

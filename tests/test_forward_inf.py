@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.demo import MLPClassifier
-from lightning_tda.methods import ForwardINF
+from lightning_tda.methods import ForwardINF, MethodOptions
 
 TASK = ClassificationTask()
 
@@ -81,12 +81,12 @@ def test_descent_keeps_positive_as_helpful(digits):
 
 
 def test_batched_queries_equal_one_query_at_a_time(digits):
-    batched = method(digits, steps=3, lr=0.05, query_batch_size=4, batch_size=64)
+    batched = method(digits, steps=3, lr=0.05, options=MethodOptions(query_batch_size=4, batch_size=64))
     scores = batched.attribute(digits["queries"], digits["train"]).values
-    single = method(digits, steps=3, lr=0.05, query_batch_size=1, batch_size=150)
+    single = method(digits, steps=3, lr=0.05, options=MethodOptions(query_batch_size=1, batch_size=150))
     rows = [single.attribute(TensorDataset(x[None], y[None]), digits["train"]).values[0] for x, y in digits["queries"]]
     torch.testing.assert_close(scores, torch.stack(rows), rtol=1e-4, atol=1e-6)
-    looped = method(digits, steps=3, lr=0.05, query_batch_size=4, vectorize=False)
+    looped = method(digits, steps=3, lr=0.05, vectorize=False, options=MethodOptions(query_batch_size=4))
     looped_scores = looped.attribute(digits["queries"], digits["train"]).values
     torch.testing.assert_close(scores, looped_scores, rtol=1e-4, atol=1e-6)
 
@@ -122,8 +122,8 @@ def test_joint_mode_steps_on_the_mean_query_loss(digits):
     mean_query = flat_gradients(fi.model, digits["queries"]).mean(0)
     assert relative_error(joint.values[0] / 1e-3, grads @ mean_query) < 1e-2
     # Streaming the query set in batches gives the same single step.
-    small_batches = method(digits, steps=2, lr=0.05, query_batch_size=4)
-    one_batch = method(digits, steps=2, lr=0.05, query_batch_size=6)
+    small_batches = method(digits, steps=2, lr=0.05, options=MethodOptions(query_batch_size=4))
+    one_batch = method(digits, steps=2, lr=0.05, options=MethodOptions(query_batch_size=6))
     torch.testing.assert_close(
         small_batches.attribute(digits["queries"], digits["train"], joint=True).values,
         one_batch.attribute(digits["queries"], digits["train"], joint=True).values,
@@ -146,13 +146,13 @@ def test_only_selected_modules_move(digits):
     names = fi.moving_names
     expected = flat_gradients(fi.model, digits["queries"], names) @ flat_gradients(fi.model, digits["train"], names).T
     assert relative_error(fi.attribute(digits["queries"], digits["train"]).values / 1e-3, expected) < 1e-2
-    assert method(digits, layers=["net.0"]).moving_names == ["net.0.weight", "net.0.bias"]
+    assert method(digits, options=MethodOptions(layers=["net.0"])).moving_names == ["net.0.weight", "net.0.bias"]
     with pytest.raises(ValueError, match="matches no trainable parameter"):
         method(digits, modules=["encoder.*"])
 
 
 def test_self_influence_is_the_diagonal_of_pairwise_scores(digits):
-    fi = method(digits, steps=2, lr=0.05, query_batch_size=16)
+    fi = method(digits, steps=2, lr=0.05, options=MethodOptions(query_batch_size=16))
     small = TensorDataset(*[t[:40] for t in digits["train"].tensors])
     own = fi.self_influence(small)
     assert own.kind == "self" and own.shape == (40,)
@@ -174,9 +174,12 @@ class OneOfTwoProcesses:
 
 def test_shards_of_the_training_set_add_up_to_the_full_scores(digits):
     train = TensorDataset(*[t[:60] for t in digits["train"].tensors])
-    settings = {"steps": 2, "lr": 0.05, "batch_size": 16, "query_batch_size": 16}
-    full = method(digits, **settings)
-    shards = [method(digits, **settings, fabric=OneOfTwoProcesses(rank)) for rank in (0, 1)]
+    sizes = {"batch_size": 16, "query_batch_size": 16}
+    full = method(digits, steps=2, lr=0.05, options=MethodOptions(**sizes))
+    shards = [
+        method(digits, steps=2, lr=0.05, options=MethodOptions(**sizes, fabric=OneOfTwoProcesses(rank)))
+        for rank in (0, 1)
+    ]
     parts = [m.attribute(digits["queries"], train).values for m in shards]
     assert (parts[0] != 0).any() and (parts[1] != 0).any()
     torch.testing.assert_close(parts[0] + parts[1], full.attribute(digits["queries"], train).values)
@@ -201,7 +204,6 @@ def test_default_step_size_is_the_last_learning_rate(digits):
         ({"lr": -0.1}, "finite number > 0"),
         ({"lr": math.nan}, "finite number > 0"),
         ({"direction": "sideways"}, "use 'ascent' or 'descent'"),
-        ({"query_batch_size": 0}, "query_batch_size >= 1"),
     ],
 )
 def test_bad_hyper_parameters_are_refused(digits, kwargs, message):
@@ -274,7 +276,7 @@ def test_leaked_test_points_are_found_in_the_training_set(leaked):
 
 def test_tune_picks_the_candidate_that_ranks_planted_copies_first(leaked):
     pool = TensorDataset(*[t[:400] for t in leaked["train"].tensors])
-    fi = ForwardINF(leaked["trace"], MLPClassifier(), TASK, normalize=True, query_batch_size=24)
+    fi = ForwardINF(leaked["trace"], MLPClassifier(), TASK, normalize=True, options=MethodOptions(query_batch_size=24))
     result = fi.tune(pool, steps=(1, 10), lrs=(0.1, 1.0, 1e4), n_planted=12, seed=0)
     assert set(result.top1) | set(result.diverged) == {(k, a) for k in (1, 10) for a in (0.1, 1.0, 1e4)}
     best = result.top1[(result.steps, result.lr)]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace, TraceError
 from lightning_tda.curvature import decay_response, exp_decay
 from lightning_tda.demo import load_concrete
-from lightning_tda.methods import SOURCE, EKFACInfluence
+from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions
 
 N_TRAIN, N_QUERIES, STEPS, LR = 800, 12, 150, 0.05
 
@@ -244,7 +244,13 @@ def test_segments_add_up_and_select(sgd_traces, concrete, many_scores):
 
 
 def test_self_influence_is_the_diagonal(sgd_traces, concrete):
-    method = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[27, 29], batch_size=100)
+    method = SOURCE(
+        sgd_traces["many"],
+        LinearRegression(),
+        RegressionTask(),
+        segments=[27, 29],
+        options=MethodOptions(batch_size=100),
+    )
     self_scores = method.self_influence(concrete["train"])
     assert self_scores.kind == "self" and self_scores.shape == (N_TRAIN,)
     chosen = [0, 5, 399, 799]
@@ -456,7 +462,7 @@ def digits_source(digits_run):
         losses = F.cross_entropy(model.eval()(inputs), targets, reduction="none")
     duplicated = losses.argsort(descending=True)[:20]
     queries = Subset(dm.train_set, duplicated.tolist())
-    method = SOURCE(trace, model, ClassificationTask(), batch_size=256, correction_examples=512)
+    method = SOURCE(trace, model, ClassificationTask(), correction_examples=512, options=MethodOptions(batch_size=256))
     scores = method.attribute(queries, dm.train_set)
     return {"trace": trace, "queries": queries, "train": dm.train_set, "duplicated": duplicated, "scores": scores}
 
@@ -476,7 +482,12 @@ def test_duplicate_of_a_query_gets_a_large_positive_score(digits_source):
 def test_fast_source_correlates_with_source(digits_source, digits_run):
     model = digits_run["model_factory"]()
     fast = SOURCE(
-        digits_source["trace"], model, ClassificationTask(), fast=True, batch_size=256, correction_examples=512
+        digits_source["trace"],
+        model,
+        ClassificationTask(),
+        fast=True,
+        correction_examples=512,
+        options=MethodOptions(batch_size=256),
     )
     fast_values = fast.attribute(digits_source["queries"], digits_source["train"]).values
     r = mean_pearson(fast_values, digits_source["scores"].values)

@@ -10,7 +10,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback
 from lightning_tda.demo import DigitsDataModule, MLPClassifier
-from lightning_tda.methods import TracInCP
+from lightning_tda.methods import MethodOptions, TracInCP
 from lightning_tda.trace import Trace, TraceError
 
 SIZES = [64, 12, 10]
@@ -86,7 +86,7 @@ def test_tracin_equals_a_direct_loop_over_checkpoints(run):
     trace = run["trace"]
     lrs = trace.steps().lr
     assert len(trace.checkpoints) == 4 and lrs.shape[1] == 2 and lrs[:, 0].std() > 0
-    method = TracInCP(trace, TwoGroupMLP(sizes=SIZES), ClassificationTask(), batch_size=64)
+    method = TracInCP(trace, TwoGroupMLP(sizes=SIZES), ClassificationTask(), options=MethodOptions(batch_size=64))
     scores = method.attribute(run["queries"], run["train"])
     expected = direct_tracin(trace, run["train"], run["queries"])
     assert scores.shape == (6, 150) and scores.method == "tracin"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_tda.batches import Data
 from lightning_tda.evaluation.lds import _score_matrix
 from lightning_tda.evaluation.retrain import RetrainRunner, TrainFn
-from lightning_tda.methods.base import Data
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import ClassificationTask, Task
 

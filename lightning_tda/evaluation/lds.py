@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 
+from lightning_tda.batches import Data
 from lightning_tda.evaluation.retrain import RetrainRunner, TrainFn
-from lightning_tda.methods.base import Data
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 

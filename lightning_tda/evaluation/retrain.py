@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_tda.methods.base import Data, as_loader, move_to
+from lightning_tda.batches import Data, as_loader, move_to
 from lightning_tda.tasks import ClassificationTask, Task
 from lightning_tda.trace import LIBVER
 

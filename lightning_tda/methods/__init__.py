@@ -5,6 +5,7 @@ from importlib import import_module
 
 _WHERE = {
     "AttributionMethod": "base",
+    "MethodOptions": "base",
     "SOURCE": "source",
     "EKFACInfluence": "ekfac",
     "TracInCP": "tracin",

@@ -1,11 +1,11 @@
-"""What every attribution method shares: data with stable ids, checkpoints, per-example gradients.
+"""What every attribution method shares: run options, checkpoints, per-example gradients.
 
 A method is constructed from a :class:`~lightning_tda.trace.Trace`, an instance of the trained
 architecture and a :class:`~lightning_tda.tasks.Task`; ``attribute(queries, train)`` returns a
 :class:`~lightning_tda.scores.Scores` of shape ``(n_queries, n_train)``. Training data is streamed
 in batches; per-example gradients exist for one batch at a time only.
 
-Distributed attribution: pass a launched ``lightning.fabric.Fabric`` as ``fabric=`` and every
+Distributed attribution: pass a launched ``lightning.fabric.Fabric`` as ``MethodOptions(fabric=...)`` and every
 process scores every ``world_size``-th training batch (:meth:`AttributionMethod.train_batches`);
 :meth:`AttributionMethod.sum_across_processes` then sums the partial score matrices (or any
 partial sums over training examples), so each process ends with the full result.
@@ -13,77 +13,60 @@ partial sums over training examples), so each process ends with the full result.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Sequence
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader
 
+from lightning_tda.batches import Data, as_loader, batches_with_ids, move_to, progress_bar
 from lightning_tda.capture import TrackedLayer, per_example_gradients
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace
 
-Data = Dataset | DataLoader | Sequence[Tensor]
 
+@dataclass
+class MethodOptions:
+    """How any attribution method runs (not what it computes): the arguments every method shares.
 
-def as_loader(data: Data, batch_size: int, role: str) -> DataLoader:
-    """A non-shuffling DataLoader over ``data`` whose order defines the example ids ``0..n-1``.
+    Pass one as ``options=`` to any method; in a YAML config it is ``init_args: {options: {...}}``.
 
-    Accepts a map-style dataset, a tuple of tensors (wrapped in a TensorDataset) or a DataLoader
-    that does not shuffle. Raises ``ValueError`` naming the problem otherwise.
+    Attributes:
+        layers: restrict to these trace layers (fnmatch patterns on module names); default all
+            tracked layers.
+        batch_size: training examples per batch when streaming the training set.
+        query_batch_size: queries per batch.
+        device: where to compute; default ``None`` = the device the model's parameters are on.
+        progress: show a progress bar (default: when stderr is a terminal).
+        fabric: a launched ``lightning.fabric.Fabric`` to shard the training set across processes
+            (the command line supplies it with ``attribution.devices``).
     """
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
-        data = TensorDataset(*data)
-    if isinstance(data, DataLoader):
-        if isinstance(data.dataset, IterableDataset) or not isinstance(data.sampler, SequentialSampler):
-            raise ValueError(
-                f"The {role} DataLoader shuffles (or streams an IterableDataset), so its examples have no stable "
-                f"ids. Pass the dataset itself or a DataLoader with shuffle=False."
-            )
-        loader = data
-    elif isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
-        raise ValueError(
-            f"The {role} set is an iterable dataset without stable indices; pass a map-style dataset "
-            f"(indexable, with __len__) so scores can name training examples."
-        )
-    else:
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    if len(loader.dataset) == 0:
-        raise ValueError(f"The {role} set is empty; pass at least one example.")
-    return loader
+
+    layers: list[str] | None = None
+    batch_size: int = 128
+    query_batch_size: int = 64
+    device: str | None = None
+    progress: bool | None = None
+    fabric: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "query_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MethodOptions({name}={value!r}): use a positive integer.")
+        if isinstance(self.layers, str):
+            self.layers = [self.layers]
 
 
-def batches_with_ids(loader: DataLoader, task: Task) -> Iterator[tuple[Tensor, Any]]:
-    """Yield ``(ids, batch)`` with ``ids`` the ``(B,)`` int64 positions of the batch's examples."""
-    offset = 0
-    for batch in loader:
-        size = task.batch_size(batch)
-        yield torch.arange(offset, offset + size), batch
-        offset += size
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def progress_bar(iterable: Any, enabled: bool | None, desc: str, total: int | None = None) -> Any:
-    """A TQDM bar (what Lightning uses) on long passes; off when not on a terminal unless asked."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 class AttributionMethod:
@@ -93,44 +76,28 @@ class AttributionMethod:
         trace: the recorded trace (:meth:`Trace.open`).
         model: an instance of the trained architecture; checkpoints are loaded into it.
         task: how to get per-example losses and measurements from a batch.
-        layers: restrict to these trace layers (fnmatch patterns); default all tracked layers.
-        batch_size: training examples per batch when streaming the training set.
-        query_batch_size: queries per batch.
-        device: where to compute.
-        progress: show a progress bar (default: when stderr is a terminal).
-        fabric: a launched ``lightning.fabric.Fabric`` to shard the training set across processes.
+        options: the shared :class:`MethodOptions` (layers, batch sizes, device, progress, Fabric).
     """
 
     name = "base"
 
-    def __init__(
-        self,
-        trace: Trace,
-        model: nn.Module,
-        task: Task,
-        *,
-        layers: Sequence[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
-    ) -> None:
+    def __init__(self, trace: Trace, model: nn.Module, task: Task, *, options: MethodOptions | None = None) -> None:
+        self.options = options = options if options is not None else MethodOptions()
+        self.device = torch.device(options.device) if options.device is not None else model_device(model)
         self.trace = trace
-        self.model = model.to(device)
+        self.model = model.to(self.device)
         self.task = task
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.query_batch_size = query_batch_size
-        self.progress = progress
-        self.fabric = fabric
+        self.batch_size = options.batch_size
+        self.query_batch_size = options.query_batch_size
+        self.progress = options.progress
+        self.fabric = options.fabric
         tracked = trace.tracked_layers(self.model)
-        if layers is not None:
-            import fnmatch
-
-            tracked = [la for la in tracked if any(fnmatch.fnmatchcase(la.name, p) for p in layers)]
+        if options.layers is not None:
+            tracked = [la for la in tracked if any(fnmatch.fnmatchcase(la.name, p) for p in options.layers)]
             if not tracked:
-                raise ValueError(f"layers={list(layers)} matches none of the trace's layers {trace.layer_names}.")
+                raise ValueError(
+                    f"options.layers={list(options.layers)} matches none of the trace's layers {trace.layer_names}."
+                )
         self.layers: list[TrackedLayer] = tracked
 
     # --- to implement ---------------------------------------------------------------------------

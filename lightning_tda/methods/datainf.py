@@ -41,8 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_tda.batches import Data
 from lightning_tda.capture import LORA_PATTERNS, TrackedLayer, UnsupportedModelError, find_layers
-from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace
@@ -82,8 +83,7 @@ class LayerwiseInfluence(AttributionMethod):
             patterns on layer names.
         mean_query: score against the mean query gradient (the paper's "influence on the validation
             loss"): one row, query id ``-1``. Otherwise one row per query.
-        layers, batch_size, query_batch_size, device, progress, fabric: as in
-            :class:`~lightning_tda.methods.base.AttributionMethod`.
+        options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
     """
 
     name = "layerwise"
@@ -96,23 +96,13 @@ class LayerwiseInfluence(AttributionMethod):
         *,
         modules: str | list[str] | None = None,
         mean_query: bool = False,
-        layers: list[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         super().__init__(
             trace,
             model,
             task,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         self.modules = modules
         self.mean_query = mean_query
@@ -232,12 +222,7 @@ class DampedInfluence(LayerwiseInfluence):
         damping_scale: float = 0.1,
         modules: str | list[str] | None = None,
         mean_query: bool = False,
-        layers: list[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         if damping is not None and not damping > 0:
             raise ValueError(f"{type(self).__name__}(damping={damping!r}): use a positive number, or None for auto.")
@@ -249,12 +234,7 @@ class DampedInfluence(LayerwiseInfluence):
             task,
             modules=modules,
             mean_query=mean_query,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         self.damping = damping
         self.damping_scale = damping_scale
@@ -280,7 +260,7 @@ class DampedInfluence(LayerwiseInfluence):
                 raise ValueError(
                     f"Layer {la.name!r} has a zero gradient on every training example, so its damping "
                     f"λ = {self.damping_scale}·mean‖g‖²/d is 0 and (G + λI) is singular. Leave the layer out "
-                    f"(layers=[...] / modules=[...]), or pass a fixed damping > 0."
+                    f"(options.layers / modules=[...]), or pass a fixed damping > 0."
                 )
             self.lambdas[la.name] = value
         return self.lambdas
@@ -302,7 +282,7 @@ class DampedInfluence(LayerwiseInfluence):
             raise ValueError(
                 f"{type(self).__name__}: {what} needs a d×d matrix per layer, and layer {name!r} has d = {d} "
                 f"parameters ({d * d * 8 / 2**30:.2f} GiB in float64, O(d³) to factor), above max_dim="
-                f"{self.max_dim}. Restrict to smaller layers (modules='lora' or layers=[...]), or raise "
+                f"{self.max_dim}. Restrict to smaller layers (modules='lora' or options.layers), or raise "
                 f"max_dim if the memory and time are affordable."
             )
 
@@ -327,7 +307,7 @@ class DataInf(DampedInfluence):
         damping, damping_scale: see :class:`DampedInfluence` (paper: ``damping_scale=0.1``).
         modules: ``"lora"`` for the peft adapters, patterns, or ``None`` for all tracked layers.
         mean_query: the paper's mean validation gradient (one row) instead of one row per query.
-        layers, batch_size, query_batch_size, device, progress, fabric: as in the base class.
+        options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
 
     Example::
 
@@ -383,12 +363,7 @@ class ExactInfluence(DampedInfluence):
         damping_scale: float = 0.1,
         modules: str | list[str] | None = None,
         mean_query: bool = False,
-        layers: list[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         super().__init__(
             trace,
@@ -398,12 +373,7 @@ class ExactInfluence(DampedInfluence):
             damping_scale=damping_scale,
             modules=modules,
             mean_query=mean_query,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         self.max_dim = max_dim
         self.check_dims("the exact inverse")
@@ -462,12 +432,7 @@ class LiSSA(DampedInfluence):
         damping_scale: float = 0.1,
         modules: str | list[str] | None = None,
         mean_query: bool = False,
-        layers: list[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         if iterations < 1:
             raise ValueError(f"LiSSA(iterations={iterations!r}) must be at least 1 (paper: 10).")
@@ -481,12 +446,7 @@ class LiSSA(DampedInfluence):
             damping_scale=damping_scale,
             modules=modules,
             mean_query=mean_query,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         self.iterations = iterations
         self.scale = scale

@@ -12,14 +12,14 @@ never exist all at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_tda.batches import Data
 from lightning_tda.curvature import COVARIANCE_SOURCES, CURVATURES, Curvature, PassData, fit_curvature
-from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace
@@ -50,7 +50,7 @@ class EKFACInfluence(AttributionMethod):
         correction_examples: fit on a random subset of this many training examples (seeded).
         seed: seed of the subset and of sampled targets.
         cache: reuse (and store) the fitted curvature in the trace's ``cache/`` group.
-        **kwargs: ``layers``, ``batch_size``, ``query_batch_size``, ``device``, ``progress``, ``fabric``.
+        options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
     """
 
     name = "ekfac"
@@ -70,12 +70,7 @@ class EKFACInfluence(AttributionMethod):
         correction_examples: int | None = None,
         seed: int = 0,
         cache: bool = True,
-        layers: Sequence[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         values = list(damping.values()) if isinstance(damping, dict) else [damping]
         if damping != "heuristic" and not all(isinstance(v, (int, float)) and v >= 0 for v in values):
@@ -92,12 +87,7 @@ class EKFACInfluence(AttributionMethod):
             trace,
             model,
             task,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         self.damping = damping
         self.damping_scale = damping_scale
@@ -168,7 +158,7 @@ class EKFACInfluence(AttributionMethod):
         if mean_eigenvalue <= 0:
             raise ValueError(
                 f"Layer {name!r} has zero curvature (its gradients vanish on the training set), so the "
-                f"heuristic damping is zero. Pass damping=<a positive number> or exclude the layer with layers=."
+                f"heuristic damping is zero. Pass damping=<a positive number> or exclude the layer with options.layers."
             )
         return self.damping_scale * mean_eigenvalue
 

@@ -36,7 +36,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Subset
 
-from lightning_tda.methods.base import AttributionMethod, Data, as_loader, batches_with_ids, move_to, progress_bar
+from lightning_tda.batches import Data, as_loader, batches_with_ids, move_to, progress_bar
+from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace
@@ -108,7 +109,7 @@ class ForwardINF(AttributionMethod):
         direction: ``"ascent"`` (the paper's default: larger, better separated loss changes) or
             ``"descent"``; both give positive = helpful.
         modules: which parameters move: fnmatch patterns on module or parameter names (e.g.
-            ``["net.4"]`` or ``["*.bias"]``). Default: the parameters of ``layers`` if given,
+            ``["net.4"]`` or ``["*.bias"]``). Default: the parameters of ``options.layers`` if given,
             otherwise every trainable parameter. The rest stay at θ̂.
         normalize: step along the unit gradient (``θ ± α·g/‖g‖``, not in the paper) so every query
             moves the same distance α per step. A well-fit query has a tiny loss gradient and
@@ -117,8 +118,7 @@ class ForwardINF(AttributionMethod):
         vectorize: evaluate the parameter sets of a query batch together with ``torch.func.vmap``.
             Models vmap cannot run (``.item()`` in ``forward``, in-place buffer updates) fall back
             to a loop over the parameter sets automatically, with a warning; ``False`` forces it.
-        layers, batch_size, query_batch_size, device, progress, fabric: as in
-            :class:`~lightning_tda.methods.base.AttributionMethod`.
+        options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
 
     Memory: a query batch holds ``query_batch_size`` copies of the moving parameters plus the same
     again for their gradients while stepping, and a training batch runs ``query_batch_size``
@@ -143,35 +143,20 @@ class ForwardINF(AttributionMethod):
         modules: Sequence[str] | None = None,
         normalize: bool = False,
         vectorize: bool = True,
-        layers: Sequence[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         super().__init__(
             trace,
             model,
             task,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         if direction not in ("ascent", "descent"):
             raise ValueError(f"ForwardINF(direction={direction!r}): use 'ascent' or 'descent'.")
-        if query_batch_size < 1 or batch_size < 1:
-            raise ValueError(
-                f"ForwardINF needs batch_size >= 1 and query_batch_size >= 1 (got {batch_size}, {query_batch_size})."
-            )
         self.direction = direction
         self.sign = 1.0 if direction == "ascent" else -1.0
         self.modules = list(modules) if modules is not None else None
         self.normalize = normalize
-        self.layer_patterns = list(layers) if layers is not None else None
         self.vectorize = vectorize
         self.checkpoint = trace.final_checkpoint.index
         self.load_checkpoint(self.checkpoint)
@@ -225,7 +210,7 @@ class ForwardINF(AttributionMethod):
                     f"{sorted({n.rpartition('.')[0] for n in trainable})}."
                 )
             return names
-        if self.layer_patterns is not None:
+        if self.options.layers is not None:
             owned = {name for layer in self.layers for name in layer.parameter_names()}
             return [n for n in trainable if n in owned]
         if not trainable:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_tda.batches import Data
 from lightning_tda.curvature import (
     CURVATURES,
     Curvature,
@@ -44,7 +45,7 @@ from lightning_tda.curvature import (
     fit_curvature,
     gauss_newton_blocks,
 )
-from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError, to_json
@@ -217,8 +218,7 @@ class SOURCE(AttributionMethod):
             expectation over the predictive distribution where affordable.
         seed: seed of the correction subset and of sampled targets.
         cache: reuse and store fitted curvature in the trace's ``cache/`` group.
-        layers, batch_size, query_batch_size, device, progress, fabric: see
-            :class:`~lightning_tda.methods.base.AttributionMethod`.
+        options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
 
     Cost: one gradient pass over the training data per checkpoint of the attributed segments
     (one per segment with ``fast=True``) plus the EK-FAC correction passes: about C× an EK-FAC
@@ -241,23 +241,13 @@ class SOURCE(AttributionMethod):
         samples: int | None = None,
         seed: int = 0,
         cache: bool = True,
-        layers: Sequence[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         super().__init__(
             trace,
             model,
             task,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         if curvature not in CURVATURES:
             raise ValueError(f"SOURCE(curvature={curvature!r}): use one of {', '.join(map(repr, CURVATURES))}.")

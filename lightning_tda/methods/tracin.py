@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_tda.methods.base import AttributionMethod, Data
+from lightning_tda.batches import Data
+from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError
@@ -28,7 +29,7 @@ class TracInCP(AttributionMethod):
     Args:
         trace, model, task: see :class:`~lightning_tda.methods.base.AttributionMethod`.
         checkpoints: checkpoint indices to sum over (default: all of the trace's checkpoints).
-        **kwargs: ``layers``, ``batch_size``, ``query_batch_size``, ``device``, ``progress``, ``fabric``.
+        options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
     """
 
     name = "tracin"
@@ -40,23 +41,13 @@ class TracInCP(AttributionMethod):
         task: Task,
         *,
         checkpoints: Sequence[int] | None = None,
-        layers: Sequence[str] | None = None,
-        batch_size: int = 128,
-        query_batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        progress: bool | None = None,
-        fabric: Any | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
         super().__init__(
             trace,
             model,
             task,
-            layers=layers,
-            batch_size=batch_size,
-            query_batch_size=query_batch_size,
-            device=device,
-            progress=progress,
-            fabric=fabric,
+            options=options,
         )
         available = [c.index for c in trace.checkpoints]
         if not available:
