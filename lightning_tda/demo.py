@@ -1,7 +1,8 @@
 """Ready-made Lightning modules and data modules for the examples, configs, tests and benchmarks.
 
 Real data that works offline: scikit-learn's bundled digits (1,797 8×8 images, 10 classes) and
-the UCI Concrete regression set bundled with this package. Every data module exposes
+the UCI Concrete regression set bundled with this package, plus synthetic images for the ResNet
+(a real architecture at a size where recording cost matters). Every data module exposes
 ``train_set`` / ``test_set`` (map-style, ids = indices) after ``setup``.
 """
 
@@ -248,6 +249,111 @@ class SmallCNN(_Supervised):
             nn.Flatten(),
             nn.Linear(channels * 16, 10),
         )
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y)
+
+
+class SyntheticImageDataModule(ArrayDataModule):
+    """Synthetic ``(channels, size, size)`` images in ``classes`` classes, generated offline.
+
+    Each class has a fixed random template; an image is its class template times ``signal`` plus
+    standard normal noise, so the classes are learnable but not trivially separable.
+
+    Args:
+        num_examples: train and test examples together (``test_fraction`` of them are held out).
+        size: image height and width.
+        channels: image channels.
+        classes: number of classes.
+        signal: template scale relative to the unit noise.
+    """
+
+    def __init__(
+        self,
+        *args,
+        num_examples: int = 2_000,
+        size: int = 32,
+        channels: int = 3,
+        classes: int = 10,
+        signal: float = 0.5,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_examples, self.size, self.channels = num_examples, size, channels
+        self.classes, self.signal = classes, signal
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(self.seed + 1)
+        shape = (self.channels, self.size, self.size)
+        templates = rng.standard_normal((self.classes, *shape)).astype(np.float32)
+        y = rng.integers(0, self.classes, size=self.num_examples)
+        x = self.signal * templates[y] + rng.standard_normal((self.num_examples, *shape)).astype(np.float32)
+        return x, y.astype(np.int64)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3×3 convolutions with batch norm, and a 1×1 projection shortcut when
+    the shape changes."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(_Supervised):
+    """A ResNet of basic blocks for small images (no torchvision needed).
+
+    The defaults give ResNet-18 at half width (stages of 32, 64, 128, 256 channels, two blocks each;
+    2.8M parameters) with the 3×3 stride-1 stem usual for 32×32 inputs: 20 Conv2d, 20 BatchNorm2d
+    and one Linear head.
+
+    Args:
+        width: channels of the first stage; each later stage doubles them.
+        blocks: basic blocks per stage (``[2, 2, 2, 2]`` is ResNet-18).
+        in_channels: image channels.
+        num_classes: output classes.
+    """
+
+    def __init__(
+        self,
+        width: int = 32,
+        blocks: list[int] | None = None,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        cosine: bool = False,
+    ) -> None:
+        super().__init__(lr, optimizer, momentum, weight_decay, cosine)
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
+        channels = width
+        for stage, count in enumerate(blocks or [2, 2, 2, 2]):
+            out = width * 2**stage
+            for index in range(count):
+                layers.append(BasicBlock(channels, out, stride=2 if stage > 0 and index == 0 else 1))
+                channels = out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+        self.net = nn.Sequential(*layers)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y)
