@@ -14,8 +14,11 @@ Subcommands::
     lightning-tda run --config ...                           # all three
     lightning-tda inspect TRACE                              # summary of a trace
 
-Errors in the config (missing key, wrong type, unknown method, missing trace) are one line naming
-the problem, with exit status 2. Unlike LightningCLI, the trainer has no logger unless the config
+Like ``python main.py`` with LightningCLI, the command finds the user's own modules in the current
+working directory (it is put first on ``sys.path``), so ``class_path: mymodule.MyModel`` works when
+``mymodule.py`` sits where the command runs. Errors in the config (missing key, wrong type, a class_path
+that does not import, unknown method, missing trace) are one line naming the problem and the fix, with
+exit status 2. Unlike LightningCLI, the trainer has no logger unless the config
 names one, and ``fit`` replaces an existing trace at the same path (``callback.if_exists``).
 With ``attribution.devices > 1`` Fabric starts the extra processes by running the same command
 again; in ``run`` they skip training and join attribution, and only rank 0 writes.
@@ -23,10 +26,13 @@ again; in ``run`` they skip training and join attribution, and only rank 0 write
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -429,6 +435,63 @@ def _one_line(err: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+_PARSER_KEY = re.compile(r'Parser key "(?P<key>[\w.]+)"')
+_CLASS_PATH = re.compile(r"class_path'?:? '(?P<path>[\w.]+)'")
+
+
+def _class_path_problem(err: BaseException) -> str | None:
+    """Why a configured ``class_path`` does not import, with the fix; None when it imports (the problem is
+    elsewhere, e.g. a wrong ``init_args`` type, and jsonargparse's message says it)."""
+    text = str(err)
+    key, found = _PARSER_KEY.search(text), _CLASS_PATH.search(text)
+    if found is None:
+        return None
+    path = found.group("path")
+    where = f"{key.group('key')}.class_path {path!r}" if key else f"class_path {path!r}"
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        return f"{where}: give the full import path, module and class (e.g. mymodule.{path})."
+    directory = os.getcwd()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as missing:
+        top = module_name.split(".")[0]
+        if missing.name and (module_name == missing.name or module_name.startswith(missing.name + ".")):
+            return (
+                f"{where}: no module {missing.name!r} in the working directory {directory} or on the Python path. "
+                f"Run lightning-tda from the directory that holds {top}.py (or the package {top}/), or add that "
+                f"directory to PYTHONPATH."
+            )
+        return (
+            f"{where}: module {module_name!r} was found but importing it failed: No module named "
+            f"{missing.name!r}. Install the package that provides {missing.name!r} in this environment."
+        )
+    except Exception as failed:  # the user's module raised while being imported
+        problem = str(failed).splitlines()[0] if str(failed) else ""
+        return f"{where}: importing {module_name!r} raised {type(failed).__name__}: {problem} (fix that module)."
+    if not hasattr(module, name):
+        source = getattr(module, "__file__", None) or module_name
+        return f"{where}: module {module_name!r} ({source}) has no {name!r}. Check the class name."
+    return None
+
+
+@contextmanager
+def _working_directory_on_path() -> Iterator[None]:
+    """Put the working directory first on ``sys.path`` while the command runs, as ``python main.py``
+    puts its script's directory there: a config's ``class_path: mymodule.MyModel`` then finds
+    ``./mymodule.py`` without PYTHONPATH (a console script's own directory is the venv's ``bin``)."""
+    directory = os.getcwd()
+    if any(os.path.abspath(entry or ".") == directory for entry in sys.path):
+        yield
+        return
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        if directory in sys.path:
+            sys.path.remove(directory)
+
+
 def _launched_by_fabric() -> bool:
     """True in the extra processes Fabric starts for ``attribution.devices > 1`` (they skip training)."""
     return int(os.environ.get("LOCAL_RANK", "0")) > 0
@@ -443,7 +506,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         config = parser.parse_args(argv)
     except Exception as err:  # ArgumentError and the type errors jsonargparse raises while parsing
-        raise CLIError(_one_line(err)) from err
+        raise CLIError(_class_path_problem(err) or _one_line(err)) from err
     subcommand = config.subcommand
     if subcommand == "inspect":
         from lightning_tda.trace import Trace
@@ -463,7 +526,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except CLIError:
         raise
     except Exception as err:  # constructor errors of the configured classes
-        raise CLIError(f"Could not create the configured objects: {_one_line(err)}") from err
+        problem = _class_path_problem(err) or _one_line(err)
+        raise CLIError(f"Could not create the configured objects: {problem}") from err
     try:
         if subcommand == "fit":
             _finish_wandb_runs(fit(job).loggers)
@@ -486,7 +550,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-tda`` console script."""
     try:
-        return run(argv)
+        with _working_directory_on_path():
+            return run(argv)
     except CLIError as err:
         print(f"lightning-tda: error: {err}", file=sys.stderr)
         return 2

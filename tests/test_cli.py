@@ -213,3 +213,88 @@ def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
         sharded = Scores.load(out / "trace.h5", name).values
         single = Scores.load(main_job["out"] / "trace.h5", name).values
         assert (sharded - single).abs().max() <= 1e-4 * single.abs().max()
+
+
+USER_MODULE = '''
+"""A user's own model and data, in a module that sits only in the working directory."""
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class UserNet(L.LightningModule):
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class UserData(L.LightningDataModule):
+    def __init__(self, size: int = 60):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(size, 4, generator=generator)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        self.train_set = TensorDataset(x[: size // 2 + 10], y[: size // 2 + 10])
+        self.test_set = TensorDataset(x[size // 2 + 10 :], y[size // 2 + 10 :])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=8, shuffle=True)
+'''
+
+
+def test_the_command_finds_the_users_module_in_the_working_directory(tmp_path):
+    """`class_path: usermodel.UserNet` with usermodel.py only in the working directory (not on PYTHONPATH)."""
+    (tmp_path / "usermodel.py").write_text(USER_MODULE)
+    config = {
+        "output_dir": "out",
+        "model": {"class_path": "usermodel.UserNet"},
+        "data": {"class_path": "usermodel.UserData"},
+        "task": {"class_path": "lightning_tda.ClassificationTask"},
+        "trainer": {**TINY_CONFIG["trainer"], "max_epochs": 1, "logger": False},
+        "callback": {"segments": 1, "every_n_steps": 1},
+        "methods": [{"name": "tracin"}],
+        "queries": {"count": 2},
+        "report": {"wandb": False, "k": 2, "self_top": 3},
+    }
+    (tmp_path / "user.yaml").write_text(yaml.safe_dump(config))
+    assert str(tmp_path) not in os.environ.get("PYTHONPATH", "")
+    done = _run_cli(["run", "--config", "user.yaml"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tracin: scores (2, 40)" in done.stdout
+    assert sorted(Scores.available(tmp_path / "out" / "trace.h5")) == ["tracin", "tracin-self"]
+
+
+@pytest.mark.parametrize(
+    "module_text, expected",
+    [
+        (None, "no module 'usermodel' in the working directory {cwd} or on the Python path. Run lightning-tda from"),
+        ("import not_installed_anywhere\n", "importing it failed: No module named 'not_installed_anywhere'. Install"),
+        ("raise ValueError('broken on purpose')\n", "raised ValueError: broken on purpose"),
+        ("x = 1\n", "module 'usermodel' ({cwd}/usermodel.py) has no 'UserNet'. Check the class name."),
+    ],
+)
+def test_a_class_path_that_does_not_import_names_the_module_the_directory_and_the_fix(
+    module_text, expected, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "usermodel", raising=False)
+    if module_text is not None:
+        (tmp_path / "usermodel.py").write_text(module_text)
+    config = _config_with(tmp_path, model={"class_path": "usermodel.UserNet"})
+    assert main(["fit", "--config", config]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lightning-tda: error: model.class_path 'usermodel.UserNet': ")
+    assert expected.format(cwd=tmp_path) in line, line
+    assert str(tmp_path) not in sys.path  # the working directory is on sys.path only while the command runs
+    sys.modules.pop("usermodel", None)
