@@ -9,6 +9,10 @@ During ``fit`` the callback
   step (true Fisher from targets sampled from the model, or the empirical Fisher of the
   training gradients), and for Adam-family optimizers the segment mean of the second moments,
 
+* on the first ``loss_check_steps`` optimizer steps, checks that the Task's loss is the loss
+  ``training_step`` optimises (:mod:`~lightning_tda.loss_check`: one replayed forward per batch, no
+  extra backward); a scale or reduction mismatch, or an extra term, is warned about with the fix,
+
 all into one HDF5 trace (:mod:`lightning_tda.trace`). Only global rank 0 writes; statistics are
 summed across ranks first. The callback's own state is saved in Lightning checkpoints, so
 ``trainer.fit(..., ckpt_path=...)`` continues the same trace.
@@ -39,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_tda.capture import LayerCapture, TrackedLayer, find_layers
+from lightning_tda.loss_check import TrainingLossCheck
 from lightning_tda.segments import SegmentPolicy, as_policy, checkpoint_steps
 from lightning_tda.statistics import KFACStatistics
 from lightning_tda.tasks import Task
@@ -77,6 +82,9 @@ class TDACallback(L.Callback):
             square-root factors (output dimensions; classes for classifiers) get the exact expectation
             over the predictive distribution, one backward per factor, instead of one sampled target.
             The default 1 makes scalar regression exact at the cost of the sampled estimate.
+        loss_check_steps: on this many optimizer steps at the start of each fit, compare the batch mean of
+            ``task.train_loss`` with the loss ``training_step`` returned (one extra forward per batch, no
+            backward); the result is warned about when they differ and recorded in the trace. 0 turns it off.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class TDACallback(L.Callback):
         dataset_size: int | None = None,
         seed: int = 0,
         exact_fisher_outputs: int = 1,
+        loss_check_steps: int = 4,
     ) -> None:
         if fisher not in ("true", "empirical"):
             raise ValueError(f"TDACallback(fisher={fisher!r}): use 'true' or 'empirical'.")
@@ -105,6 +114,8 @@ class TDACallback(L.Callback):
             raise ValueError(
                 f"TDACallback(checkpoint_dtype={checkpoint_dtype!r}): use 'float32', 'float16' or 'bfloat16'."
             )
+        if not isinstance(loss_check_steps, int) or loss_check_steps < 0:
+            raise ValueError(f"TDACallback(loss_check_steps={loss_check_steps!r}): use a non-negative integer.")
         if if_exists not in _IF_EXISTS:
             raise ValueError(f"TDACallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'append'.")
         self.path = str(path)
@@ -120,6 +131,7 @@ class TDACallback(L.Callback):
         self.dataset_size = dataset_size
         self.seed = seed
         self.exact_fisher_outputs = exact_fisher_outputs
+        self.loss_check_steps = loss_check_steps
 
         self.layers: list[TrackedLayer] = []
         self.stats: KFACStatistics | None = None
@@ -139,6 +151,7 @@ class TDACallback(L.Callback):
         self._capture: LayerCapture | None = None
         self._generator: torch.Generator | None = None
         self._trainer_for_state: L.Trainer | None = None
+        self._loss_check: TrainingLossCheck | None = None
         self._reset_micro_batch()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -187,6 +200,7 @@ class TDACallback(L.Callback):
         else:
             self._plan_fit(trainer)
             self._open_segment()
+        self._start_loss_check(trainer, restored)
         if self.writer is not None and self.writer.created:
             self.run_id = uuid.uuid4().hex[:12]
             self.writer.write_header(
@@ -290,6 +304,7 @@ class TDACallback(L.Callback):
             "checkpoint_dtype": self.checkpoint_dtype,
             "seed": self.seed,
             "exact_fisher_outputs": self.exact_fisher_outputs,
+            "loss_check_steps": self.loss_check_steps,
         }
 
     # ------------------------------------------------------------------------------- per batch
@@ -309,6 +324,8 @@ class TDACallback(L.Callback):
         self._capturing = self._stats_step and self.fisher == "empirical"
         self._examples += self.task.batch_size(batch)
         self._grad_scale = self._per_example_scale(trainer)
+        if self._loss_check is not None and self._loss_check.covers(self.step):
+            self._loss_check.before_training_step(pl_module.device)
 
     def _per_example_scale(self, trainer: L.Trainer) -> float:
         """Factor turning autograd's output gradients into per-example gradients."""
@@ -322,6 +339,8 @@ class TDACallback(L.Callback):
         self.stats.stage_gradients(layer.name, rows, self._grad_scale)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loss_check is not None:  # parameters are not updated yet: the Task's loss at the same point
+            self._loss_check.after_backward(pl_module, self._batch, trainer.precision_plugin.train_step_context())
         if not (self._stats_step and self.fisher == "true"):
             return
         buffers = [b.detach().clone() for b in pl_module.buffers()]
@@ -362,6 +381,8 @@ class TDACallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._loss_sum += _loss_value(outputs)
+        if self._loss_check is not None:
+            self._loss_check.after_batch(_loss_value(outputs), trainer.accumulate_grad_batches, batch)
         if self._stats_step:
             if self.fisher == "empirical":
                 for name, rows in self._capture.activations.items():
@@ -401,6 +422,8 @@ class TDACallback(L.Callback):
         for key, value in row.items():
             self._rows.setdefault(key, []).append(value)
         self._reset_micro_batch()
+        if self._loss_check is not None and not self._loss_check.done and not self._loss_check.covers(self.step):
+            self._finish_loss_check()
         if self.step in self.checkpoint_plan:
             self._write_checkpoint(trainer, pl_module)
         if self._should_close(trainer):
@@ -555,6 +578,7 @@ class TDACallback(L.Callback):
 
     # ------------------------------------------------------------------------------ endings
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish_loss_check()
         self._close_segment(trainer, pl_module, "end")
         self._open_segment()
         if self.step == 0:
@@ -615,6 +639,7 @@ class TDACallback(L.Callback):
             "kfac": flat,
             "policy": self.policy.state_dict(),
             "generator": self._generator.get_state() if self._generator is not None else None,
+            "loss_check": self._loss_check.state_dict() if self._loss_check is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -644,6 +669,31 @@ class TDACallback(L.Callback):
             )
         if self.writer is not None:
             self.writer.truncate(self.step, self.num_segments_closed, self.step)
+            self.writer.flush()
+
+    # ------------------------------------------------------------------------------ loss check
+    def _start_loss_check(self, trainer: L.Trainer, restored: dict[str, Any] | None) -> None:
+        """On global rank 0 (the rank that writes), check the first ``loss_check_steps`` steps of this fit;
+        a resumed fit continues the check it saved."""
+        self._loss_check = None
+        if not trainer.is_global_zero or self.loss_check_steps == 0:
+            return
+        tolerance = 1e-2 if "16" in str(trainer.precision) else 1e-4  # half precision rounds losses to ~3 digits
+        self._loss_check = TrainingLossCheck(self.task, self.loss_check_steps, tolerance, first_step=self.step + 1)
+        saved = (restored or {}).get("loss_check")
+        if saved is not None:
+            self._loss_check.load_state_dict(saved)
+
+    def _finish_loss_check(self) -> None:
+        if self._loss_check is None or self._loss_check.done:
+            return
+        result = self._loss_check.finish()
+        if result.warns:
+            rank_zero_warn(f"TDACallback loss check: {result.message}")
+        else:
+            rank_zero_info(f"TDACallback loss check: {result.message}")
+        if self.writer is not None:
+            self.writer.record_loss_check(result.record())
             self.writer.flush()
 
     # ------------------------------------------------------------------------------ helpers

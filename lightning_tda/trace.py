@@ -7,6 +7,7 @@ Schema (version 1; see ``docs/trace-schema.md`` for the full description)::
                                 dataset_size (-1 = unknown), checkpoint_dtype, sequence_mode
     /meta/optimizer      JSON string: optimizer class and per-group hyper-parameters
     /meta/config         JSON string: the callback's configuration
+    /meta/loss_check     JSON string: list of the callback's Task-vs-training_step loss checks, one per fit
     /layers/names        tracked layer names, in order; /layers/<name> attrs: kind, in/out features,
                          has_bias, param_group (optimizer group of its weight)
     /steps/<column>      one row per optimizer step: step, global_step, epoch, segment, batch_size,
@@ -234,6 +235,16 @@ class TraceWriter:
         for key, tensor in state.items():
             _store_array(group, key, tensor, dtype)
 
+    def record_loss_check(self, record: Mapping[str, Any]) -> None:
+        """Add the result of the callback's loss check (:mod:`lightning_tda.loss_check`) to ``meta/loss_check``,
+        replacing an earlier record of the same first step (a resumed fit that checked again)."""
+        meta = self.file["meta"]
+        records = [r for r in _json_records(meta, "loss_check") if r.get("first_step") != record.get("first_step")]
+        records.append(dict(record))
+        if "loss_check" in meta:
+            del meta["loss_check"]
+        meta.create_dataset("loss_check", data=to_json(records))
+
     # --- resume ---------------------------------------------------------------------------------
     def truncate(self, num_rows: int, num_segments: int, last_step: int) -> None:
         """Drop what was written after a Lightning checkpoint that a resumed run restarts from."""
@@ -459,6 +470,12 @@ class Trace:
             raise TraceError(f"{self.path} holds no checkpoints; training recorded no optimizer step.")
         return max(self.checkpoints, key=lambda c: c.step)
 
+    def loss_checks(self) -> list[dict[str, Any]]:
+        """The callback's loss checks, one record per fit (``verdict``, ``message``, numbers); see
+        :class:`lightning_tda.loss_check.LossCheckResult`. Empty for traces recorded without it."""
+        with self._file() as f:
+            return _json_records(f["meta"], "loss_check")
+
     def steps(self) -> StepLog:
         """The full step log."""
         with self._file() as f:
@@ -596,11 +613,29 @@ class Trace:
         lines.append(f"  {len(self.layers)} tracked layer(s):")
         for layer in self.layers:
             lines.append(f"    {layer.name}: {layer.kind} {layer.shape[0]}x{layer.shape[1]}")
+        checks = self.loss_checks()
+        if not checks:
+            lines.append("  loss check: not recorded (a trace from before the check, or loss_check_steps=0)")
+        for check in checks:
+            verdict, message = check.get("verdict"), check.get("message")
+            lines.append(f"  loss check (from step {check.get('first_step')}): {verdict}: {message}")
         with self._file() as f:
             results = list(f["results"])
         if results:
             lines.append(f"  results: {', '.join(results)}")
         return "\n".join(lines)
+
+
+def _json_records(group: h5py.Group, name: str) -> list[dict[str, Any]]:
+    """A JSON list of records stored as a string dataset; records that are not JSON objects are dropped."""
+    if name not in group or not isinstance(group[name], h5py.Dataset):
+        return []
+    raw = group[name][()]
+    try:
+        value = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError as err:
+        raise TraceError(f"{group.file.filename}: {group.name}/{name} is not valid JSON ({err}).") from err
+    return [record for record in value if isinstance(record, dict)] if isinstance(value, list) else []
 
 
 def _walk(group: h5py.Group, prefix: str = "") -> Iterable[tuple[str, h5py.Dataset]]:

@@ -41,6 +41,8 @@ def assert_same_trace(left: Path, right: Path, rtol: float = 0.0, atol: float = 
             for key in sums_a:
                 np.testing.assert_allclose(sums_a[key], sums_b[key], rtol=rtol, atol=atol, err_msg=f"{layer}/{key}")
     assert a.checkpoints == b.checkpoints
+    checks = [[(c["verdict"], c["first_step"], c["batches"]) for c in t.loss_checks()] for t in (a, b)]
+    assert checks[0] == checks[1] == [("match", 1, 4)]  # one loss check per fit, also across a resume
     for checkpoint in a.checkpoints:
         state_a, state_b = a.checkpoint_state(checkpoint.index), b.checkpoint_state(checkpoint.index)
         for key in state_a:
