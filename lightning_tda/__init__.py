@@ -11,11 +11,12 @@ Sign convention everywhere: a positive score means the training example helped t
 __version__ = "0.1.0"
 
 from lightning_tda.scores import Scores
-from lightning_tda.tasks import ClassificationTask, RegressionTask, Task
+from lightning_tda.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
 from lightning_tda.trace import Trace, TraceError
 
 __all__ = [
     "ClassificationTask",
+    "LanguageModelingTask",
     "RegressionTask",
     "Scores",
     "TDACallback",

@@ -42,7 +42,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_tda.capture import LayerCapture, TrackedLayer, find_layers
+from lightning_tda.capture import SUPPORTED_LAYERS, UNTRACKED_NOTE, LayerCapture, TrackedLayer, find_layers
 from lightning_tda.loss_check import TrainingLossCheck
 from lightning_tda.segments import SegmentPolicy, as_policy, checkpoint_steps
 from lightning_tda.statistics import KFACStatistics
@@ -171,12 +171,21 @@ class TDACallback(L.Callback):
                     "TDACallback: a ModelCheckpoint has save_weights_only=True, so its checkpoints hold no "
                     "callback state and a run resumed from them cannot continue the trace.",
                 )
-        self.layers, skipped = find_layers(pl_module, self.layer_patterns, self.exclude)
+        self.layers, skipped, tied = find_layers(pl_module, self.layer_patterns, self.exclude)
         if skipped:
             self._warn_once(
                 "skipped",
                 "TDACallback does not track these modules with trainable parameters (unsupported): "
-                + ", ".join(f"{name} ({why})" for name, why in skipped.items()),
+                + ", ".join(f"{name} ({why})" for name, why in skipped.items())
+                + f". Tracked: {SUPPORTED_LAYERS}. {UNTRACKED_NOTE}",
+            )
+        if tied:
+            self._warn_once(
+                "tied",
+                "TDACallback: tied parameters are tracked once: "
+                + ", ".join(f"{name} shares its weight with {kept}, tracked as {kept}" for name, kept in tied.items())
+                + ". The other use of the weight is left out of attribution's gradients (as kronfluence does); "
+                "exclude the tracked layer (exclude=[...]) to track the other one instead.",
             )
         self.stats = KFACStatistics(self.layers)
         self._param_slots = {
@@ -326,6 +335,9 @@ class TDACallback(L.Callback):
         self._grad_scale = self._per_example_scale(trainer)
         if self._loss_check is not None and self._loss_check.covers(self.step):
             self._loss_check.before_training_step(pl_module.device)
+        if self._capturing:
+            self._capture.row_mask = self.task.row_mask(batch)
+            self._capture.batch_size = self.task.batch_size(batch)
 
     def _per_example_scale(self, trainer: L.Trainer) -> float:
         """Factor turning autograd's output gradients into per-example gradients."""
@@ -345,11 +357,16 @@ class TDACallback(L.Callback):
             return
         buffers = [b.detach().clone() for b in pl_module.buffers()]
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), LayerCapture(self.layers) as capture:
+        capture = LayerCapture(
+            self.layers, row_mask=self.task.row_mask(self._batch), batch_size=self.task.batch_size(self._batch)
+        )
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), capture:
             outputs = self.task.forward(pl_module, self._batch)
             rows = self._true_fisher_rows(capture, outputs)
             for layer in self.layers:
-                self.stats.stage_activations(layer.name, capture.activations[layer.name])
+                self.stats.stage_activations(
+                    layer.name, capture.activations[layer.name], capture.row_counts[layer.name]
+                )
                 self.stats.stage_gradients(layer.name, rows[layer.name])
         with torch.no_grad():  # the extra forward must not move batch-norm statistics
             for buffer, saved in zip(pl_module.buffers(), buffers):
@@ -364,7 +381,7 @@ class TDACallback(L.Callback):
         target per example is sampled from the model.
         """
         if self.task.num_fisher_factors(outputs) > self.exact_fisher_outputs:
-            targets = self.task.sample_targets(outputs, self._generator)
+            targets = self.task.sample_targets(outputs, self._generator, targets=self.task.targets(self._batch))
             return capture.output_gradient_rows(self.task.loss(outputs, targets).sum())
         factors = self.task.fisher_factors(outputs)
         per_factor = [
@@ -386,7 +403,7 @@ class TDACallback(L.Callback):
         if self._stats_step:
             if self.fisher == "empirical":
                 for name, rows in self._capture.activations.items():
-                    self.stats.stage_activations(name, rows)
+                    self.stats.stage_activations(name, rows, self._capture.row_counts[name])
                 self._capture.clear()
             committed = self.stats.commit()
             if committed is None:
@@ -546,9 +563,7 @@ class TDACallback(L.Callback):
             if layer.name not in parts:
                 continue
             got = parts[layer.name]
-            matrix = got["weight"].reshape(layer.out_features, -1)
-            if layer.has_bias:
-                matrix = torch.cat([matrix, got["bias"][:, None]], dim=1)
+            matrix = layer.as_matrix(got["weight"], got.get("bias"))
             seg["precond"][layer.name] = seg["precond"].get(layer.name, 0) + matrix
         seg["precond_count"] += 1
 
@@ -556,7 +571,9 @@ class TDACallback(L.Callback):
     def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._segment["last_checkpoint_step"] = self.step
         if self.writer is not None:
-            trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+            # every name of a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight), so loading the
+            # checkpoint cannot leave one of them at its initial value; the trace stores the data once
+            trainable = {name for name, p in pl_module.named_parameters(remove_duplicate=False) if p.requires_grad}
             buffers = {name for name, _ in pl_module.named_buffers()}
             state = {k: v for k, v in pl_module.state_dict().items() if k in trainable or k in buffers}
             attrs = {

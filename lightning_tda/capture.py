@@ -1,14 +1,30 @@
 """Layer capture: which layers are tracked, and hooks that see their inputs and output gradients.
 
 A tracked layer's parameters are viewed as one gradient-shaped matrix of shape
-``(out_features, in_features + has_bias)``: the weight (flattened to ``(out, in)`` for Conv2d) with
-the bias as the last column. Per example, that matrix's gradient is ``Σ_r δ_r a_rᵀ`` over the rows
-``r`` (one row for a plain Linear, one per token for sequences, one per patch for Conv2d), where
-``a_r`` is the input row (with a trailing 1 for the bias) and ``δ_r`` the output gradient.
+``(out_features, in_features + has_bias)``: the weight as ``(out, in)`` with the bias as the last
+column. Per example, that matrix's gradient is ``Σ_r δ_r a_rᵀ`` over the rows ``r`` (one row for a
+plain Linear, one per token for sequences, one per patch for Conv2d), where ``a_r`` is the input row
+(with a trailing 1 for the bias) and ``δ_r`` the output gradient.
 
-Supported: ``nn.Linear`` (any leading dims), ``nn.Conv2d`` (``groups=1``, zero padding) and
-therefore the ``lora_A``/``lora_B`` Linear adapters inside peft LoRA layers. Layers are tracked
-only if they have trainable parameters. Nothing here imports Lightning.
+Layer kinds (``TrackedLayer.kind``):
+
+* ``"linear"``: ``nn.Linear`` applied to any leading dims (so per token for sequences), hence also
+  the ``lora_A``/``lora_B`` adapters inside peft LoRA layers;
+* ``"transposed_linear"``: Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and
+  MLP projections), a Linear whose weight is stored ``(in, out)``; recognised by class name and its
+  ``nx``/``nf`` attributes, so ``transformers`` is never imported here;
+* ``"conv2d"``: ``nn.Conv2d`` with ``groups=1`` and zero padding, one row per patch;
+* ``"embedding"``: ``nn.Embedding``, a Linear on one-hot inputs: the gradient matrix is
+  ``(embedding_dim, num_embeddings)`` and K-FAC's input factor is diagonal (token frequencies).
+  Its input rows are kept as token ids ``(B, R)`` (``-1`` where a token gets no gradient: the
+  ``padding_idx`` and masked positions), never as one-hot vectors.
+
+Not tracked (reported as skipped): normalisation layers (BatchNorm, LayerNorm, RMSNorm: few
+parameters, and in train-mode BatchNorm an example's gradient depends on the whole batch; kronfluence
+leaves them out too), other modules owning parameters directly, embeddings of a Hugging Face model
+other than its token embedding (``get_input_embeddings()``; GPT-2's position embedding sees one
+``(1, T)`` input shared by the batch, so it has no per-example gradient), and the second user of a
+tied parameter (:func:`find_layers`). Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -16,11 +32,21 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+SUPPORTED_LAYERS = (
+    "nn.Linear (on any leading dims, e.g. per token; also peft LoRA adapters), Hugging Face Conv1D (GPT-2), "
+    "nn.Conv2d (groups=1, zero padding) and nn.Embedding (token embeddings)"
+)
+UNTRACKED_NOTE = (
+    "Normalisation layers (BatchNorm, LayerNorm, RMSNorm) are never tracked: they hold few parameters and a "
+    "train-mode BatchNorm makes each example's gradient depend on its batch."
+)
+DIAGONAL_INPUT_KINDS = ("embedding",)  # K-FAC input factor stored as its diagonal (a_dim,)
 
 
 class UnsupportedModelError(ValueError):
@@ -29,14 +55,15 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class TrackedLayer:
-    """One tracked module and how to turn its tensors into rows.
+    """One tracked module and how to turn its tensors into rows and gradient matrices.
 
     Attributes:
         name: module name in ``model.named_modules()``.
         module: the module itself.
-        kind: ``"linear"`` or ``"conv2d"``.
-        in_features: input width of the weight matrix (``C·kh·kw`` for Conv2d), without bias.
-        out_features: output width.
+        kind: ``"linear"``, ``"transposed_linear"``, ``"conv2d"`` or ``"embedding"``.
+        in_features: input width of the weight matrix (``C·kh·kw`` for Conv2d, ``num_embeddings`` for an
+            Embedding), without bias.
+        out_features: output width (``embedding_dim`` for an Embedding).
         has_bias: whether a bias column is appended.
     """
 
@@ -57,6 +84,16 @@ class TrackedLayer:
         """Shape ``(out, a_dim)`` of the layer's gradient matrix."""
         return (self.out_features, self.a_dim)
 
+    @property
+    def diagonal_input(self) -> bool:
+        """Whether K-FAC's input factor ``A`` is diagonal and stored as ``(a_dim,)`` (embeddings)."""
+        return self.kind in DIAGONAL_INPUT_KINDS
+
+    @property
+    def input_factor_shape(self) -> tuple[int, ...]:
+        """``(a_dim,)`` for a diagonal input factor, else ``(a_dim, a_dim)``."""
+        return (self.a_dim,) if self.diagonal_input else (self.a_dim, self.a_dim)
+
     def parameter_names(self) -> list[str]:
         """Names (relative to the model) of the parameters this layer owns, weight first."""
         names = [f"{self.name}.weight"]
@@ -64,8 +101,14 @@ class TrackedLayer:
             names.append(f"{self.name}.bias")
         return names
 
+    # --- rows -----------------------------------------------------------------------------------
     def activation_rows(self, inputs: Tensor) -> Tensor:
-        """Input rows, shape ``(B, R, a_dim)``, in the input's dtype."""
+        """Input rows: ``(B, R, a_dim)`` in the input's dtype, or token ids ``(B, R)`` (int64, ``-1`` at
+        ``padding_idx``) for an embedding."""
+        if self.kind == "embedding":
+            ids = inputs.reshape(inputs.shape[0], -1).long()
+            padding = self.module.padding_idx
+            return ids if padding is None else ids.masked_fill(ids == padding, -1)
         if self.kind == "conv2d":
             conv = self.module
             patches = F.unfold(
@@ -78,26 +121,88 @@ class TrackedLayer:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
         return rows
 
+    def masked_rows(self, inputs: Tensor, rows: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Drop the rows of positions where the task's ``(B, T)`` row ``mask`` is False (padding).
+
+        Applies when the layer's input starts with the mask's ``(B, T)`` (sequence layers; never a
+        Conv2d). Returns ``(rows, number of kept rows)``: dense rows are zeroed, token ids set to ``-1``.
+        """
+        leading = inputs.shape if self.kind == "embedding" else inputs.shape[:-1]
+        if self.kind == "conv2d" or len(leading) < 2 or tuple(leading[:2]) != tuple(mask.shape):
+            return rows, torch.tensor(float(rows.shape[0] * rows.shape[1]))
+        keep = mask.bool().reshape(*mask.shape, *[1] * (len(leading) - 2)).expand(leading).reshape(rows.shape[:2])
+        if self.kind == "embedding":
+            return rows.masked_fill(~keep, -1), keep.sum()
+        return rows * keep.unsqueeze(-1).to(rows.dtype), keep.sum()
+
     def gradient_rows(self, grad_output: Tensor) -> Tensor:
         """Output-gradient rows, shape ``(B, R, out)``."""
         if self.kind == "conv2d":
             return grad_output.flatten(2).transpose(1, 2)
         return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
 
+    # --- what the rows give -----------------------------------------------------------------------
+    def gradient_matrices(self, grad_rows: Tensor, activations: Tensor) -> Tensor:
+        """Per-example gradient matrices ``Σ_r δ_r a_rᵀ``: ``(B, out, a_dim)`` in the gradient rows' dtype.
+
+        For an embedding, column ``v`` of example ``b`` is the sum of ``δ_r`` over the rows whose token
+        is ``v`` (a scatter-add, no one-hot matrix).
+        """
+        if self.kind != "embedding":
+            return torch.einsum("bro,bri->boi", grad_rows, activations.to(grad_rows.dtype))
+        batch, out = grad_rows.shape[0], grad_rows.shape[-1]
+        valid = activations >= 0
+        offsets = torch.arange(batch, device=activations.device)[:, None] * self.a_dim
+        flat = grad_rows.new_zeros(batch * self.a_dim, out)
+        flat.index_add_(0, (activations + offsets)[valid], grad_rows[valid])
+        return flat.reshape(batch, self.a_dim, out).transpose(1, 2)
+
+    def input_sum(self, activations: Tensor) -> Tensor:
+        """``Σ_r a_r a_rᵀ`` in float64: ``(a_dim, a_dim)``, or its diagonal ``(a_dim,)`` (token counts) for an
+        embedding."""
+        if self.kind == "embedding":
+            ids = activations[activations >= 0]
+            return torch.bincount(ids, minlength=self.a_dim).to(torch.float64)
+        flat = activations.reshape(-1, activations.shape[-1]).double()
+        return flat.T @ flat
+
+    # --- parameters -----------------------------------------------------------------------------
+    def as_matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Parameter-shaped ``weight`` (and ``bias``) as one ``(out, a_dim)`` matrix (a view where possible)."""
+        if self.kind in ("transposed_linear", "embedding"):
+            matrix = weight.T
+        else:
+            matrix = weight.reshape(self.out_features, -1)
+        if self.has_bias:
+            return torch.cat([matrix, bias[:, None]], dim=1)
+        return matrix
+
     def parameter_matrix(self) -> Tensor:
         """The layer's parameters as one ``(out, a_dim)`` matrix (a detached copy)."""
-        weight = self.module.weight.detach().reshape(self.out_features, -1)
-        if self.has_bias:
-            return torch.cat([weight, self.module.bias.detach()[:, None]], dim=1)
-        return weight.clone()
+        bias = self.module.bias.detach() if self.has_bias else None
+        return self.as_matrix(self.module.weight.detach(), bias).clone()
 
     def split_matrix(self, matrix: Tensor) -> dict[str, Tensor]:
         """Split a ``(out, a_dim)`` matrix back into ``{parameter name: tensor of its shape}``."""
-        weight = matrix[:, : self.in_features].reshape(self.module.weight.shape)
-        parts = {f"{self.name}.weight": weight}
+        weight = matrix[:, : self.in_features]
+        if self.kind in ("transposed_linear", "embedding"):
+            weight = weight.T
+        parts = {f"{self.name}.weight": weight.reshape(self.module.weight.shape)}
         if self.has_bias:
             parts[f"{self.name}.bias"] = matrix[:, self.in_features]
         return parts
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``x @ weight + bias``, weight ``(nx, nf)``), without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(getattr(module, "nx", None), int)
+        and isinstance(weight, Tensor)
+        and tuple(weight.shape) == (module.nx, module.nf)
+    )
 
 
 def _describe(name: str, module: nn.Module) -> TrackedLayer | str:
@@ -106,11 +211,17 @@ def _describe(name: str, module: nn.Module) -> TrackedLayer | str:
     has_bias = isinstance(bias, Tensor) and bias.requires_grad
     if isinstance(module, nn.Linear):
         return TrackedLayer(name, module, "linear", module.in_features, module.out_features, has_bias)
+    if _is_hf_conv1d(module):
+        return TrackedLayer(name, module, "transposed_linear", module.nx, module.nf, has_bias)
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
             return "Conv2d with groups>1, non-zero padding_mode or string padding"
         k = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         return TrackedLayer(name, module, "conv2d", k, module.out_channels, has_bias)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return "Embedding with max_norm (its forward rescales the weight)"
+        return TrackedLayer(name, module, "embedding", module.num_embeddings, module.embedding_dim, False)
     return type(module).__name__
 
 
@@ -118,15 +229,58 @@ def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _shared_input_embeddings(model: nn.Module) -> dict[str, str]:
+    """Embeddings of Hugging Face models (modules with ``get_input_embeddings``) other than their token
+    embedding, with the reason they are skipped: position (and similar) embeddings get one input shared by
+    the whole batch, so they have no per-example gradients."""
+    owners = {}
+    for prefix, module in model.named_modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            token_embedding = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        for name, sub in module.named_modules(prefix=prefix):
+            if isinstance(sub, nn.Embedding) and sub is not token_embedding and name not in owners:
+                owners[name] = (
+                    "an embedding of a Hugging Face model other than its token embedding (e.g. positions, shared "
+                    "by the whole batch: no per-example gradient)"
+                )
+    return owners
+
+
 LORA_PATTERNS = ("*lora_A*", "*lora_B*")
+
+
+class LayerSelection(NamedTuple):
+    """What :func:`find_layers` chose.
+
+    Attributes:
+        layers: the tracked layers, in module order.
+        skipped: ``{module name: reason}`` for modules with trainable parameters that are not tracked.
+        tied: ``{module name: tracked module name}`` for layers whose weight is the same parameter as a
+            tracked layer's (e.g. GPT-2's ``transformer.wte`` and ``lm_head``): tracked once only.
+    """
+
+    layers: list[TrackedLayer]
+    skipped: dict[str, str]
+    tied: dict[str, str]
 
 
 def find_layers(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-) -> tuple[list[TrackedLayer], dict[str, str]]:
-    """Tracked layers of ``model`` and the skipped modules that own trainable parameters.
+) -> LayerSelection:
+    """Tracked layers of ``model``, the skipped modules that own trainable parameters, and tied layers.
+
+    A parameter shared by two supported layers (tied weights, e.g. GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``) is tracked once, never twice: by its Linear-like user (the output head,
+    whose gradient is dense; what kronfluence tracks) rather than the embedding, else by the first
+    user in module order. Its other use is left out of the per-example gradients (its effect through the
+    head is kept); exclude the head to track the embedding instead.
 
     Args:
         model: the model to scan.
@@ -135,9 +289,10 @@ def find_layers(
         exclude: fnmatch patterns removed from the selection.
 
     Returns:
-        ``(layers, skipped)`` where ``skipped`` maps module name to the reason it is not tracked.
+        a :class:`LayerSelection` ``(layers, skipped, tied)``.
     """
     patterns = LORA_PATTERNS if include == "lora" else ([include] if isinstance(include, str) else include)
+    shared_inputs = _shared_input_embeddings(model)
     layers: list[TrackedLayer] = []
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -149,8 +304,11 @@ def find_layers(
             skipped[name] = described
         elif not described.module.weight.requires_grad:
             skipped[name] = "frozen weight with a trainable bias"
+        elif name in shared_inputs:
+            skipped[name] = shared_inputs[name]
         else:
             layers.append(described)
+    layers, tied = _untie(layers)
     if include == "lora" and not layers:
         raise UnsupportedModelError(
             "modules='lora' found no LoRA adapter layers (no module named '*lora_A*'/'*lora_B*' with "
@@ -158,10 +316,23 @@ def find_layers(
         )
     if not layers:
         raise UnsupportedModelError(
-            f"No trackable layers: nothing among nn.Linear/nn.Conv2d with trainable parameters matched "
-            f"include={include!r}, exclude={exclude!r}. Skipped modules: {skipped or 'none'}."
+            f"No trackable layers: nothing among the supported layers ({SUPPORTED_LAYERS}) with trainable "
+            f"parameters matched include={include!r}, exclude={exclude!r}. Skipped modules: {skipped or 'none'}."
         )
-    return layers, skipped
+    return LayerSelection(layers, skipped, tied)
+
+
+def _untie(layers: list[TrackedLayer]) -> tuple[list[TrackedLayer], dict[str, str]]:
+    """Keep one layer per shared weight (see :func:`find_layers`); ``{dropped: kept}``."""
+    users: dict[int, list[TrackedLayer]] = {}
+    for layer in layers:
+        users.setdefault(id(layer.module.weight), []).append(layer)
+    tied: dict[str, str] = {}
+    for group in users.values():
+        if len(group) > 1:
+            kept = next((la for la in group if la.kind != "embedding"), group[0])
+            tied.update({la.name: kept.name for la in group if la is not kept})
+    return [la for la in layers if la.name not in tied], tied
 
 
 def layers_by_name(model: nn.Module, names: Iterable[str]) -> list[TrackedLayer]:
@@ -185,10 +356,15 @@ class LayerCapture:
     """Forward hooks on tracked layers that record input rows and (optionally) output gradients.
 
     Use as a context manager. While ``enabled()`` returns True and autograd is on, each forward of a
-    tracked layer stores ``activations[name]`` (rows ``(B, R, a_dim)``, detached) and the output
-    tensor ``outputs[name]`` (unless ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook on
-    the output calls it with the gradient rows ``(B, R, out)`` during backward. A module called several
-    times per forward has its rows concatenated along ``R``.
+    tracked layer stores ``activations[name]`` (rows from :meth:`TrackedLayer.activation_rows`,
+    detached), the number of rows ``row_counts[name]`` and the output tensor ``outputs[name]`` (unless
+    ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook on the output calls it with the
+    gradient rows ``(B, R, out)`` during backward. A module called several times per forward has its rows
+    concatenated along ``R``.
+
+    ``row_mask`` (``(B, T)`` bool, from ``Task.row_mask``; may be set per batch) drops padded positions
+    from the rows of sequence layers. ``batch_size`` (may be set per batch) makes a layer whose input
+    lacks the batch dimension (e.g. a position embedding fed ``(1, T)``) fail with a clear error.
     """
 
     def __init__(
@@ -197,18 +373,24 @@ class LayerCapture:
         enabled: Callable[[], bool] = lambda: True,
         on_gradient: OnRows | None = None,
         keep_outputs: bool = True,
+        row_mask: Tensor | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self.layers = list(layers)
         self._by_name = {layer.name: layer for layer in self.layers}
         self.enabled = enabled
         self.on_gradient = on_gradient
         self.keep_outputs = keep_outputs
+        self.row_mask = row_mask
+        self.batch_size = batch_size
         self.activations: dict[str, Tensor] = {}
+        self.row_counts: dict[str, Tensor] = {}
         self.outputs: dict[str, list[Tensor]] = {}
         self._handles: list[Any] = []
 
     def clear(self) -> None:
         self.activations.clear()
+        self.row_counts.clear()
         self.outputs.clear()
 
     def __enter__(self) -> LayerCapture:
@@ -226,9 +408,16 @@ class LayerCapture:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             if not (torch.is_grad_enabled() and self.enabled()):
                 return None
-            rows = layer.activation_rows(args[0].detach())
+            inputs = args[0].detach()
+            rows = layer.activation_rows(inputs)
+            check_batch(layer, rows.shape[0], self.batch_size)
+            if self.row_mask is not None:
+                rows, count = layer.masked_rows(inputs, rows, self.row_mask)
+            else:
+                count = torch.tensor(float(rows.shape[0] * rows.shape[1]))
             previous = self.activations.get(layer.name)
             self.activations[layer.name] = rows if previous is None else torch.cat([previous, rows], dim=1)
+            self.row_counts[layer.name] = self.row_counts.get(layer.name, 0) + count
             if self.keep_outputs:
                 self.outputs.setdefault(layer.name, []).append(output)
             if self.on_gradient is not None and output.requires_grad:
@@ -258,6 +447,16 @@ class LayerCapture:
         return result
 
 
+def check_batch(layer: TrackedLayer, rows_batch: int, batch_size: int | None) -> None:
+    """Raise if a layer's input rows do not have the batch's leading dimension."""
+    if batch_size is not None and rows_batch != batch_size:
+        raise UnsupportedModelError(
+            f"Layer {layer.name!r} ({type(layer.module).__name__}) got an input with leading dimension {rows_batch} "
+            f"for a batch of {batch_size} examples: its input is shared by the batch (e.g. a position embedding fed "
+            f"(1, T) positions), so it has no per-example gradients. Leave it out: exclude=[{layer.name!r}]."
+        )
+
+
 def per_example_gradients(
     model: nn.Module,
     layers: Sequence[TrackedLayer],
@@ -273,8 +472,9 @@ def per_example_gradients(
     """
     with LayerCapture(layers) as capture:
         values = per_example_values(model)
+        for layer in layers:
+            check_batch(layer, capture.activations[layer.name].shape[0], values.shape[0])
         rows = capture.output_gradient_rows(values.sum())
         return {
-            layer.name: torch.einsum("bro,bri->boi", rows[layer.name], capture.activations[layer.name])
-            for layer in layers
+            layer.name: layer.gradient_matrices(rows[layer.name], capture.activations[layer.name]) for layer in layers
         }

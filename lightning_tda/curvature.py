@@ -2,7 +2,8 @@
 
 Per tracked layer (gradient matrix ``(out, a_dim)``) the curvature is approximated as
 ``A ⊗ S`` (ALGORITHMS.md §1). We eigendecompose ``A = Q_A Λ_A Q_Aᵀ`` and ``S = Q_S Λ_S Q_Sᵀ`` and
-keep eigenvalues on the Kronecker grid, ``(out, a_dim)``:
+keep eigenvalues on the Kronecker grid, ``(out, a_dim)``. An embedding's ``A`` is diagonal (one-hot
+inputs), so its ``Q_A`` is the identity and is never formed (``q_a=None``):
 
 * K-FAC: ``Λ = Λ_S Λ_Aᵀ`` (outer product);
 * EK-FAC: ``Λ*_{ij} = E_n[(Q_Sᵀ G_n Q_A)_{ij}²]``, one pass of per-example pseudo-gradients ``G_n``
@@ -86,19 +87,20 @@ class LayerEigenbasis:
 
     Attributes:
         name: layer name.
-        q_a: ``(a_dim, a_dim)`` float64 eigenvectors of ``A``.
+        q_a: ``(a_dim, a_dim)`` float64 eigenvectors of ``A``, or ``None`` for the identity (a diagonal
+            ``A``: embeddings, where a dense ``(vocabulary, vocabulary)`` basis would be wasted).
         q_s: ``(out, out)`` float64 eigenvectors of ``S``.
         eigenvalues: ``(out, a_dim)`` float64, EK-FAC corrected ``Λ*`` or ``outer(Λ_S, Λ_A)`` for K-FAC.
     """
 
     name: str
-    q_a: Tensor
+    q_a: Tensor | None
     q_s: Tensor
     eigenvalues: Tensor
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.q_s.shape[0], self.q_a.shape[0])
+        return (self.q_s.shape[0], self.eigenvalues.shape[1])
 
     @property
     def mean_eigenvalue(self) -> float:
@@ -106,11 +108,13 @@ class LayerEigenbasis:
 
     def rotate(self, v: Tensor) -> Tensor:
         """``(..., out, a_dim) -> Q_Sᵀ V Q_A`` (float64)."""
-        return self.q_s.T @ v.to(self.q_s.dtype) @ self.q_a
+        rotated = self.q_s.T @ v.to(self.q_s.dtype)
+        return rotated if self.q_a is None else rotated @ self.q_a
 
     def unrotate(self, v: Tensor) -> Tensor:
         """Inverse of :meth:`rotate`: ``Q_S V Q_Aᵀ``."""
-        return self.q_s @ v.to(self.q_s.dtype) @ self.q_a.T
+        unrotated = self.q_s @ v.to(self.q_s.dtype)
+        return unrotated if self.q_a is None else unrotated @ self.q_a.T
 
     def apply(self, v: Tensor, values: Tensor) -> Tensor:
         """``Q_S [values ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ`` for ``v`` of shape ``(..., out, a_dim)``; float64."""
@@ -121,10 +125,12 @@ class LayerEigenbasis:
         return self.apply(v, damped_inverse(self.eigenvalues, damping))
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"q_a": self.q_a, "q_s": self.q_s, "eigenvalues": self.eigenvalues}
+        basis = {} if self.q_a is None else {"q_a": self.q_a}
+        return basis | {"q_s": self.q_s, "eigenvalues": self.eigenvalues}
 
     def to(self, device: torch.device | str) -> LayerEigenbasis:
-        return LayerEigenbasis(self.name, self.q_a.to(device), self.q_s.to(device), self.eigenvalues.to(device))
+        q_a = None if self.q_a is None else self.q_a.to(device)
+        return LayerEigenbasis(self.name, q_a, self.q_s.to(device), self.eigenvalues.to(device))
 
 
 @dataclass
@@ -193,11 +199,12 @@ Curvature = dict[str, LayerCurvature]  # keyed by layer name, in the trace's lay
 def eigenbases_from_covariances(covariances: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, LayerEigenbasis]:
     """K-FAC eigenbases from per-layer ``(A, S)`` (float64); eigenvalues ``outer(Λ_S, Λ_A)``.
 
-    Tiny negative eigenvalues from round-off are clamped to zero.
+    A 1-D ``A`` is a diagonal input factor (embeddings): its eigenvalues are the diagonal and its basis
+    the identity (``q_a=None``). Tiny negative eigenvalues from round-off are clamped to zero.
     """
     bases = {}
     for name, (a, s) in covariances.items():
-        lam_a, q_a = torch.linalg.eigh(a.double())
+        lam_a, q_a = (a.double(), None) if a.dim() == 1 else torch.linalg.eigh(a.double())
         lam_s, q_s = torch.linalg.eigh(s.double())
         bases[name] = LayerEigenbasis(name, q_a, q_s, torch.outer(lam_s.clamp(min=0), lam_a.clamp(min=0)))
     return bases
@@ -255,7 +262,7 @@ def pseudo_gradient_rows(
         return
     samples = fisher.samples or DEFAULT_SAMPLES
     for s in range(samples):
-        sampled = task.sample_targets(outputs, generator)
+        sampled = task.sample_targets(outputs, generator, targets=targets)
         loss = task.loss(outputs, sampled).sum()
         yield capture.output_gradient_rows(loss, retain_graph=s < samples - 1), 1.0 / samples
 
@@ -279,11 +286,6 @@ def _batched_output_gradient_rows(capture: LayerCapture, outputs: Tensor, factor
         for k in range(len(factors)):
             per_factor[k][name] = torch.cat([layer.gradient_rows(part[k]) for part in parts], dim=1)
     return per_factor
-
-
-def per_example_matrices(rows: Tensor, activations: Tensor) -> Tensor:
-    """Per-example gradient matrices ``Σ_r δ_r a_rᵀ``: ``(B, out, a_dim)`` float64."""
-    return torch.einsum("bro,bri->boi", rows.double(), activations.double())
 
 
 # ------------------------------------------------------------------------------ passes over data
@@ -357,6 +359,11 @@ def _tensors(item: Any) -> Iterator[Tensor]:
             yield from _tensors(item[key])
 
 
+def _capture(layers: Sequence[TrackedLayer], task: Task, batch: Any) -> LayerCapture:
+    """A capture of ``layers`` for one training batch: padded positions (the task's row mask) are not rows."""
+    return LayerCapture(layers, row_mask=task.row_mask(batch), batch_size=task.batch_size(batch))
+
+
 def _evaluate(model: nn.Module, task: Task, batch: Any) -> Tensor:
     """Model outputs of a training batch, with a clear error when the data does not fit the model."""
     try:
@@ -380,8 +387,8 @@ def correct_eigenvalues(
 
     ``Λ*_{ij} = mean_n Σ_k w_k (Q_Sᵀ G_{n,k} Q_A)_{ij}²`` over the pass's examples, with the
     pseudo-gradients ``G_{n,k}`` of :func:`pseudo_gradient_rows`. For one row per example
-    (``R = 1``) the square factorises, ``(Q_Sᵀ δ_k)_i² (Q_Aᵀ a)_j²``, so the pass costs one
-    ``(out, B) × (B, a_dim)`` product per batch after summing ``(Q_Sᵀ δ_k)²`` over the factors.
+    (``R = 1``) of a dense layer the square factorises, ``(Q_Sᵀ δ_k)_i² (Q_Aᵀ a)_j²``, so the pass costs
+    one ``(out, B) × (B, a_dim)`` product per batch after summing ``(Q_Sᵀ δ_k)²`` over the factors.
     """
     layers = [layer for layer in layers if layer.name in curvature]
     sums = {layer.name: torch.zeros_like(curvature[layer.name].eigenvalues) for layer in layers}
@@ -391,20 +398,21 @@ def correct_eigenvalues(
     model.eval()
     try:
         for batch in data.batches(task, "EK-FAC correction"):
-            with torch.enable_grad(), LayerCapture(layers) as capture:
+            with torch.enable_grad(), _capture(layers, task, batch) as capture:
                 outputs = _evaluate(model, task, batch)
                 targets = task.targets(batch)
                 weighted = list(pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator))
                 weights = torch.tensor([w for _, w in weighted], dtype=torch.float64, device=outputs.device)
-                for name, total in sums.items():
-                    basis, act = curvature[name], capture.activations[name].double()
-                    deltas = torch.stack([rows[name] for rows, _ in weighted]).double()  # (K, B, R, out)
-                    if deltas.shape[2] == 1 and act.shape[1] == 1:  # Σ_k w_k (Q_Sᵀ δ_k)² per example
+                for layer in layers:
+                    basis, act = curvature[layer.name], capture.activations[layer.name]
+                    deltas = torch.stack([rows[layer.name] for rows, _ in weighted]).double()  # (K, B, R, out)
+                    total = sums[layer.name]
+                    if deltas.shape[2] == 1 and act.shape[1] == 1 and basis.q_a is not None:
                         squared = torch.einsum("k,kbo->bo", weights, (deltas[:, :, 0] @ basis.q_s) ** 2)
-                        total += squared.T @ (act[:, 0] @ basis.q_a) ** 2
+                        total += squared.T @ (act[:, 0].double() @ basis.q_a) ** 2  # Σ_k w_k (Q_Sᵀ δ_k)² per example
                     else:
                         for delta, weight in zip(deltas, weights):
-                            total += weight * basis.rotate(per_example_matrices(delta, act)).pow(2).sum(0)
+                            total += weight * basis.rotate(layer.gradient_matrices(delta, act)).pow(2).sum(0)
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
@@ -418,10 +426,11 @@ def covariances_at(
     model: nn.Module, layers: Sequence[TrackedLayer], task: Task, data: PassData, fisher: FisherOptions
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC factors ``(A, S)`` recomputed at the model's current parameters over the pass's data
-    (``A`` per row, ``S`` per example, as the callback streams them); float64."""
+    (``A`` per row, ``S`` per example, as the callback streams them; ``A`` is 1-D, the diagonal, for an
+    embedding); float64."""
     sums = {
         layer.name: [
-            torch.zeros(layer.a_dim, layer.a_dim, dtype=torch.float64),
+            torch.zeros(layer.input_factor_shape, dtype=torch.float64),
             torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64),
         ]
         for layer in layers
@@ -433,12 +442,11 @@ def covariances_at(
     model.eval()
     try:
         for batch in data.batches(task, "K-FAC covariances"):
-            with torch.enable_grad(), LayerCapture(layers) as capture:
+            with torch.enable_grad(), _capture(layers, task, batch) as capture:
                 outputs = _evaluate(model, task, batch)
-                for name in sums:
-                    act = capture.activations[name]
-                    sums[name][0] += outer_sum(act).cpu()
-                    rows_count[name] += act.shape[0] * act.shape[1]
+                for layer in layers:
+                    sums[layer.name][0] += layer.input_sum(capture.activations[layer.name]).cpu()
+                    rows_count[layer.name] += capture.row_counts[layer.name].cpu()
                 targets = task.targets(batch)
                 for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
                     for name in sums:
@@ -471,14 +479,13 @@ def gauss_newton_blocks(
     model.eval()
     try:
         for batch in data.batches(task, "Gauss-Newton"):
-            with torch.enable_grad(), LayerCapture(layers) as capture:
+            with torch.enable_grad(), _capture(layers, task, batch) as capture:
                 outputs = _evaluate(model, task, batch)
                 targets = task.targets(batch)
                 weighted = list(pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator))
                 for layer in layers:
-                    act = capture.activations[layer.name].double()
                     rows = [(weight**0.5) * rows[layer.name].double() for rows, weight in weighted]
-                    _accumulate_block(sums[layer.name], rows, act)
+                    _accumulate_block(sums[layer.name], layer, rows, capture.activations[layer.name])
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
@@ -495,20 +502,20 @@ def _zeros_like_block(layer: TrackedLayer) -> Tensor:
     return torch.zeros(out, out, a_dim, a_dim, dtype=torch.float64)
 
 
-def _accumulate_block(total: Tensor, weighted_rows: Sequence[Tensor], act: Tensor) -> None:
+def _accumulate_block(total: Tensor, layer: TrackedLayer, weighted_rows: Sequence[Tensor], act: Tensor) -> None:
     """Add ``Σ_n Σ_k vec(G_{n,k}) vec(G_{n,k})ᵀ`` to ``total``, kept as ``(out, out, a_dim, a_dim)``.
 
-    With one row per example, ``G_{n,k} = δ_{n,k} a_nᵀ`` and the sum is ``Σ_n S_n ⊗ A_n`` with
-    ``S_n = Σ_k δ_{n,k} δ_{n,k}ᵀ``: one ``(out², B) × (B, a_dim²)`` product instead of ``(out·a_dim)²·B·K``.
+    With one row per example of a dense layer, ``G_{n,k} = δ_{n,k} a_nᵀ`` and the sum is ``Σ_n S_n ⊗ A_n``
+    with ``S_n = Σ_k δ_{n,k} δ_{n,k}ᵀ``: one ``(out², B) × (B, a_dim²)`` product instead of ``(out·a_dim)²·B·K``.
     """
     out, a_dim = total.shape[0], total.shape[2]
-    if act.shape[1] == 1 and all(rows.shape[1] == 1 for rows in weighted_rows):
+    if act.shape[1] == 1 and not layer.diagonal_input and all(rows.shape[1] == 1 for rows in weighted_rows):
         deltas = torch.stack([rows[:, 0] for rows in weighted_rows], dim=1)  # (B, K, out)
         s_n = torch.einsum("bko,bkp->bop", deltas, deltas).reshape(len(act), -1)
-        a_n = torch.einsum("bi,bj->bij", act[:, 0], act[:, 0]).reshape(len(act), -1)
+        a_n = torch.einsum("bi,bj->bij", act[:, 0].double(), act[:, 0].double()).reshape(len(act), -1)
         total += (s_n.T.cpu() @ a_n.cpu()).reshape(out, out, a_dim, a_dim)
         return
-    flat = torch.cat([per_example_matrices(rows, act).flatten(1) for rows in weighted_rows]).cpu()
+    flat = torch.cat([layer.gradient_matrices(rows, act).flatten(1) for rows in weighted_rows]).cpu()
     total += (flat.T @ flat).reshape(out, a_dim, out, a_dim).permute(0, 2, 1, 3)
 
 
@@ -660,7 +667,7 @@ def curvature_from_tensors(
         else:
             result[layer.name] = LayerEigenbasis(
                 layer.name,
-                tensors[f"{layer.name}/q_a"],
+                tensors.get(f"{layer.name}/q_a"),
                 tensors[f"{layer.name}/q_s"],
                 tensors[f"{layer.name}/eigenvalues"],
             )

@@ -2,7 +2,9 @@
 
 Per tracked layer we keep, in float64,
 
-* ``A_sum = Σ_rows a aᵀ`` with ``A_count`` = number of rows (examples × tokens/patches),
+* ``A_sum = Σ_rows a aᵀ`` with ``A_count`` = number of rows (examples × tokens/patches; padded
+  tokens masked by the task are not rows), kept as its diagonal ``(a_dim,)`` for embeddings, whose
+  one-hot inputs make it diagonal (token counts; a vocabulary-squared matrix is never formed),
 * ``S_sum = Σ_rows δ δᵀ`` with ``S_count`` = number of examples,
 
 so ``A = A_sum / A_count`` and ``S = S_sum / S_count`` give the K-FAC factors with the convention
@@ -39,7 +41,7 @@ class KFACStatistics:
     """
 
     def __init__(self, layers: Sequence[TrackedLayer]) -> None:
-        self.shapes = {layer.name: layer.shape for layer in layers}
+        self.layers = {layer.name: layer for layer in layers}
         self.sums: dict[str, dict[str, Tensor]] = {}
         self.skipped_steps = 0
         self.reset()
@@ -47,29 +49,29 @@ class KFACStatistics:
 
     def reset(self) -> None:
         """Zero every sum (used when a segment closes)."""
-        self.sums = {name: self._zeros(shape) for name, shape in self.shapes.items()}
+        self.sums = {name: self._zeros(layer) for name, layer in self.layers.items()}
         self.skipped_steps = 0
 
     @staticmethod
-    def _zeros(shape: tuple[int, int]) -> dict[str, Tensor]:
-        out, a_dim = shape
+    def _zeros(layer: TrackedLayer) -> dict[str, Tensor]:
         return {
-            "A_sum": torch.zeros(a_dim, a_dim, dtype=torch.float64),
+            "A_sum": torch.zeros(layer.input_factor_shape, dtype=torch.float64),
             "A_count": torch.zeros((), dtype=torch.float64),
-            "S_sum": torch.zeros(out, out, dtype=torch.float64),
+            "S_sum": torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64),
             "S_count": torch.zeros((), dtype=torch.float64),
         }
 
     def _stage(self, name: str) -> dict[str, Tensor]:
         if name not in self._staged:
-            self._staged[name] = self._zeros(self.shapes[name])
+            self._staged[name] = self._zeros(self.layers[name])
         return self._staged[name]
 
-    def stage_activations(self, name: str, rows: Tensor) -> None:
-        """Stage input rows ``(B, R, a_dim)`` of layer ``name``."""
+    def stage_activations(self, name: str, rows: Tensor, count: Tensor | float | None = None) -> None:
+        """Stage input rows of layer ``name`` (``LayerCapture.activations``: ``(B, R, a_dim)``, or token
+        ids ``(B, R)`` for an embedding) and their number (``LayerCapture.row_counts``; default ``B·R``)."""
         staged = self._stage(name)
-        staged["A_sum"] += outer_sum(rows).cpu()
-        staged["A_count"] += rows.shape[0] * rows.shape[1]
+        staged["A_sum"] += self.layers[name].input_sum(rows).cpu()
+        staged["A_count"] += float(rows.shape[0] * rows.shape[1]) if count is None else torch.as_tensor(count).cpu()
 
     def stage_gradients(self, name: str, rows: Tensor, scale: float = 1.0) -> None:
         """Stage per-example output-gradient rows ``(B, R, out)``, multiplied by ``scale`` first."""
@@ -93,7 +95,8 @@ class KFACStatistics:
         self._staged = {}
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """Averaged ``(A, S)`` of layer ``name``, float64, shapes ``(a_dim, a_dim)``, ``(out, out)``."""
+        """Averaged ``(A, S)`` of layer ``name``, float64, shapes ``(a_dim, a_dim)`` (``(a_dim,)``, the diagonal,
+        for an embedding) and ``(out, out)``."""
         sums = self.sums[name]
         if sums["A_count"] == 0 or sums["S_count"] == 0:
             raise ValueError(f"No statistics were accumulated for layer {name!r}.")

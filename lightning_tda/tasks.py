@@ -13,12 +13,18 @@ Conventions
 * ``fisher_factors(outputs)`` returns vectors ``v_k`` with ``sum_k v_k v_kᵀ`` equal to the Hessian
   of the per-example loss with respect to the model outputs (the Gauss-Newton output Hessian).
   Back-propagating them gives the *exact* expectation of the true Fisher; ``sample_targets`` draws
-  targets from the model's predictive distribution for the sampled (cheaper) estimate.
+  targets from the model's predictive distribution for the sampled (cheaper) estimate, keeping the
+  positions the real targets leave out (``ignore_index``) out. Sequence outputs always use samples.
+* ``row_mask(batch)`` returns a ``(B, T)`` bool mask of the positions that are real tokens (``None``:
+  all of them); padded positions do not enter the K-FAC input statistics.
+
+Tasks: :class:`ClassificationTask`, :class:`RegressionTask` and :class:`LanguageModelingTask`
+(next-token prediction with Hugging Face-style batches and outputs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,12 +73,19 @@ class Task:
         """Model outputs for ``batch``; override for models that take several inputs."""
         return model(self.inputs(batch))
 
+    def row_mask(self, batch: Any) -> Tensor | None:
+        """``(B, T)`` bool mask of real (not padded) positions of a sequence batch; ``None`` = all real."""
+        return None
+
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example training loss, shape ``(B,)``."""
         raise NotImplementedError
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Targets drawn from the model's predictive distribution (for the sampled true Fisher)."""
+    def sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, targets: Tensor | None = None
+    ) -> Tensor:
+        """Targets drawn from the model's predictive distribution (for the sampled true Fisher), in the
+        format of :meth:`targets`; positions the real ``targets`` leave out stay left out."""
         raise NotImplementedError
 
     def fisher_factors(self, outputs: Tensor) -> Tensor:
@@ -94,6 +107,14 @@ class Task:
     def measurement_from_outputs(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Measurement from precomputed outputs (used by methods that batch many parameter sets)."""
         return self.loss(outputs, targets)
+
+
+def sample_classes(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One class per row of ``logits (..., C)`` drawn from its softmax: int64 ``(...)``."""
+    probs = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]).float(), dim=-1)
+    # non-finite outputs: sample uniformly; the step's statistics are then dropped as non-finite
+    probs = torch.where(probs.isfinite().all(dim=-1, keepdim=True), probs, torch.ones_like(probs))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).reshape(logits.shape[:-1])
 
 
 class ClassificationTask(Task):
@@ -149,12 +170,13 @@ class ClassificationTask(Task):
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
         return self.measurement_from_outputs(self.forward(model, batch), self.targets(batch))
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).float(), dim=-1)
-        # non-finite outputs: sample uniformly; the step's statistics are then dropped as non-finite
-        probs = torch.where(probs.isfinite().all(dim=-1, keepdim=True), probs, torch.ones_like(probs))
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return sampled.reshape(outputs.shape[:-1])
+    def sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, targets: Tensor | None = None
+    ) -> Tensor:
+        sampled = sample_classes(outputs, generator)
+        if targets is not None:
+            sampled = torch.where(targets == self.ignore_index, targets, sampled)
+        return sampled
 
     def num_fisher_factors(self, outputs: Tensor) -> int:
         return outputs.shape[-1]
@@ -182,7 +204,9 @@ class RegressionTask(Task):
         predictions = at_least_float32(self._as_matrix(outputs))
         return (predictions - self._as_matrix(targets).to(predictions.dtype)).pow(2).mean(dim=1)
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, targets: Tensor | None = None
+    ) -> Tensor:
         dim = self._as_matrix(outputs).shape[1]
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
         return outputs.detach() + noise * (dim / 2) ** 0.5
@@ -196,3 +220,165 @@ class RegressionTask(Task):
         eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device) * (2.0 / dim) ** 0.5
         factors = eye[:, None, :].expand(dim, flat.shape[0], dim)
         return factors.reshape(dim, *outputs.shape)
+
+
+def logits_of(outputs: Any) -> Tensor:
+    """The logits tensor of a model's output: a tensor, an object with ``.logits`` (a Hugging Face output), a
+    mapping with ``"logits"`` or a tuple whose first element is the logits."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(getattr(outputs, "logits", None), Tensor):
+        return outputs.logits
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), Tensor):
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
+        return outputs[0]
+    raise TypeError(
+        f"The model returned {type(outputs).__name__}, which holds no logits: return a (B, T, vocabulary) tensor, "
+        f"or an object with .logits (a Hugging Face output)."
+    )
+
+
+class LanguageModelingTask(Task):
+    """Next-token prediction for causal language models, with Hugging Face conventions.
+
+    Batches are ``(input_ids, labels)`` tuples (``labels = input_ids``; the task shifts them, as Hugging
+    Face models do: the logits at position ``t`` predict ``labels[t + 1]``), ``(input_ids,)`` tuples or
+    bare ``input_ids`` (labels = the inputs), or mappings with ``input_ids`` and optionally
+    ``attention_mask`` and ``labels`` (a Hugging Face tokenizer or collator's output). Positions whose
+    label is ``ignore_index`` (``-100``), and padded positions (``attention_mask == 0``, or
+    ``input_ids == pad_token_id`` when ``pad_token_id`` is given and there is no attention mask), are
+    not predicted; padded positions also stay out of the K-FAC input statistics (:meth:`row_mask`).
+    The model is called as ``model(input_ids)``, or ``model(input_ids, attention_mask=mask)`` when the
+    batch has an attention mask, and may return logits ``(B, T, vocabulary)`` or a Hugging Face output
+    object with ``.logits``.
+
+    Args:
+        reduction: the per-example loss over the example's predicted tokens: ``"mean"`` (default) or
+            ``"sum"``. The default matches a ``training_step`` that returns a Hugging Face model's
+            ``.loss`` (the mean over every predicted token of the batch) exactly when the examples have
+            equally many predicted tokens (fixed-length blocks, the usual pre-training layout); with
+            padding, Hugging Face weights each example by its token count, this task weights examples
+            equally. ``"sum"`` is kronfluence's convention (the per-token losses summed).
+        ignore_index: label value of positions without a target.
+        pad_token_id: token id marking padding when batches carry no attention mask.
+    """
+
+    def __init__(self, reduction: str = "mean", ignore_index: int = -100, pad_token_id: int | None = None) -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"LanguageModelingTask(reduction={reduction!r}): use 'mean' or 'sum'.")
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.pad_token_id = pad_token_id
+
+    # --- batches --------------------------------------------------------------------------------
+    def inputs(self, batch: Any) -> Tensor:
+        """``input_ids`` ``(B, T)``."""
+        if isinstance(batch, Tensor):
+            return batch
+        if isinstance(batch, Mapping):
+            if "input_ids" not in batch:
+                raise ValueError(f"LanguageModelingTask: a mapping batch needs 'input_ids' (got keys {sorted(batch)}).")
+            return batch["input_ids"]
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+            return batch[0]
+        raise ValueError(
+            f"LanguageModelingTask cannot read a batch of type {type(batch).__name__}: use input_ids, "
+            f"(input_ids, labels) or a mapping with input_ids (and attention_mask, labels)."
+        )
+
+    def _attention_mask(self, batch: Any) -> Tensor | None:
+        return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+    def row_mask(self, batch: Any) -> Tensor | None:
+        """Real-token positions ``(B, T)`` bool: the attention mask, else ``input_ids != pad_token_id``, else None."""
+        mask = self._attention_mask(batch)
+        if mask is not None:
+            return mask.bool()
+        if self.pad_token_id is not None:
+            return self.inputs(batch) != self.pad_token_id
+        return None
+
+    def targets(self, batch: Any) -> Tensor:
+        """Unshifted labels ``(B, T)`` int64, ``ignore_index`` at padded positions."""
+        if isinstance(batch, Mapping):
+            labels = batch.get("labels")
+        elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+            labels = batch[1]
+        else:
+            labels = None
+        ids = self.inputs(batch)
+        labels = ids if labels is None else labels
+        if labels.shape != ids.shape:
+            raise ValueError(
+                f"LanguageModelingTask: labels of shape {tuple(labels.shape)} for input_ids of shape "
+                f"{tuple(ids.shape)}; pass labels = input_ids (unshifted; the task shifts them)."
+            )
+        mask = self.row_mask(batch)
+        return labels.long() if mask is None else labels.long().masked_fill(~mask, self.ignore_index)
+
+    def batch_size(self, batch: Any) -> int:
+        return len(self.inputs(batch))
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        """Logits ``(B, T, vocabulary)``."""
+        mask = self._attention_mask(batch)
+        outputs = model(self.inputs(batch)) if mask is None else model(self.inputs(batch), attention_mask=mask)
+        return logits_of(outputs)
+
+    # --- losses ---------------------------------------------------------------------------------
+    def token_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy of every next-token prediction, ``(B, T - 1)``, zero where the label is ignored."""
+        if outputs.dim() != 3 or outputs.shape[:2] != targets.shape:
+            raise ValueError(
+                f"LanguageModelingTask: logits of shape {tuple(outputs.shape)} do not match labels of shape "
+                f"{tuple(targets.shape)}; the model must return (B, T, vocabulary) logits for (B, T) input_ids."
+            )
+        logits = at_least_float32(outputs[:, :-1])
+        labels = targets[:, 1:]
+        flat = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=self.ignore_index
+        )
+        return flat.reshape(labels.shape)
+
+    def _weights(self, targets: Tensor) -> Tensor:
+        """Weight of each predicted position in the per-example loss, ``(B, T - 1)``."""
+        valid = (targets[:, 1:] != self.ignore_index).float()
+        if self.reduction == "sum":
+            return valid
+        return valid / valid.sum(dim=1, keepdim=True).clamp(min=1)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example next-token loss ``(B,)``: the sum or mean over the example's predicted tokens (0 if none)."""
+        tokens = self.token_losses(outputs, targets)
+        return (tokens * self._weights(targets).to(tokens.dtype)).sum(dim=1)
+
+    def sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, targets: Tensor | None = None
+    ) -> Tensor:
+        """Labels ``(B, T)`` with every next token drawn from the model (shifted like real labels); positions
+        whose real label is ignored (or position 0, never predicted) hold ``ignore_index``."""
+        sampled = torch.full(outputs.shape[:2], self.ignore_index, dtype=torch.long, device=outputs.device)
+        sampled[:, 1:] = sample_classes(outputs[:, :-1], generator)
+        if targets is not None:
+            sampled = sampled.masked_fill(targets == self.ignore_index, self.ignore_index)
+        return sampled
+
+    def num_fisher_factors(self, outputs: Tensor) -> int:
+        return (outputs.shape[1] - 1) * outputs.shape[-1]
+
+    def fisher_factors(self, outputs: Tensor) -> Tensor:
+        """One factor per predicted position ``t`` and class ``c``: ``√(w_t p_{t,c}) (e_c − p_t)`` at position
+        ``t``, zero elsewhere, with ``w_t`` the position's weight (every position predicted, no padding):
+        ``((T−1)·V, B, T, V)``. They sum to the block-diagonal output Hessian without cross-position terms.
+        Large; the curvature passes and the callback sample targets for sequences instead."""
+        batch, length, vocabulary = outputs.shape
+        probs = torch.softmax(outputs.detach()[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        weight = 1.0 if self.reduction == "sum" else 1.0 / max(length - 1, 1)
+        eye = torch.eye(vocabulary, dtype=probs.dtype, device=probs.device)
+        per_class = (weight * probs).sqrt().unsqueeze(-1) * (eye - probs.unsqueeze(-2))  # (B, T-1, V, V): row c
+        factors = outputs.new_zeros(length - 1, vocabulary, batch, length, vocabulary, dtype=probs.dtype)
+        for t in range(length - 1):
+            factors[t, :, :, t] = per_class[:, t].transpose(0, 1)
+        return factors.reshape(-1, batch, length, vocabulary).to(outputs.dtype)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_tda.capture import TrackedLayer, layers_by_name
+from lightning_tda.capture import DIAGONAL_INPUT_KINDS, TrackedLayer, layers_by_name
 from lightning_tda.statistics import FACTORS
 
 FORMAT = "lightning_tda.trace"
@@ -226,14 +226,24 @@ class TraceWriter:
                 g.attrs["count"] = count
 
     def write_checkpoint(self, name: str, state: Mapping[str, Tensor], attrs: Mapping[str, Any], dtype: str) -> None:
-        """Write a model state (``name`` = ``"initial"`` or a zero-padded index)."""
+        """Write a model state (``name`` = ``"initial"`` or a zero-padded index).
+
+        Keys naming the same tensor (tied parameters: GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)
+        are stored once and hard-linked, so every name reads back the same values.
+        """
         checkpoints = self.file["checkpoints"]
         if name in checkpoints:
             del checkpoints[name]
         group = checkpoints.create_group(name)
         group.attrs.update(dict(attrs))
+        stored: dict[tuple, str] = {}
         for key, tensor in state.items():
+            alias = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if tensor.numel() and alias in stored:
+                group[key] = group[stored[alias]]
+                continue
             _store_array(group, key, tensor, dtype)
+            stored[alias] = key
 
     def record_loss_check(self, record: Mapping[str, Any]) -> None:
         """Add the result of the callback's loss check (:mod:`lightning_tda.loss_check`) to ``meta/loss_check``,
@@ -303,6 +313,12 @@ class LayerInfo:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features + int(self.has_bias))
+
+    @property
+    def input_factor_shape(self) -> tuple[int, ...]:
+        """Shape of the recorded ``A_sum``: ``(a_dim,)`` (the diagonal) for embeddings, else ``(a_dim, a_dim)``."""
+        a_dim = self.shape[1]
+        return (a_dim,) if self.kind in DIAGONAL_INPUT_KINDS else (a_dim, a_dim)
 
 
 @dataclass(frozen=True)
@@ -496,7 +512,8 @@ class Trace:
             return {key: torch.from_numpy(np.asarray(group[key][()])) for key in FACTORS}
 
     def covariances(self, segment: int, layer: str) -> tuple[Tensor, Tensor]:
-        """K-FAC factors ``(A, S)`` of ``layer`` in ``segment``: float64, ``(a_dim, a_dim)``, ``(out, out)``."""
+        """K-FAC factors ``(A, S)`` of ``layer`` in ``segment``: float64, ``(a_dim, a_dim)`` (its diagonal
+        ``(a_dim,)`` for an embedding layer) and ``(out, out)``."""
         sums = self.kfac_sums(segment, layer)
         if sums["A_count"] == 0 or sums["S_count"] == 0:
             raise TraceError(

@@ -126,7 +126,7 @@ def test_correction_with_several_rows_per_example_matches_a_loop():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     x, y = torch.randn(6, 5, 3), torch.randn(6, 5, 2)
     task = RegressionTask()
-    layers, _ = find_layers(model)
+    layers = find_layers(model).layers
     covariances = {
         la.name: (torch.eye(la.a_dim, dtype=torch.float64) + 0.1, torch.eye(la.out_features) * 2.0) for la in layers
     }
@@ -206,5 +206,5 @@ def test_bad_options(small_run):
     with pytest.raises(ValueError, match="samples=0"):
         FisherOptions("true", samples=0)
     with pytest.raises(ValueError, match="gauss-newton"):
-        big = find_layers(nn.Sequential(nn.Linear(200, 200)))[0]
+        big = find_layers(nn.Sequential(nn.Linear(200, 200))).layers
         gauss_newton_blocks(nn.Sequential(nn.Linear(200, 200)), big, task, data, FisherOptions())

@@ -118,11 +118,12 @@ def layer_dynamics(trace: Trace, segment: int, layer: str) -> LayerDynamics:
 def curvature_diagonal(curvature: LayerEigenbasis | DenseLayerCurvature) -> Tensor:
     """Diagonal of a layer's curvature as an ``(out, a_dim)`` matrix.
 
-    EK-FAC: ``diag(Q Λ Qᵀ)_{ij} = Σ_{kl} (Q_S)_{ik}² Λ_{kl} (Q_A)_{jl}²``.
+    EK-FAC: ``diag(Q Λ Qᵀ)_{ij} = Σ_{kl} (Q_S)_{ik}² Λ_{kl} (Q_A)_{jl}²`` (``Q_A = I`` for an embedding).
     """
     if isinstance(curvature, DenseLayerCurvature):
         return torch.diagonal(curvature.matrix).reshape(curvature.shape).clamp(min=0)
-    return (curvature.q_s**2) @ curvature.eigenvalues.clamp(min=0) @ (curvature.q_a**2).T
+    diagonal = (curvature.q_s**2) @ curvature.eigenvalues.clamp(min=0)
+    return diagonal if curvature.q_a is None else diagonal @ (curvature.q_a**2).T
 
 
 class SegmentOperators:
