@@ -94,8 +94,8 @@ class ReportOptions:
     ``WandbLogger`` run in ``run``, otherwise a run of its own under ``<output_dir>``, offline
     without an API key); ``label_names`` by class id; ``renderer``: how an example is shown
     (``lightning_tda.reporting.ImageRenderer``, ``TextRenderer``, ``TabularRenderer``; default: chosen
-    from the data); ``noisy_labels``: mark training labels the data module flipped on purpose
-    (its ``flipped`` mask)."""
+    from the data, token ids decoded with the data module's ``tokenizer`` if it has one);
+    ``noisy_labels``: mark training labels the data module flipped on purpose (its ``flipped`` mask)."""
 
     k: int = 5
     self_top: int = 50
@@ -177,7 +177,7 @@ class Job:
         self.output_dir = Path(config.output_dir).resolve()
         self.trace_path = Path(config.trace).resolve() if config.trace else self.output_dir / "trace.h5"
         report = config.report
-        self.renderer = _instantiate_renderer(report.renderer)
+        self.renderer = _instantiate_renderer(report.renderer) or _default_renderer(self.data)
         self.trainer_kwargs = _plain(init.trainer)
         self.callback_kwargs = _plain(config.callback)
 
@@ -225,6 +225,15 @@ def _instantiate_renderer(spec: Any) -> Any:
         return parser.instantiate_classes(parser.parse_object({"renderer": spec})).renderer
     except Exception as err:  # jsonargparse reports type problems as several exception types
         raise CLIError(f"report.renderer: {_one_line(err)}") from err
+
+
+def _default_renderer(data: Any) -> Any:
+    """Without ``report.renderer``: chosen per example, decoding token ids with the data module's ``tokenizer``
+    when it has one (anything with ``decode``)."""
+    from lightning_tda.reporting import AutoRenderer
+
+    tokenizer = getattr(data, "tokenizer", None)
+    return AutoRenderer(tokenizer=tokenizer if callable(getattr(tokenizer, "decode", None)) else None)
 
 
 def _dataset_of(data: Any, split: str) -> Any:

@@ -157,11 +157,16 @@ class TabularRenderer:
 
 class AutoRenderer:
     """Choose by the input: integer vectors are token ids, 2-D arrays (or ``(C, H, W)`` with
-    ``C`` of 1 or 3) are images, anything else is a feature row."""
+    ``C`` of 1 or 3) are images, anything else is a feature row.
 
-    def __init__(self) -> None:
+    Args:
+        tokenizer: decodes token ids (anything with ``decode``, e.g. a Hugging Face tokenizer or a data
+            module's ``tokenizer``); without one, token ids are shown as ``ids 12 5 7 ...``.
+    """
+
+    def __init__(self, tokenizer: Any = None) -> None:
         self.image = ImageRenderer()
-        self.text = TextRenderer()
+        self.text = TextRenderer(tokenizer=tokenizer)
         self.tabular = TabularRenderer()
 
     def __call__(self, inputs: Any) -> Rendered:
