@@ -16,8 +16,9 @@ term, label smoothing) every score is silently off. :class:`TDACallback
 
 :class:`LossCheck` (update/compute, as in torchmetrics) then names what explains the reported losses:
 the Task's batch mean (``match``), the batch sum (``example_sum``), the batch's token mean where the
-Task sums each example's tokens (``token_mean``), a constant factor (``scale``), or nothing
-(``mismatch``). Mismatches are reported with the numbers and the fix, not corrected: a corrected
+Task sums each example's tokens (``token_mean``), the batch's token mean where the Task averages each
+example's tokens and the examples have different lengths (``token_weighted``), a constant factor
+(``scale``), or nothing (``mismatch``). Mismatches are reported with the numbers and the fix, not corrected: a corrected
 scale would have to reach every method's learning-rate replay, curvature and Fisher targets.
 Nothing here imports Lightning.
 """
@@ -33,9 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tda.tasks import Task
+from lightning_tda.tasks import LanguageModelingTask, Task
 
-VERDICTS = ("match", "example_sum", "token_mean", "scale", "mismatch", "unchecked")
+VERDICTS = ("match", "example_sum", "token_mean", "token_weighted", "scale", "mismatch", "unchecked")
 _MAX_SHOWN = 3  # batches quoted in a message
 
 
@@ -80,25 +81,27 @@ class LossCheck:
     Args:
         relative_tolerance: how closely an explanation must reproduce every reported loss, relative to
             its size (1e-4 for 32/64-bit training, looser for 16-bit).
-        task_name: the Task's class name, quoted in messages.
+        task: the Task (its class and options are quoted in messages).
     """
 
-    def __init__(self, relative_tolerance: float = 1e-4, task_name: str = "Task") -> None:
+    def __init__(self, relative_tolerance: float = 1e-4, task: Task | None = None) -> None:
         self.relative_tolerance = relative_tolerance
-        self.task_name = task_name
+        self.task = task
+        self.task_name = type(task).__name__ if task is not None else "Task"
         self.reported: list[float] = []
         self.sums: list[float] = []
         self.sizes: list[int] = []
-        self.positions: list[int | None] = []
+        self.positions: list[float | None] = []  # predicted tokens in the batch (sequences only)
+        self.weighted: list[float | None] = []  # Σ_b tokens_b · loss_b
         self.problems: list[str] = []
 
-    def update(self, task_losses: Tensor, reported: float, positions: int | None = None) -> None:
+    def update(self, task_losses: Tensor, reported: float, positions: Tensor | None = None) -> None:
         """Add one batch.
 
         Args:
             task_losses: the Task's per-example losses, ``(B,)``.
             reported: the loss ``training_step`` returned for the batch (not divided by accumulation).
-            positions: labelled positions (tokens) in the batch for sequence targets, else None.
+            positions: predicted positions (tokens) of each example ``(B,)`` for sequence targets, else None.
         """
         losses = task_losses.detach().double().reshape(-1)
         if not (math.isfinite(reported) and bool(losses.isfinite().all())) or len(losses) == 0:
@@ -106,7 +109,9 @@ class LossCheck:
         self.reported.append(float(reported))
         self.sums.append(float(losses.sum()))
         self.sizes.append(len(losses))
-        self.positions.append(positions)
+        counts = None if positions is None else positions.detach().double().reshape(-1).to(losses.device)
+        self.positions.append(None if counts is None else float(counts.sum()))
+        self.weighted.append(None if counts is None else float((counts * losses).sum()))
 
     def skip(self, problem: str) -> None:
         """Record why a batch could not be compared (no loss returned, the Task failed on it)."""
@@ -129,6 +134,7 @@ class LossCheck:
         ]
         if all(p is not None and p > 0 for p in self.positions):
             candidates.append(("token_mean", [s / p for s, p in zip(self.sums, self.positions)], None))
+            candidates.append(("token_weighted", [w / p for w, p in zip(self.weighted, self.positions)], None))
         norm = sum(m * m for m in means)
         if norm > 0:
             factor = sum(r * m for r, m in zip(self.reported, means)) / norm
@@ -162,6 +168,7 @@ class LossCheck:
             "sums": list(self.sums),
             "sizes": list(self.sizes),
             "positions": list(self.positions),
+            "weighted": list(self.weighted),
             "problems": list(self.problems),
         }
 
@@ -169,7 +176,8 @@ class LossCheck:
         self.reported = [float(v) for v in state["reported"]]
         self.sums = [float(v) for v in state["sums"]]
         self.sizes = [int(v) for v in state["sizes"]]
-        self.positions = [None if v is None else int(v) for v in state["positions"]]
+        self.positions = [None if v is None else float(v) for v in state["positions"]]
+        self.weighted = [None if v is None else float(v) for v in state["weighted"]]
         self.problems = [str(v) for v in state["problems"]]
 
 
@@ -201,12 +209,33 @@ def _example_sum_message(check: LossCheck, factor: float | None, worst: float) -
 
 
 def _token_mean_message(check: LossCheck, factor: float | None, worst: float) -> str:
+    if isinstance(check.task, LanguageModelingTask):
+        fix = (
+            "LanguageModelingTask(reduction='mean') (exact when every example has equally many predicted tokens, "
+            "e.g. packed fixed-length blocks)"
+        )
+    else:
+        fix = (
+            "for next-token prediction LanguageModelingTask(reduction='mean'); otherwise a Task whose per-example "
+            "loss is the mean over the example's positions"
+        )
     return (
-        f"training_step averages the loss over the batch's labelled tokens while {check.task_name} sums the "
-        f"tokens of each example ({_pairs(check)}; ratio = examples / tokens, about {factor:.4g}). Curvature, "
-        f"Fisher targets and scores are then on a scale about {1 / factor:.4g}x (tokens per example) off from what "
-        f"training did. Fix: give a Task whose per-example loss is the mean over the example's tokens, or "
-        f"sum over tokens in training_step."
+        f"training_step averages the loss over the batch's predicted tokens while {check.task_name} sums the "
+        f"tokens of each example ({_pairs(check)}; ratio = examples / tokens, about {factor:.4g}). Per-example "
+        f"losses, their gradients, the curvature, the Fisher targets and every score are then on a scale about "
+        f"{1 / factor:.4g}x (tokens per example) off from what training did. Fix: {fix}."
+    )
+
+
+def _token_weighted_message(check: LossCheck, factor: float | None, worst: float) -> str:
+    return (
+        f"training_step averages the loss over all predicted tokens of the batch, so each example counts in "
+        f"proportion to its number of tokens, while {check.task_name} weights every example equally, and the "
+        f"examples have different numbers of tokens (padding) ({_pairs(check)}). Attribution then weights short "
+        f"examples more, and long ones less, than training did. No Task option reproduces a per-batch token "
+        f"weighting: pack the data into fixed-length blocks, or use {check.task_name}(reduction='sum') with a "
+        f"training_step returning the sum over the batch's tokens divided by the number of examples (with a "
+        f"learning rate about tokens-per-example times smaller to train the same way)."
     )
 
 
@@ -255,6 +284,7 @@ _MESSAGES: dict[str, Callable[[LossCheck, float | None, float], str]] = {
     "match": _match_message,
     "example_sum": _example_sum_message,
     "token_mean": _token_mean_message,
+    "token_weighted": _token_weighted_message,
     "scale": _scale_message,
 }
 
@@ -293,14 +323,18 @@ def replay_task_losses(
                 buffer.copy_(saved)
 
 
-def labelled_positions(task: Task, batch: Any) -> int | None:
-    """Labelled positions in ``batch`` when targets are sequences (``(B, T, ...)`` class indices, positions
-    equal to the Task's ``ignore_index`` excluded), else None."""
+def predicted_positions(task: Task, batch: Any) -> Tensor | None:
+    """Positions (tokens) each example of ``batch`` is trained on, ``(B,)``, when targets are sequences of
+    class indices (positions equal to the Task's ``ignore_index`` excluded; a language model's first token
+    is never predicted), else None."""
     targets = task.targets(batch)
-    if not isinstance(targets, Tensor) or targets.dim() < 2 or targets.is_floating_point():
-        return None
     ignore = getattr(task, "ignore_index", None)
-    return int((targets != ignore).sum()) if ignore is not None else targets.numel()
+    if not isinstance(targets, Tensor) or targets.dim() < 2 or targets.is_floating_point() or ignore is None:
+        return None
+    valid = targets != ignore
+    if isinstance(task, LanguageModelingTask):
+        valid = valid[:, 1:]
+    return valid.reshape(len(valid), -1).sum(dim=1)
 
 
 class TrainingLossCheck:
@@ -322,7 +356,7 @@ class TrainingLossCheck:
         self.task = task
         self.steps = steps
         self.first_step = first_step
-        self.check = LossCheck(relative_tolerance, type(task).__name__)
+        self.check = LossCheck(relative_tolerance, task)
         self.done = False
         self._rng: tuple[Tensor, Tensor | None] | None = None
         self._losses: Tensor | None = None
@@ -357,7 +391,7 @@ class TrainingLossCheck:
         if math.isnan(reported):
             self.check.skip("training_step returned no loss tensor")
             return
-        self.check.update(losses, reported * accumulate_grad_batches, labelled_positions(self.task, batch))
+        self.check.update(losses, reported * accumulate_grad_batches, predicted_positions(self.task, batch))
 
     def finish(self) -> LossCheckResult:
         self.done = True

@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.cli import main
+from lightning_tda.demo_language import CausalLanguageModel, SyntheticTextDataModule
 from lightning_tda.loss_check import LossCheck
+from lightning_tda.tasks import LanguageModelingTask
 
 
 class LossVariant(L.LightningModule):
@@ -95,6 +97,26 @@ def test_a_training_step_that_is_not_the_tasks_loss_is_warned_about_and_recorded
         assert ratios == pytest.approx([16, 16, 16, 12], rel=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_language_model_trained_on_the_token_mean(reduction, tmp_path):
+    """The Hugging Face .loss (token mean over the batch) against LanguageModelingTask's per-example mean and sum."""
+    path = tmp_path / "trace.h5"
+    data = SyntheticTextDataModule(train_blocks=24, test_blocks=2, batch_size=8)
+    callback = TDACallback(str(path), task=LanguageModelingTask(reduction=reduction), segments=1)
+    L.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=3, callbacks=[callback]).fit(CausalLanguageModel(width=16, layers=1), data)
+    messages = [str(w.message) for w in caught if "loss check" in str(w.message)]
+    (record,) = Trace.open(path).loss_checks()
+    if reduction == "mean":
+        assert record["verdict"] == "match" and messages == []
+    else:
+        assert record["verdict"] == "token_mean" and record["factor"] == pytest.approx(1 / 15)  # 15 predicted tokens
+        (message,) = messages
+        assert "Fix: LanguageModelingTask(reduction='mean')" in message
+
+
 def test_inspect_shows_the_check(tmp_path, capsys):
     path = tmp_path / "trace.h5"
     _train("times10", path)
@@ -103,13 +125,19 @@ def test_inspect_shows_the_check(tmp_path, capsys):
 
 
 def test_explanations_on_exact_numbers():
-    tokens = [torch.tensor([3.0, 5.0]), torch.tensor([2.0, 2.0, 4.0])]  # per-example token sums
-    positions = [4, 9]
-    token_mean = LossCheck()
-    for losses, count in zip(tokens, positions):
-        token_mean.update(losses, float(losses.sum()) / count, positions=count)
+    token_sums = [torch.tensor([3.0, 5.0]), torch.tensor([2.0, 2.0, 4.0])]  # per-example sums over tokens
+    tokens = [torch.tensor([2.0, 2.0]), torch.tensor([3.0, 3.0, 3.0])]
+    token_mean = LossCheck(task=LanguageModelingTask(reduction="sum"))
+    for losses, count in zip(token_sums, tokens):  # training_step: the mean over the batch's tokens
+        token_mean.update(losses, float(losses.sum() / count.sum()), positions=count)
     result = token_mean.compute()
-    assert result.verdict == "token_mean" and "sums the tokens of each example" in result.message
+    assert result.verdict == "token_mean" and "Fix: LanguageModelingTask(reduction='mean')" in result.message
+
+    weighted = LossCheck(task=LanguageModelingTask())
+    means, counts = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([5.0, 3.0, 2.0])  # padded: unequal lengths
+    weighted.update(means, float((means * counts).sum() / counts.sum()), positions=counts)
+    result = weighted.compute()
+    assert result.verdict == "token_weighted" and "No Task option reproduces" in result.message
 
     offset = LossCheck()  # an example-independent term (a weight penalty) added to the mean loss
     for mean in (2.0, 1.5, 1.2):
