@@ -12,7 +12,8 @@ Subcommands::
     lightning-tda attribute --config ... --method source     # score queries, save into the trace
     lightning-tda report --config ... [--trace PATH]         # W&B (offline unless an API key is set) + HTML
     lightning-tda run --config ...                           # all three
-    lightning-tda inspect TRACE                              # summary of a trace
+    lightning-tda inspect TRACE                              # summary of a trace, with result and cache sizes
+    lightning-tda clean TRACE [--results true]               # remove fitted caches (and results), compact
 
 Like ``python main.py`` with LightningCLI, the command finds the user's own modules in the current
 working directory (it is put first on ``sys.path``), so ``class_path: mymodule.MyModel`` works when
@@ -159,6 +160,13 @@ def build_parser(only: str | None = None) -> ArgumentParser:
     inspect = ArgumentParser(exit_on_error=False, description="Print a summary of a trace.")
     inspect.add_argument("trace", type=str, help="Path of a trace file.")
     subcommands.add_subcommand("inspect", inspect, help="Print a summary of a trace.")
+    clean = ArgumentParser(
+        exit_on_error=False,
+        description="Remove a trace's fitted caches (inside it and its sidecar file) and compact the trace.",
+    )
+    clean.add_argument("trace", type=str, help="Path of a trace file.")
+    clean.add_argument("--results", type=bool, default=False, help="Also remove the attribution results.")
+    subcommands.add_subcommand("clean", clean, help="Remove fitted caches (and results) and compact the trace.")
     return parser
 
 
@@ -517,11 +525,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # ArgumentError and the type errors jsonargparse raises while parsing
         raise CLIError(_class_path_problem(err) or _one_line(err)) from err
     subcommand = config.subcommand
-    if subcommand == "inspect":
+    if subcommand in ("inspect", "clean"):
+        from lightning_tda.storage import clean, storage_lines
         from lightning_tda.trace import Trace
 
+        path = config[subcommand].trace
         try:
-            print(Trace.open(config.inspect.trace).summary())
+            if subcommand == "inspect":
+                print("\n".join([Trace.open(path).summary(), *storage_lines(path)]))
+            else:
+                print(clean(path, results=config.clean.results))
         except TraceError as err:
             raise CLIError(str(err)) from err
         return 0

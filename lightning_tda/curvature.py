@@ -23,9 +23,10 @@ scalar functions SOURCE needs are :func:`exp_decay` and :func:`decay_response`. 
 ``(out·a_dim)²`` is formed, except by :class:`DenseLayerCurvature`, the exact per-layer
 Gauss-Newton block for small models (the reference the approximations are tested against).
 
-Fitted curvature is cached in the trace under ``cache/curvature-<hash>`` (the hash covers the
-segment, checkpoints, options and a fingerprint of the training data), so a second call reuses it.
-Nothing here imports Lightning.
+Fitted curvature is cached (:mod:`lightning_tda.storage`: a sidecar file next to the trace by default),
+one entry per slot (kind, covariance source, segment) under a key hashing the checkpoints, options and
+a fingerprint of the training data, so a second call reuses it and a refit replaces it. Nothing here
+imports Lightning.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_tda.batches import Data, as_loader, move_to, progress_bar
 from lightning_tda.capture import LayerCapture, TrackedLayer
 from lightning_tda.statistics import outer_sum
+from lightning_tda.storage import FitCache
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError, to_json
 
@@ -326,15 +328,16 @@ class PassData:
     def total(self, tensor: Tensor) -> Tensor:
         return tensor if self.reduce is None else self.reduce(tensor)
 
-    def write_cache(self, trace: Trace, key: str, tensors: Mapping[str, Tensor], attrs: Mapping[str, Any]) -> None:
-        """Write a fitted result into the trace from the first process only, then wait for every process.
+    def write_cache(self, cache: FitCache, slot: str, key: str, fitted: Curvature, description: str) -> None:
+        """Store a fit in the cache from the first process only, then wait for every process.
 
         Every process fitted the same (all-reduced) result, so the others keep their own copy; the
-        barrier makes sure no process opens the trace while it is being written (HDF5 locks it).
+        barrier makes sure no process opens the file while it is being written (HDF5 locks it).
         """
-        if self.shard[0] == 0:
-            trace.write_group(key, tensors, attrs)
-        if self.barrier is not None and self.shard[1] > 1:
+        if cache.enabled and self.shard[0] == 0:
+            tensors = {f"{name}/{part}": t for name, c in fitted.items() for part, t in c.tensors().items()}
+            cache.store(slot, key, tensors, description)
+        if cache.enabled and self.barrier is not None and self.shard[1] > 1:
             self.barrier()
 
     def fingerprint(self, task: Task) -> str:
@@ -535,9 +538,9 @@ def fit_curvature(
     covariances: str = "stream",
     fisher: str | None = None,
     samples: int | None = None,
-    cache: bool = True,
+    cache: str | bool = "sidecar",
 ) -> Curvature:
-    """Fit per-layer curvature averaged over ``checkpoints``; cached in the trace.
+    """Fit per-layer curvature averaged over ``checkpoints``; cached (see :mod:`lightning_tda.storage`).
 
     Args:
         trace: the trace (covariances of ``segment`` and the checkpoints are read from it).
@@ -554,7 +557,9 @@ def fit_curvature(
         fisher: ``"true"`` or ``"empirical"``; default: what the trace recorded.
         samples: ``None`` for the exact expectation over the predictive distribution, or sampled
             targets per example (true Fisher only).
-        cache: read/write the fit in the trace's ``cache/`` group (written by the first process only).
+        cache: where the fit is cached: ``"sidecar"`` (a file next to the trace), ``"trace"`` (inside it)
+            or ``"none"``; written by the first process only. ``"gauss-newton"`` fits are never cached
+            (dense blocks can be gigabytes).
 
     Returns:
         ``{layer name: LayerEigenbasis | DenseLayerCurvature}`` in the order of ``layers``.
@@ -583,10 +588,12 @@ def fit_curvature(
         "layers": [layer.name for layer in layers],
         "data": data.fingerprint(task) if (curvature != "kfac" or covariances == "recompute") else None,
     }
-    key = "cache/curvature-" + hashlib.sha1(to_json(key_fields).encode()).hexdigest()[:20]
-    cache = cache and curvature != "gauss-newton"  # dense blocks can be gigabytes: not written into the trace
-    if cache and trace.has_group(key):
-        return _load_cached(trace, key, layers, data.device)
+    where = f"segment{segment}" if segment is not None else "checkpoints" + "-".join(map(str, checkpoints))
+    slot, key = f"curvature-{curvature}-{covariances}-{where}", cache_key(key_fields)
+    store = FitCache(trace, cache if curvature != "gauss-newton" else "none")
+    cached = cached_curvature(store, slot, key, layers, data.device)
+    if cached is not None:
+        return cached
 
     if curvature == "gauss-newton":
         fitted = _average_over_checkpoints(
@@ -614,9 +621,7 @@ def fit_curvature(
             for name, basis in bases.items():
                 basis.eigenvalues = corrected[name]
         result = dict(bases)
-    if cache:
-        tensors = {f"{name}/{part}": t for name, c in result.items() for part, t in c.tensors().items()}
-        data.write_cache(trace, key, tensors, {"options": to_json(key_fields)})
+    data.write_cache(store, slot, key, result, to_json(key_fields))
     return {name: c.to(data.device) for name, c in result.items()}
 
 
@@ -651,9 +656,34 @@ def _average_over_checkpoints(
     return {name: value / len(checkpoints) for name, value in total.items()}
 
 
-def _load_cached(trace: Trace, key: str, layers: Sequence[TrackedLayer], device: torch.device) -> Curvature:
-    tensors, _ = trace.read_group(key)
-    return curvature_from_tensors(tensors, layers, device)
+def cache_key(fields: Mapping[str, Any]) -> str:
+    """The hash naming everything a fit depends on (checked against a cached entry's key)."""
+    return hashlib.sha1(to_json(fields).encode()).hexdigest()[:20]
+
+
+def cached_layout(layers: Sequence[TrackedLayer], dense: bool = False) -> dict[str, tuple[int, ...]]:
+    """The datasets (name -> shape, float64) a cached fit of ``layers`` consists of: ``<layer>/matrix``
+    ``(D, D)`` for dense blocks, else ``<layer>/q_s`` ``(out, out)``, ``<layer>/eigenvalues`` ``(out, a_dim)``
+    and ``<layer>/q_a`` ``(a_dim, a_dim)`` (absent for a diagonal input factor: embeddings)."""
+    layout: dict[str, tuple[int, ...]] = {}
+    for layer in layers:
+        out, a_dim = layer.shape
+        if dense:
+            layout[f"{layer.name}/matrix"] = (out * a_dim, out * a_dim)
+            continue
+        layout[f"{layer.name}/q_s"] = (out, out)
+        layout[f"{layer.name}/eigenvalues"] = (out, a_dim)
+        if not layer.diagonal_input:
+            layout[f"{layer.name}/q_a"] = (a_dim, a_dim)
+    return layout
+
+
+def cached_curvature(
+    cache: FitCache, slot: str, key: str, layers: Sequence[TrackedLayer], device: torch.device, dense: bool = False
+) -> Curvature | None:
+    """The fit cached in ``slot`` under ``key``, checked against the layers' shapes, or None."""
+    tensors = cache.load(slot, key, cached_layout(layers, dense))
+    return None if tensors is None else curvature_from_tensors(tensors, layers, device)
 
 
 def curvature_from_tensors(

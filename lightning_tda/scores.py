@@ -71,19 +71,37 @@ class Scores:
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Write into ``results/<name>`` of an HDF5 file (a trace or a standalone file); returns the name."""
+        """Write into ``results/<name>`` of an HDF5 file (a trace or a standalone file); returns the name.
+
+        Saving again under the same name overwrites the datasets in place when their shapes are unchanged
+        (the config is a fixed-length string), so repeated attribution leaves the file's size alone: HDF5
+        does not give the space of deleted objects back, and variable-length strings would leave their old
+        copies in the file's global heap.
+        """
         name = name or (self.method if self.kind == "pairwise" else f"{self.method}-self")
+        arrays = {
+            "values": self.values.numpy(),
+            "train_ids": self.train_ids.numpy(),
+            "config": np.asarray(np.bytes_(to_json(self.config))),
+        }
+        if self.query_ids is not None:
+            arrays["query_ids"] = self.query_ids.numpy()
         with h5py.File(path, "a", libver=LIBVER) as f:
             results = f.require_group("results")
-            if name in results:
-                del results[name]
-            group = results.create_group(name)
-            group.create_dataset("values", data=self.values.numpy())
-            group.create_dataset("train_ids", data=self.train_ids.numpy())
-            if self.query_ids is not None:
-                group.create_dataset("query_ids", data=self.query_ids.numpy())
-            group.attrs.update(method=self.method, kind=self.kind)
-            group.create_dataset("config", data=to_json(self.config))
+            group = results.require_group(name)
+            for key in [key for key in group if key not in arrays]:
+                del group[key]
+            for key, array in arrays.items():
+                current = group.get(key)
+                if isinstance(current, h5py.Dataset) and current.shape == array.shape and current.dtype == array.dtype:
+                    current[...] = array
+                    continue
+                if key in group:
+                    del group[key]
+                group.create_dataset(key, data=array)
+            for key, value in (("method", self.method), ("kind", self.kind)):
+                if group.attrs.get(key) != value:
+                    group.attrs[key] = value
             f.flush()
         return name
 

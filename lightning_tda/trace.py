@@ -18,7 +18,7 @@ Schema (version 1; see ``docs/trace-schema.md`` for the full description)::
     /checkpoints/initial full model state at the start of recording (step 0 of the trace)
     /checkpoints/<i>     trainable parameters and buffers; attrs: index, step, segment, epoch
     /results/<name>      attribution scores (written by :class:`lightning_tda.scores.Scores`)
-    /cache/<name>        fitted factors cached by attribution methods
+    /cache/<slot>        fitted factors cached by attribution methods with cache="trace" (see storage.py)
 
 Steps are counted by the recorder itself: ``step`` = number of optimizer steps completed when
 the row was written (the first row has step 1); checkpoint ``step`` = parameters after that many
@@ -575,32 +575,6 @@ class Trace:
                 )
         return layers
 
-    # --- generic groups (results, caches) -------------------------------------------------------
-    def has_group(self, name: str) -> bool:
-        with self._file() as f:
-            return name in f
-
-    def read_group(self, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Datasets (as tensors) and attributes of group ``name`` (e.g. ``"cache/ekfac"``)."""
-        with self._file() as f:
-            group = f[name]
-            tensors = {key: torch.from_numpy(np.asarray(ds[()])) for key, ds in _walk(group)}
-            return tensors, dict(group.attrs)
-
-    def write_group(
-        self, name: str, tensors: Mapping[str, Tensor | np.ndarray], attrs: Mapping[str, Any] | None = None
-    ) -> None:
-        """(Re)write group ``name`` with datasets (keys may contain ``/``) and attributes, then flush."""
-        with h5py.File(self.path, "a", libver=LIBVER) as f:
-            if name in f:
-                del f[name]
-            group = f.create_group(name)
-            for key, value in tensors.items():
-                data = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-                group.create_dataset(key, data=data)
-            group.attrs.update(dict(attrs or {}))
-            f.flush()
-
     def summary(self) -> str:
         """A human-readable summary (what ``lightning-tda inspect`` prints)."""
         steps = self.steps()
@@ -637,9 +611,11 @@ class Trace:
             verdict, message = check.get("verdict"), check.get("message")
             lines.append(f"  loss check (from step {check.get('first_step')}): {verdict}: {message}")
         with self._file() as f:
-            results = list(f["results"])
-        if results:
-            lines.append(f"  results: {', '.join(results)}")
+            for title, name in (("results", "results"), ("cache inside the trace", "cache")):
+                entries = [(key, stored_bytes(item)) for key, item in f[name].items()] if name in f else []
+                if entries:
+                    listed = ", ".join(f"{key} {size / 1e6:.2f} MB" for key, size in entries)
+                    lines.append(f"  {title}: {listed} ({sum(size for _, size in entries) / 1e6:.2f} MB in all)")
         return "\n".join(lines)
 
 
@@ -655,9 +631,8 @@ def _json_records(group: h5py.Group, name: str) -> list[dict[str, Any]]:
     return [record for record in value if isinstance(record, dict)] if isinstance(value, list) else []
 
 
-def _walk(group: h5py.Group, prefix: str = "") -> Iterable[tuple[str, h5py.Dataset]]:
-    for key, item in group.items():
-        if isinstance(item, h5py.Dataset):
-            yield prefix + key, item
-        else:
-            yield from _walk(item, f"{prefix}{key}/")
+def stored_bytes(item: h5py.Group | h5py.Dataset) -> int:
+    """Bytes the datasets of ``item`` (recursively) occupy in the file (HDF5 metadata not counted)."""
+    if isinstance(item, h5py.Dataset):
+        return item.id.get_storage_size()
+    return sum(stored_bytes(child) for child in item.values() if isinstance(child, (h5py.Group, h5py.Dataset)))

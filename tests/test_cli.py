@@ -203,7 +203,7 @@ def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "runs" / "tiny"
     assert done.stdout.count("source: scores (4, 449)") == 1
-    with h5py.File(out / "trace.h5", "r") as f:  # the fitted curvature was cached (by rank 0 only)
+    with h5py.File(out / "trace.cache.h5", "r") as f:  # the fitted curvature was cached (by rank 0 only)
         assert len(f["cache"]) > 0
     assert list(out.rglob("*.html")) == [out / "report.html"]
     (run_dir,) = find_runs(out)

@@ -21,6 +21,7 @@ from lightning_tda.batches import Data
 from lightning_tda.curvature import COVARIANCE_SOURCES, CURVATURES, Curvature, PassData, fit_curvature
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
+from lightning_tda.storage import cache_location
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace
 
@@ -49,7 +50,8 @@ class EKFACInfluence(AttributionMethod):
             passes (few outputs); an integer = that many sampled targets per example.
         correction_examples: fit on a random subset of this many training examples (seeded).
         seed: seed of the subset and of sampled targets.
-        cache: reuse (and store) the fitted curvature in the trace's ``cache/`` group.
+        cache: where the fitted curvature is reused from and stored: ``"sidecar"`` (a file next to the
+            trace, default), ``"trace"`` (inside it) or ``"none"``; see :mod:`lightning_tda.storage`.
         options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
     """
 
@@ -69,7 +71,7 @@ class EKFACInfluence(AttributionMethod):
         samples: int | None = None,
         correction_examples: int | None = None,
         seed: int = 0,
-        cache: bool = True,
+        cache: str | bool = "sidecar",
         options: MethodOptions | None = None,
     ) -> None:
         values = list(damping.values()) if isinstance(damping, dict) else [damping]
@@ -97,7 +99,7 @@ class EKFACInfluence(AttributionMethod):
         self.samples = samples
         self.correction_examples = correction_examples
         self.seed = seed
-        self.cache = cache
+        self.cache = cache_location(cache)
         self.curvature: Curvature | None = None
         self.dampings: dict[str, float] = {}
 

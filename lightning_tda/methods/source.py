@@ -21,7 +21,6 @@ Weight decay enters the exponentials as the curvature it adds. Sign: positive = 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +36,9 @@ from lightning_tda.curvature import (
     FisherOptions,
     LayerEigenbasis,
     PassData,
+    cache_key,
+    cached_curvature,
     correct_eigenvalues,
-    curvature_from_tensors,
     decay_response,
     eigenbases_from_covariances,
     exp_decay,
@@ -47,6 +47,7 @@ from lightning_tda.curvature import (
 )
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
+from lightning_tda.storage import FitCache, cache_location
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError, to_json
 
@@ -218,7 +219,8 @@ class SOURCE(AttributionMethod):
         samples: targets drawn per example for the true-Fisher correction; ``None`` uses the exact
             expectation over the predictive distribution where affordable.
         seed: seed of the correction subset and of sampled targets.
-        cache: reuse and store fitted curvature in the trace's ``cache/`` group.
+        cache: where fitted curvature is reused from and stored: ``"sidecar"`` (a file next to the trace,
+            default), ``"trace"`` (inside it) or ``"none"``; see :mod:`lightning_tda.storage`.
         options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
 
     Cost: one gradient pass over the training data per checkpoint of the attributed segments
@@ -241,7 +243,7 @@ class SOURCE(AttributionMethod):
         correction_examples: int | None = None,
         samples: int | None = None,
         seed: int = 0,
-        cache: bool = True,
+        cache: str | bool = "sidecar",
         options: MethodOptions | None = None,
     ) -> None:
         super().__init__(
@@ -258,7 +260,7 @@ class SOURCE(AttributionMethod):
         self.correction_examples = correction_examples
         self.samples = samples
         self.seed = seed
-        self.cache = cache
+        self.cache = cache_location(cache)
         available = [s.index for s in trace.segments]
         if not available:
             raise TraceError(f"The trace {trace.path} has no closed segments; train for at least one step.")
@@ -348,10 +350,11 @@ class SOURCE(AttributionMethod):
             "layers": [la.name for la in self.layers],
             "data": data.fingerprint(self.task),
         }
-        key = "cache/source-fast-" + hashlib.sha1(to_json(key_fields).encode()).hexdigest()[:20]
-        if self.cache and self.trace.has_group(key):
-            tensors, _ = self.trace.read_group(key)
-            return curvature_from_tensors(tensors, self.layers, self.device)
+        slot, key = f"source-fast-{self.curvature_kind}-segment{segment}", cache_key(key_fields)
+        store, dense = FitCache(self.trace, self.cache), self.curvature_kind == "gauss-newton"
+        cached = cached_curvature(store, slot, key, self.layers, self.device, dense=dense)
+        if cached is not None:
+            return cached
         self.model.load_state_dict(self._averaged_state(segment))
         self.model.eval()
         if self.curvature_kind == "gauss-newton":
@@ -366,9 +369,7 @@ class SOURCE(AttributionMethod):
                 for name, basis in bases.items():
                     basis.eigenvalues = corrected[name]
             fitted = dict(bases)
-        if self.cache:
-            tensors = {f"{name}/{part}": t for name, c in fitted.items() for part, t in c.tensors().items()}
-            data.write_cache(self.trace, key, tensors, {"options": to_json(key_fields)})
+        data.write_cache(store, slot, key, fitted, to_json(key_fields))
         return {name: c.to(self.device) for name, c in fitted.items()}
 
     def operators(self, train: Data) -> dict[int, SegmentOperators]:

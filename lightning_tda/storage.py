@@ -1,0 +1,301 @@
+"""Where attribution's fitted caches and results live, how big they are, and how to remove them.
+
+EK-FAC and SOURCE cache their fitted curvature so that a second call skips the fitting passes. Every
+fit has a *slot*, what was fitted (``curvature-ekfac-recompute-segment2``: kind, covariance source,
+segment), and a *key*, a hash of everything the fit depends on (checkpoints, Fisher, samples, seed,
+subset, layers, a fingerprint of the training data). A slot holds one entry: a fit with a new key
+replaces the old one instead of adding to it, so a cache never holds more than one fit per slot.
+
+Locations (the methods' ``cache=``):
+
+* ``"sidecar"`` (default): a file next to the trace, ``run/trace.h5`` -> ``run/trace.cache.h5``.
+  Attribution then never writes caches into the trace, whose size after the first attribution call
+  stays put (results of the same shape are overwritten in place, see :meth:`Scores.save
+  <lightning_tda.scores.Scores.save>`). A replaced entry of the same shapes is overwritten in place,
+  otherwise the sidecar is rewritten without the old entry, so it holds exactly the current fits.
+* ``"trace"``: inside the trace under ``cache/<slot>`` (one file to move around). Same-shaped
+  replacements are in place; a differently shaped one is deleted and written anew, and HDF5 does not
+  give the space of deleted objects back to the file system (measured: a 1 MB dataset deleted in one
+  session and written again in the next grows the file by 1 MB), so the trace can grow;
+  ``lightning-tda clean`` compacts it.
+* ``"none"``: nothing is read or written.
+
+A cache is untrusted input like the trace: an entry is used only when its key matches and every
+dataset has the shape and dtype the trace's layers imply (checked before anything is read); a sidecar
+written for another run of the same path (a different run id) is ignored and replaced.
+
+:func:`storage_lines` lists results and caches with their sizes (``lightning-tda inspect``), and
+:func:`clean` removes caches (and, if asked, results) and compacts the trace by rewriting it
+(``lightning-tda clean``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_tda.trace import LIBVER, Trace, TraceError, stored_bytes
+
+CACHE_FORMAT = "lightning_tda.cache"
+CACHE_LOCATIONS = ("sidecar", "trace", "none")
+
+
+def cache_location(value: str | bool) -> str:
+    """A method's ``cache=`` argument as a location; ``True`` is the default sidecar, ``False`` is ``"none"``."""
+    if value is True:
+        return "sidecar"
+    if value is False:
+        return "none"
+    if value not in CACHE_LOCATIONS:
+        raise ValueError(
+            f"cache={value!r}: use 'sidecar' (a file next to the trace, the default), 'trace' (inside the trace) "
+            f"or 'none' (no cache)."
+        )
+    return value
+
+
+def sidecar_path(trace_path: str | os.PathLike) -> Path:
+    """The sidecar cache of a trace: ``trace.h5`` -> ``trace.cache.h5`` in the same directory."""
+    path = Path(trace_path)
+    return path.with_name(f"{path.stem}.cache{path.suffix or '.h5'}")
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode(errors="replace")
+    return None if value is None else str(value)
+
+
+def _datasets(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Dataset]]:
+    for name, item in group.items():
+        if isinstance(item, h5py.Dataset):
+            yield prefix + name, item
+        elif isinstance(item, h5py.Group):
+            yield from _datasets(item, f"{prefix}{name}/")
+
+
+def _layout_problem(group: h5py.Group, expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why the datasets of ``group`` are not exactly ``expected`` (name -> shape, float64), or None."""
+    found = dict(_datasets(group))
+    if set(found) != set(expected):
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        return f"datasets missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, shape in expected.items():
+        dataset = found[name]
+        if tuple(dataset.shape) != tuple(shape) or dataset.dtype != np.float64:
+            return f"{name} is {dataset.dtype} {tuple(dataset.shape)}, expected float64 {tuple(shape)}"
+    return None
+
+
+def _same_layout(group: h5py.Group, arrays: Mapping[str, np.ndarray]) -> bool:
+    found = dict(_datasets(group))
+    return set(found) == set(arrays) and all(
+        found[name].shape == array.shape and found[name].dtype == array.dtype for name, array in arrays.items()
+    )
+
+
+def _put_entry(cache: h5py.Group, slot: str, key: str, arrays: Mapping[str, np.ndarray], description: str) -> None:
+    """Write ``arrays`` as entry ``slot``: in place over an entry of the same layout, else as a new group.
+    Strings are stored fixed-length (variable-length ones leave their old copies in HDF5's global heap)."""
+    group = cache.get(slot)
+    if isinstance(group, h5py.Group) and _same_layout(group, arrays):
+        for name, array in arrays.items():
+            group[name][...] = array
+    else:
+        if slot in cache:
+            del cache[slot]
+        group = cache.create_group(slot)
+        for name, array in arrays.items():
+            group.create_dataset(name, data=array)
+    padded = description.ljust(-(-len(description) // 64) * 64)  # JSON with trailing blanks: sizes change rarely
+    for name, text in (("key", key), ("options", padded)):
+        value = np.bytes_(text)
+        if name in group.attrs and group.attrs[name].dtype == np.asarray(value).dtype:
+            group.attrs.modify(name, value)  # in place; deleting and re-adding grows the object header
+        else:
+            if name in group.attrs:
+                del group.attrs[name]
+            group.attrs[name] = value
+
+
+class FitCache:
+    """The cache of fitted results of one trace, in one location (see the module docstring).
+
+    Args:
+        trace: the trace the fits belong to.
+        location: ``"sidecar"``, ``"trace"`` or ``"none"`` (``True``/``False`` as in :func:`cache_location`).
+
+    Under Fabric only the first process should :meth:`store` (every process fitted the same result).
+    """
+
+    def __init__(self, trace: Trace, location: str | bool = "sidecar") -> None:
+        self.trace = trace
+        self.location = cache_location(location)
+        self.path = sidecar_path(trace.path) if self.location == "sidecar" else Path(trace.path)
+
+    @property
+    def enabled(self) -> bool:
+        return self.location != "none"
+
+    def _sidecar_state(self) -> str:
+        """``"missing"``, ``"current"`` (this run's), ``"stale"`` (a cache of another run) or ``"foreign"``."""
+        if not self.path.exists():
+            return "missing"
+        if not h5py.is_hdf5(self.path):
+            return "foreign"
+        try:
+            with h5py.File(self.path, "r") as f:
+                if _text(f.attrs.get("format")) != CACHE_FORMAT or not isinstance(f.get("cache"), h5py.Group):
+                    return "foreign"
+                return "current" if _text(f.attrs.get("trace_run_id")) == self.trace.run_id else "stale"
+        except OSError:
+            return "foreign"
+
+    def load(self, slot: str, key: str, expected: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor] | None:
+        """The cached tensors of ``slot`` if its key is ``key`` and its datasets are exactly ``expected``
+        (name -> shape, float64); otherwise None (a mismatching entry is warned about, then refitted)."""
+        if not self.enabled or (self.location == "sidecar" and self._sidecar_state() != "current"):
+            return None
+        with h5py.File(self.path, "r") as f:
+            group = f.get(f"cache/{slot}")
+            if not isinstance(group, h5py.Group) or _text(group.attrs.get("key")) != key:
+                return None
+            problem = _layout_problem(group, expected)
+            if problem is None:
+                tensors = {name: torch.from_numpy(np.asarray(group[name][()])) for name in expected}
+                if all(bool(t.isfinite().all()) for t in tensors.values()):
+                    return tensors
+                problem = "non-finite values"
+        warnings.warn(
+            f"The cached fit {slot!r} in {self.path} does not fit the trace's layers ({problem}); it is refitted "
+            f"and replaced.",
+            stacklevel=2,
+        )
+        return None
+
+    def store(self, slot: str, key: str, tensors: Mapping[str, Tensor], description: str) -> None:
+        """Write the fit of ``slot`` under ``key``, replacing the slot's previous entry."""
+        if not self.enabled:
+            return
+        arrays = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+        if self.location == "trace":
+            with h5py.File(self.path, "a", libver=LIBVER) as f:
+                _put_entry(f.require_group("cache"), slot, key, arrays, description)
+            return
+        state = self._sidecar_state()
+        if state == "foreign":
+            raise TraceError(
+                f"{self.path} (where the cache of {self.trace.path} goes) is not a lightning_tda cache; it is left "
+                f"alone. Move it away, or pass cache='trace' or cache='none'."
+            )
+        if state == "current":
+            with h5py.File(self.path, "a", libver=LIBVER) as f:
+                current = f["cache"].get(slot)
+                if current is None or (isinstance(current, h5py.Group) and _same_layout(current, arrays)):
+                    _put_entry(f["cache"], slot, key, arrays, description)
+                    return
+        self._rewrite_sidecar(slot, key, arrays, description, keep_others=state == "current")
+
+    def _rewrite_sidecar(
+        self, slot: str, key: str, arrays: Mapping[str, np.ndarray], description: str, keep_others: bool
+    ) -> None:
+        """Write a new sidecar holding the other slots' entries (if kept) and this one, then swap it in."""
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with h5py.File(temporary, "w", libver=LIBVER) as new:
+                new.attrs["format"] = CACHE_FORMAT
+                new.attrs["trace_run_id"] = self.trace.run_id
+                cache = new.create_group("cache")
+                if keep_others:
+                    with h5py.File(self.path, "r") as old:
+                        for name in old["cache"]:
+                            if name != slot:
+                                old.copy(old["cache"][name], cache, name=name)
+                _put_entry(cache, slot, key, arrays, description)
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- sizes
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+def storage_lines(trace_path: str | os.PathLike) -> list[str]:
+    """What ``lightning-tda inspect`` adds to :meth:`Trace.summary <lightning_tda.trace.Trace.summary>`
+    (which lists results and in-trace caches with their sizes): the sidecar's entries and sizes, how much
+    of the trace is not data (metadata and the space of deleted objects), and how to remove them."""
+    path = Path(trace_path)
+    with h5py.File(path, "r") as f:
+        data = stored_bytes(f)
+        has_entries = any(len(f[name]) for name in ("results", "cache") if isinstance(f.get(name), h5py.Group))
+    lines = []
+    sidecar = FitCache(Trace.open(path), "sidecar")
+    state = sidecar._sidecar_state()
+    if state in ("current", "stale"):
+        with h5py.File(sidecar.path, "r") as f:
+            entries = [(name, stored_bytes(item)) for name, item in f["cache"].items()]
+        note = "" if state == "current" else "; written for another run, ignored"
+        listed = ", ".join(f"{name} {_megabytes(size)}" for name, size in entries) or "empty"
+        lines.append(f"  cache sidecar {sidecar.path.name} ({_megabytes(sidecar.path.stat().st_size)}{note}): {listed}")
+    size = path.stat().st_size
+    if size - data > max(1e6, 0.1 * size):
+        lines.append(
+            f"  the file is {_megabytes(size)} for {_megabytes(data)} of data: the rest is HDF5 metadata and the "
+            f"space of deleted objects, which `lightning-tda clean` reclaims"
+        )
+    if lines or has_entries:
+        lines.append(f"  remove caches with `lightning-tda clean {path}` (with --results true also the results)")
+    return lines
+
+
+# ------------------------------------------------------------------------------------- clean
+def clean(trace_path: str | os.PathLike, results: bool = False) -> str:
+    """Remove the trace's fitted caches (inside it and its sidecar) and, with ``results``, its scores, then
+    compact the trace by rewriting it (HDF5 does not shrink a file when objects are deleted). Everything
+    else (meta, steps, segments, checkpoints) is copied unchanged. Returns a one-line account.
+
+    The rewrite goes to a temporary file in the same directory that replaces the trace only when complete,
+    so an interruption leaves the original; it needs free space for one copy of what is kept.
+    """
+    path = Path(trace_path)
+    sidecar = FitCache(Trace.open(path), "sidecar")  # opening checks it is a readable trace
+    before = path.stat().st_size
+    removed = []
+    state = sidecar._sidecar_state()
+    if state in ("current", "stale"):
+        before += sidecar.path.stat().st_size
+        sidecar.path.unlink()
+        removed.append(f"sidecar {sidecar.path.name}")
+    elif state == "foreign":
+        removed.append(f"(left {sidecar.path.name} alone: not a lightning_tda cache)")
+    emptied = ("cache", "results") if results else ("cache",)
+    temporary = path.with_name(path.name + ".compact.tmp")
+    try:
+        with h5py.File(path, "r") as old, h5py.File(temporary, "w", libver=LIBVER) as new:
+            for name, value in old.attrs.items():
+                new.attrs[name] = value
+            for name in old:
+                if name in emptied:
+                    count = len(old[name]) if isinstance(old[name], h5py.Group) else 0
+                    if count:
+                        removed.append(f"{count} {name} entr{'y' if count == 1 else 'ies'}")
+                    new.create_group(name)
+                else:
+                    old.copy(old[name], new, name=name)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise TraceError(f"Could not compact {path}: {err}. It is unchanged; free disk space and retry.") from err
+    finally:
+        temporary.unlink(missing_ok=True)
+    after = path.stat().st_size
+    what = ", ".join(removed) if removed else "no caches"
+    return f"{path}: removed {what}; {_megabytes(before)} -> {_megabytes(after)}"
