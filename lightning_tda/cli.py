@@ -346,7 +346,10 @@ def attribute(job: Job) -> list[str]:
     for (spec, cls), extra in zip(classes, kwargs):
         if fabric is not None:
             extra = {**extra, "options": replace(extra.get("options") or MethodOptions(), fabric=fabric)}
-        method = cls(trace, model=job.model, task=job.task, **extra)
+        try:
+            method = cls(trace, model=job.model, task=job.task, **extra)
+        except ValueError as err:  # a hyper-parameter value the method refuses (its message names the fix)
+            raise CLIError(f"methods[{spec.name}].init_args: {str(err).splitlines()[0]}") from err
         start = time.perf_counter()
         scores = method.attribute(queries, train)
         seconds = time.perf_counter() - start

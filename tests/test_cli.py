@@ -186,6 +186,13 @@ def test_a_method_that_is_not_installed_is_a_one_line_error(main_job, monkeypatc
     assert line.startswith("lightning-tda: error: Method 'source' (SOURCE) is not available in this installation")
 
 
+def test_a_method_argument_the_method_refuses_is_a_one_line_error(main_job, tmp_path, capsys):
+    config = _config_with(tmp_path, methods=[{"name": "ekfac", "init_args": {"cache": "disk"}}])
+    assert main(["attribute", "--config", config, "--trace", str(main_job["out"] / "trace.h5")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lightning-tda: error: methods[ekfac].init_args: cache='disk': use 'sidecar'"), line
+
+
 def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
     """Two gloo processes share the training set; only rank 0 saves scores and writes the report."""
     done = _run_cli(
