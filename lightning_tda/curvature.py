@@ -415,7 +415,7 @@ def correct_eigenvalues(
                         total += squared.T @ (act[:, 0].double() @ basis.q_a) ** 2  # Σ_k w_k (Q_Sᵀ δ_k)² per example
                     else:
                         for delta, weight in zip(deltas, weights):
-                            total += weight * basis.rotate(layer.gradient_matrices(delta, act)).pow(2).sum(0)
+                            total += weight * _rotated_gradients(basis, layer, delta, act).pow(2).sum(0)
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
@@ -423,6 +423,22 @@ def correct_eigenvalues(
     if count == 0:
         raise ValueError("The EK-FAC correction pass saw no training examples; pass a non-empty training set.")
     return {name: data.total(total) / count for name, total in sums.items()}
+
+
+def _rotated_gradients(basis: LayerEigenbasis, layer: TrackedLayer, delta: Tensor, act: Tensor) -> Tensor:
+    """Per-example gradients in the eigenbasis, ``Q_Sᵀ G_n Q_A = Σ_r (Q_Sᵀ δ_r)(Q_Aᵀ a_r)ᵀ``: ``(B, out, a_dim)``
+    float64 for float64 rows ``delta`` ``(B, R, out)``.
+
+    Rotates the ``R`` rows first when that is cheaper than rotating the ``out × a_dim`` matrices (sequences
+    shorter than the layer is wide: ``R (out² + a_dim²) < out·a_dim (out + a_dim)``), and always for an
+    embedding, whose ``Q_A`` is the identity.
+    """
+    out, a_dim = basis.shape
+    if basis.q_a is None:
+        return layer.gradient_matrices(delta @ basis.q_s, act)
+    if delta.shape[1] * (out * out + a_dim * a_dim) < out * a_dim * (out + a_dim):
+        return torch.einsum("bro,bri->boi", delta @ basis.q_s, act.double() @ basis.q_a)
+    return basis.rotate(layer.gradient_matrices(delta, act))
 
 
 def covariances_at(

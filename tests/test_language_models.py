@@ -186,6 +186,43 @@ def test_an_input_shared_by_the_batch_is_refused_with_the_fix():
         per_example_gradients(model, find_layers(model).layers, lambda m: m(x).sum(dim=(1, 2)))
 
 
+def test_ekfac_correction_of_token_rows_equals_rotated_per_example_gradients():
+    """The correction pass rotates token rows before summing them (and never forms Q_A for an embedding);
+    it must equal the per-example autograd gradients rotated into the eigenbasis, squared and averaged."""
+    from lightning_tda.curvature import FisherOptions, PassData, correct_eigenvalues, eigenbases_from_covariances
+
+    torch.manual_seed(0)
+    model, task = gpt2(tie_word_embeddings=False).eval(), LanguageModelingTask()
+    layers = find_layers(model).layers
+
+    def spd(n: int) -> torch.Tensor:
+        x = torch.randn(n, n, dtype=torch.float64)
+        return x @ x.T / n + torch.eye(n, dtype=torch.float64)
+
+    bases = eigenbases_from_covariances(
+        {
+            la.name: (
+                torch.rand(la.a_dim, dtype=torch.float64) if la.diagonal_input else spd(la.a_dim),
+                spd(la.out_features),
+            )
+            for la in layers
+        }
+    )
+    assert bases["transformer.wte"].q_a is None
+    examples = padded_examples()
+    corrected = correct_eigenvalues(
+        bases, model, layers, task, PassData(Examples(examples), batch_size=3), FisherOptions("empirical")
+    )
+    for layer in layers:
+        expected = torch.zeros_like(corrected[layer.name])
+        for example in examples:
+            model.zero_grad()
+            task.train_loss(model, collate([example])).sum().backward()
+            bias = layer.module.bias.grad if layer.has_bias else None
+            expected += bases[layer.name].rotate(layer.as_matrix(layer.module.weight.grad, bias)) ** 2 / len(examples)
+        torch.testing.assert_close(corrected[layer.name], expected, rtol=1e-4, atol=1e-12)
+
+
 # ------------------------------------------------------------------------- statistics while training
 def _hand_sums(module: HFModule, micro_batches, names, fisher: str) -> dict[str, dict[str, torch.Tensor]]:
     """K-FAC sums of ``names`` over the recorded micro-batches with plain hooks: A over real tokens only;
@@ -409,6 +446,7 @@ def test_language_model_end_to_end_every_method_and_a_text_report(tmp_path, arch
     decoded_queries = [tokenizer.decode(queries[i]["input_ids"]) for i in range(len(queries))]
     html = written.html.read_text()
     assert all(text in html for text in decoded_queries)
+    assert {view.query.label for view in content.methods[0].queries} == {"16 tokens"}
     for section in content.methods:
         assert [view.query.rendered.text for view in section.queries] == decoded_queries
         assert [view.helpful[0].rendered.text for view in section.queries[3:]] == decoded_queries[3:]  # the copies
@@ -420,3 +458,28 @@ def test_language_model_end_to_end_every_method_and_a_text_report(tmp_path, arch
             assert [row["query"] for row in rows] == decoded_queries
             assert [row["helpful_1"] for row in rows[3:]] == decoded_queries[3:]
     assert AutoRenderer()(queries[0]["input_ids"]).text.startswith("ids ")  # no tokenizer: the ids
+
+
+@pytest.mark.parametrize("config", ["gpt2.yaml", "gpt2_lora.yaml"])
+def test_language_model_configs_run_and_report_decoded_text(tmp_path, config, capsys):
+    """configs/gpt2*.yaml through `lightning-tda run`, shrunk: blocks are shown as text decoded by the data
+    module's tokenizer (no renderer configured); the LoRA config records and attributes the adapters only."""
+    from pathlib import Path
+
+    from lightning_tda.cli import main
+    from lightning_tda.demo_language import SyntheticTextDataModule
+
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    small = ["--data.init_args.train_blocks", "32", "--data.init_args.test_blocks", "4", "--trainer.max_epochs", "1"]
+    quiet = ["--trainer.logger", "false", "--report.wandb", "false", "--trainer.enable_progress_bar", "false"]
+    args = ["run", "--config", str(path), "--output_dir", str(tmp_path), "--queries.count", "2", *small, *quiet]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{name}: scores (2, 32)" in printed for name in ("source", "datainf", "forward-inf"))
+    trace = Trace.open(tmp_path / "trace.h5")
+    lora = config == "gpt2_lora.yaml"
+    assert all(("lora_" in name) == lora for name in trace.layer_names) and len(trace.layer_names) > 2
+    data = SyntheticTextDataModule(train_blocks=32, test_blocks=4)
+    data.setup()
+    html = (tmp_path / "report.html").read_text()
+    assert all(data.tokenizer.decode(data.test_set[i]["input_ids"]) in html for i in range(2))
