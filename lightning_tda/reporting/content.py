@@ -121,6 +121,8 @@ def _format_number(value: float) -> str:
 
 
 def _label_text(target: Tensor, label_names: Sequence[str] | None) -> str:
+    if target.numel() != 1 and not target.is_floating_point():  # a token sequence: its labelled tokens
+        return f"{int((target >= 0).sum())} tokens"
     if target.numel() != 1:
         return f"{target.numel()} targets"
     value = target.item()
