@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -47,7 +48,7 @@ from lightning_tda.loss_check import TrainingLossCheck
 from lightning_tda.segments import SegmentPolicy, as_policy, checkpoint_steps
 from lightning_tda.statistics import KFACStatistics
 from lightning_tda.tasks import Task
-from lightning_tda.trace import TraceWriter
+from lightning_tda.trace import TraceWriteError, TraceWriter
 
 MIN_STATS_STEPS_PER_SEGMENT = 8
 AUTO_MAX_EVERY = {"empirical": 10, "true": 20}
@@ -148,6 +149,7 @@ class TDACallback(L.Callback):
         self._restored: dict[str, Any] | None = None
         self._new_segment_requested = False
         self._warned: set[str] = set()
+        self._stopped = False  # a write failed (disk full): recording stopped, training goes on
         self._capture: LayerCapture | None = None
         self._generator: torch.Generator | None = None
         self._trainer_for_state: L.Trainer | None = None
@@ -212,17 +214,18 @@ class TDACallback(L.Callback):
         self._start_loss_check(trainer, restored)
         if self.writer is not None and self.writer.created:
             self.run_id = uuid.uuid4().hex[:12]
-            self.writer.write_header(
-                run_id=self.run_id,
-                meta=self._meta(trainer, pl_module),
-                optimizer=_optimizer_record(optimizer),
-                config=self._config(),
-                layers=self.layers,
-                num_param_groups=len(optimizer.param_groups),
-                layer_groups=self._layer_groups(optimizer),
-            )
-            self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
-            self.writer.flush()
+            with self._recording():
+                self.writer.write_header(
+                    run_id=self.run_id,
+                    meta=self._meta(trainer, pl_module),
+                    optimizer=_optimizer_record(optimizer),
+                    config=self._config(),
+                    layers=self.layers,
+                    num_param_groups=len(optimizer.param_groups),
+                    layer_groups=self._layer_groups(optimizer),
+                )
+                self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
+                self.writer.flush()
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
         if self.fisher == "empirical":
             self._capture = LayerCapture(
@@ -329,7 +332,7 @@ class TDACallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
-        self._stats_step = self.step % self.every_n_steps == 0
+        self._stats_step = not self._stopped and self.step % self.every_n_steps == 0
         self._capturing = self._stats_step and self.fisher == "empirical"
         self._examples += self.task.batch_size(batch)
         self._grad_scale = self._per_example_scale(trainer)
@@ -493,7 +496,7 @@ class TDACallback(L.Callback):
             self._write_checkpoint(trainer, pl_module)
         sums = self._reduced_sums(trainer)
         skipped = int(sums.pop("__skipped__"))
-        if seg["stats_steps"] == 0:
+        if seg["stats_steps"] == 0 and not self._stopped:
             self._warn_once(
                 f"nostats{seg['index']}",
                 f"TDACallback: segment {seg['index']} ({seg['num_steps']} steps) got no K-FAC statistics "
@@ -513,9 +516,10 @@ class TDACallback(L.Callback):
             precond = {
                 name: (total / seg["precond_count"], seg["precond_count"]) for name, total in seg["precond"].items()
             }
-            self._flush_rows()
-            self.writer.write_segment(seg["index"], attrs, sums, precond)
-            self.writer.flush()
+            with self._recording():
+                self._flush_rows()
+                self.writer.write_segment(seg["index"], attrs, sums, precond)
+                self.writer.flush()
         self.num_segments_closed += 1
         self.policy.segment_closed()
 
@@ -582,9 +586,10 @@ class TDACallback(L.Callback):
                 "segment": self._segment["index"],
                 "epoch": trainer.current_epoch,
             }
-            self.writer.write_checkpoint(f"{self.num_checkpoints:06d}", state, attrs, self.checkpoint_dtype)
-            self._flush_rows()
-            self.writer.flush()
+            with self._recording():
+                self.writer.write_checkpoint(f"{self.num_checkpoints:06d}", state, attrs, self.checkpoint_dtype)
+                self._flush_rows()
+                self.writer.flush()
         self.num_checkpoints += 1
 
     def _flush_rows(self) -> None:
@@ -606,7 +611,10 @@ class TDACallback(L.Callback):
             )
         self._teardown_capture()
         if self.writer is not None:
-            self.writer.close()
+            with self._recording():
+                self.writer.close()
+            if self.writer is None:
+                return
             self.writer = None
             rank_zero_info(
                 f"TDACallback: trace {self.path}: {self.step} steps, {self.num_segments_closed} segments, "
@@ -625,8 +633,9 @@ class TDACallback(L.Callback):
         """Keep everything flushed so far; the open segment is lost (a resume recomputes it)."""
         self._teardown_capture()
         if self.writer is not None:
-            self._flush_rows()
-            self.writer.close()
+            with self._recording():
+                self._flush_rows()
+                self.writer.close()
             self.writer = None
 
     def _teardown_capture(self) -> None:
@@ -640,9 +649,10 @@ class TDACallback(L.Callback):
             return {}
         trainer = self._trainer_for_state
         flat = self._reduced_sums(trainer) if trainer is not None else None
-        self._flush_rows()
-        if self.writer is not None:
-            self.writer.flush()
+        with self._recording():
+            self._flush_rows()
+            if self.writer is not None:
+                self.writer.flush()
         seg = dict(self._segment)
         return {
             "run_id": self.run_id,
@@ -684,9 +694,43 @@ class TDACallback(L.Callback):
             self.stats.load_flat_tensors(
                 [sums[name][key] for name in sorted(sums) for key in ("A_sum", "A_count", "S_sum", "S_count")]
             )
+        if self.writer is not None and self.writer.num_rows < self.step:
+            self._stop_recording(
+                f"the trace holds {self.writer.num_rows} steps but the run resumes from step {self.step}: its "
+                f"last steps were lost (recording stopped early in the original run, e.g. on a full disk)."
+            )
+        with self._recording():
+            if self.writer is not None:
+                self.writer.truncate(self.step, self.num_segments_closed, self.step)
+                self.writer.flush()
+
+    # ---------------------------------------------------------------------------- write faults
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        """Write to the trace; if a write fails (a full disk), stop recording and let training go on."""
+        try:
+            yield
+        except TraceWriteError as err:
+            self._stop_recording(str(err))
+
+    def _stop_recording(self, reason: str) -> None:
+        """Training continues without the callback; the trace keeps every write completed before the fault.
+
+        Statistics stop on this process; under DDP the other ranks keep taking (and reducing) theirs,
+        so every collective still matches, but nothing more is written.
+        """
         if self.writer is not None:
-            self.writer.truncate(self.step, self.num_segments_closed, self.step)
-            self.writer.flush()
+            self.writer.abandon()  # a no-op on a writer whose failure already abandoned the file
+        self.writer = None
+        self._stopped = True
+        self._teardown_capture()
+        kept = self.num_segments_closed
+        self._warn_once(
+            "stopped",
+            f"TDACallback STOPPED RECORDING at optimizer step {self.step}: {reason} Training continues without "
+            f"the callback; the trace holds {kept} closed segment{'s' if kept != 1 else ''}. Attribute with it as it "
+            f"is, or free space and record again with a new trace path.",
+        )
 
     # ------------------------------------------------------------------------------ loss check
     def _start_loss_check(self, trainer: L.Trainer, restored: dict[str, Any] | None) -> None:

@@ -8,8 +8,9 @@ mislabeled examples) have ``kind="self"``, ``values`` of shape ``(N,)`` and no q
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_tda.trace import LIBVER, to_json
+from lightning_tda.trace import OBJECT_OVERHEAD, to_json, writing
+from lightning_tda.trace_checks import TraceError, TraceReader, expect_str
+
+KINDS = ("pairwise", "self")
 
 
 @dataclass
@@ -43,10 +47,18 @@ class Scores:
     kind: str = "pairwise"
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Scores kind {self.kind!r}: use 'pairwise' or 'self'.")
         self.values = torch.as_tensor(self.values).float()
         self.train_ids = torch.as_tensor(self.train_ids, dtype=torch.int64)
         if self.query_ids is not None:
             self.query_ids = torch.as_tensor(self.query_ids, dtype=torch.int64)
+        elif self.kind == "pairwise":
+            raise ValueError("Pairwise scores need query_ids.")
+        if self.train_ids.dim() != 1 or (self.train_ids < 0).any():
+            raise ValueError("Scores train_ids must be a 1-D list of training-set indices (non-negative).")
+        if self.query_ids is not None and self.query_ids.dim() != 1:
+            raise ValueError("Scores query_ids must be a 1-D list of query ids.")
         expected = (len(self.train_ids),) if self.kind == "self" else (len(self.query_ids), len(self.train_ids))
         if tuple(self.values.shape) != expected:
             raise ValueError(f"Scores values have shape {tuple(self.values.shape)}, expected {expected}.")
@@ -79,6 +91,8 @@ class Scores:
         copies in the file's global heap.
         """
         name = name or (self.method if self.kind == "pairwise" else f"{self.method}-self")
+        if not name or "/" in name:
+            raise ValueError(f"Scores name {name!r}: use a name without '/'.")
         arrays = {
             "values": self.values.numpy(),
             "train_ids": self.train_ids.numpy(),
@@ -86,46 +100,84 @@ class Scores:
         }
         if self.query_ids is not None:
             arrays["query_ids"] = self.query_ids.numpy()
-        with h5py.File(path, "a", libver=LIBVER) as f:
-            results = f.require_group("results")
-            group = results.require_group(name)
+        estimate = sum(array.nbytes for array in arrays.values()) + OBJECT_OVERHEAD * (len(arrays) + 2)
+        with writing(path, estimate) as f:
+            reader = TraceReader(f, Path(path))  # links out of the file are refused, never written through
+            where = f"results/{name}"
+            group = reader.group(where) if reader.has(where) else f.require_group("results").create_group(name)
             for key in [key for key in group if key not in arrays]:
                 del group[key]
             for key, array in arrays.items():
-                current = group.get(key)
-                if isinstance(current, h5py.Dataset) and current.shape == array.shape and current.dtype == array.dtype:
-                    current[...] = array
-                    continue
-                if key in group:
+                if reader.has(f"{where}/{key}"):
+                    current = reader.dataset(f"{where}/{key}")
+                    if current.shape == array.shape and current.dtype == array.dtype:
+                        current[...] = array
+                        continue
                     del group[key]
                 group.create_dataset(key, data=array)
             for key, value in (("method", self.method), ("kind", self.kind)):
-                if group.attrs.get(key) != value:
+                if reader.attribute(where, key) != value:
                     group.attrs[key] = value
-            f.flush()
         return name
 
     @classmethod
     def load(cls, path: str | os.PathLike, name: str) -> Scores:
-        """Read scores saved with :meth:`save`."""
-        with h5py.File(path, "r") as f:
-            if f"results/{name}" not in f:
-                available = list(f["results"]) if "results" in f else []
+        """Read scores saved with :meth:`save`, checking every part before it is read.
+
+        Raises ``KeyError`` when there are no results named ``name``, and
+        :class:`~lightning_tda.trace_checks.TraceError` naming the part when they are malformed.
+        """
+        with _reading(path) as r:
+            where = f"results/{name}"
+            if "/" in name or not r.has(where):
+                available = r.members("results") if r.has("results") else []
                 raise KeyError(f"No results named {name!r} in {path}; available: {available}.")
-            group = f["results"][name]
-            return cls(
-                values=torch.from_numpy(np.asarray(group["values"][()])),
-                train_ids=torch.from_numpy(np.asarray(group["train_ids"][()])),
-                query_ids=torch.from_numpy(np.asarray(group["query_ids"][()])) if "query_ids" in group else None,
-                method=str(group.attrs["method"]),
-                config=json.loads(group["config"][()]),
-                kind=str(group.attrs["kind"]),
-            )
+            attrs = r.attributes(where)
+            kind = expect_str(r, f"{where} attribute 'kind'", attrs.get("kind"), KINDS)
+            method = expect_str(r, f"{where} attribute 'method'", attrs.get("method"))
+            (n,) = _ids_shape(r, f"{where}/train_ids")
+            query_ids = None
+            if kind == "pairwise":
+                (q,) = _ids_shape(r, f"{where}/query_ids")
+                query_ids = r.array(f"{where}/query_ids", [(q,)], kinds="iu")
+            values = r.array(f"{where}/values", [(q, n)] if kind == "pairwise" else [(n,)], kinds="f")
+            train_ids = r.array(f"{where}/train_ids", [(n,)], kinds="iu")
+            config = r.json(f"{where}/config", dict)
+            try:
+                return cls(
+                    values,
+                    train_ids.astype(np.int64),
+                    None if query_ids is None else query_ids.astype(np.int64),
+                    method,
+                    config,
+                    kind,
+                )
+            except (ValueError, OverflowError) as err:
+                raise r.error(where, str(err).rstrip(".")) from err
 
     @staticmethod
     def available(path: str | os.PathLike) -> list[str]:
         """Names of the results stored in ``path``."""
         if not Path(path).exists():
             return []
-        with h5py.File(path, "r") as f:
-            return list(f["results"]) if "results" in f else []
+        with _reading(path) as r:
+            return r.members("results") if r.has("results") else []
+
+
+@contextmanager
+def _reading(path: str | os.PathLike) -> Iterator[TraceReader]:
+    try:
+        file = h5py.File(path, "r")
+    except (OSError, RuntimeError, ValueError) as err:
+        raise TraceError(f"{path} could not be opened to read scores ({str(err)[:300]}).") from err
+    try:
+        yield TraceReader(file, Path(path))
+    finally:
+        file.close()
+
+
+def _ids_shape(r: TraceReader, where: str) -> tuple[int, ...]:
+    shape = r.shape_of(where, "iu")
+    if len(shape) != 1:
+        raise r.error(where, f"has shape {shape}, expected a list of example ids")
+    return shape

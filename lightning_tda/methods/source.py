@@ -396,7 +396,10 @@ class SOURCE(AttributionMethod):
 
     # --- states the training gradients are taken at ---------------------------------------------
     def _averaged_state(self, segment: int) -> dict[str, Tensor]:
-        states = [self.trace.checkpoint_state(c) for c in self.trace.segment(segment).checkpoints]
+        states = [
+            self.trace.checkpoint_state(c, like=self.model.state_dict())
+            for c in self.trace.segment(segment).checkpoints
+        ]
         averaged = {}
         for key, value in states[-1].items():
             if value.is_floating_point():
@@ -412,7 +415,7 @@ class SOURCE(AttributionMethod):
             return
         checkpoints = self.trace.segment(segment).checkpoints
         for index in checkpoints:
-            yield self.trace.checkpoint_state(index), 1.0 / len(checkpoints)
+            yield self.trace.checkpoint_state(index, like=self.model.state_dict()), 1.0 / len(checkpoints)
 
     def _set_state(self, state: Mapping[str, Tensor]) -> None:
         self.model.load_state_dict(state)
@@ -449,7 +452,7 @@ class SOURCE(AttributionMethod):
         """
         n_train = len(self.loader(train, "train").dataset)
         operators = self.operators(train)
-        final = self.trace.checkpoint_state(self.trace.final_checkpoint.index)
+        final = self.trace.checkpoint_state(self.trace.final_checkpoint.index, like=self.model.state_dict())
         states = {s: list(self._gradient_states(s)) for s in self.segments}
         values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for ids, batch in self.train_batches(train, "SOURCE self-influence"):

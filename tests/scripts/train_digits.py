@@ -1,15 +1,23 @@
 """Train a small digits MLP with TDACallback in its own process (for crash and DDP tests).
 
 Usage: python train_digits.py TRACE_PATH [--devices N] [--batch-size B] [--kill-at-step K]
+                                           [--pause-at-step K --pause-file F] [--file-size-limit BYTES]
+                                           [--print-sizes] [--if-exists MODE]
 
 ``--kill-at-step`` sends SIGKILL to this process after that optimizer step, the way an
 out-of-memory killer or a pre-empted node ends a run: no Python cleanup runs.
+``--pause-at-step`` creates ``F.paused`` after that step and waits until ``F`` exists (the trace is
+then open for writing). ``--file-size-limit`` caps the size of any file this process writes
+(``RLIMIT_FSIZE``; a write beyond it fails with EFBIG, the way a full disk fails with ENOSPC).
+``--print-sizes`` prints ``size STEP BYTES`` of the trace after every step.
 """
 
 import argparse
 import os
+import resource
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +37,25 @@ def dataset(n: int = 256) -> TensorDataset:
     return TensorDataset(torch.tensor(digits.data[:n], dtype=torch.float32) / 16.0, torch.tensor(digits.target[:n]))
 
 
+class PauseAt(L.Callback):
+    def __init__(self, step: int, file: Path) -> None:
+        self.step, self.file = step, file
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            Path(f"{self.file}.paused").touch()
+            while not self.file.exists():
+                time.sleep(0.05)
+
+
+class PrintSizes(L.Callback):
+    def __init__(self, trace: str) -> None:
+        self.trace = trace
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(f"size {trainer.global_step} {os.path.getsize(self.trace)}", flush=True)
+
+
 class KillAt(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -45,9 +72,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--kill-at-step", type=int, default=None)
+    parser.add_argument("--pause-at-step", type=int, default=None)
+    parser.add_argument("--pause-file", type=Path, default=None)
+    parser.add_argument("--file-size-limit", type=int, default=None)
+    parser.add_argument("--print-sizes", action="store_true")
+    parser.add_argument("--if-exists", default="error")
     args = parser.parse_args()
+    if args.file_size_limit is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, resource.RLIM_INFINITY))
     L.seed_everything(0, verbose=False)
-    callbacks = [TDACallback(args.trace, task=ClassificationTask(), fisher="empirical", every_n_steps=1)]
+    tda = TDACallback(
+        args.trace, task=ClassificationTask(), fisher="empirical", every_n_steps=1, if_exists=args.if_exists
+    )
+    callbacks = [tda]
+    if args.print_sizes:
+        callbacks.append(PrintSizes(args.trace))
+    if args.pause_at_step is not None:
+        callbacks.append(PauseAt(args.pause_at_step, args.pause_file))
     if args.kill_at_step is not None:
         callbacks.append(KillAt(args.kill_at_step))
     trainer = L.Trainer(
@@ -67,6 +109,7 @@ def main() -> None:
     # consecutive examples that one process with N times the batch size reads (Lightning's own sampler shuffles).
     sampler = DistributedSampler(dataset(), args.devices, int(os.environ.get("LOCAL_RANK", 0)), shuffle=False)
     trainer.fit(model, DataLoader(dataset(), batch_size=args.batch_size, sampler=sampler))
+    print(f"trained {trainer.global_step} steps", flush=True)
 
 
 if __name__ == "__main__":
