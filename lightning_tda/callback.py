@@ -754,8 +754,9 @@ class TDACallback(L.Callback):
         else:
             rank_zero_info(f"TDACallback loss check: {result.message}")
         if self.writer is not None:
-            self.writer.record_loss_check(result.record())
-            self.writer.flush()
+            with self._recording():
+                self.writer.record_loss_check(result.record())
+                self.writer.flush()
 
     # ------------------------------------------------------------------------------ helpers
     def _warn_once(self, key: str, message: str) -> None:

@@ -104,7 +104,8 @@ class Scores:
         with writing(path, estimate) as f:
             reader = TraceReader(f, Path(path))  # links out of the file are refused, never written through
             where = f"results/{name}"
-            group = reader.group(where) if reader.has(where) else f.require_group("results").create_group(name)
+            existing = reader.has(where)
+            group = reader.group(where) if existing else f.require_group("results").create_group(name)
             for key in [key for key in group if key not in arrays]:
                 del group[key]
             for key, array in arrays.items():
@@ -116,7 +117,7 @@ class Scores:
                     del group[key]
                 group.create_dataset(key, data=array)
             for key, value in (("method", self.method), ("kind", self.kind)):
-                if reader.attribute(where, key) != value:
+                if not existing or reader.attribute(where, key) != value:
                     group.attrs[key] = value
         return name
 

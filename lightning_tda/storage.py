@@ -41,7 +41,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_tda.trace import LIBVER, Trace, TraceError, stored_bytes
+from lightning_tda.trace import (
+    LIBVER,
+    OBJECT_OVERHEAD,
+    WRITE_LOCK_TIMEOUT,
+    Trace,
+    TraceError,
+    TraceWriteError,
+    stored_bytes,
+    writing,
+)
+from lightning_tda.trace_checks import TraceReader
+from lightning_tda.trace_lock import TraceLock
 
 CACHE_FORMAT = "lightning_tda.cache"
 CACHE_LOCATIONS = ("sidecar", "trace", "none")
@@ -67,49 +78,52 @@ def sidecar_path(trace_path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.cache{path.suffix or '.h5'}")
 
 
-def _text(value: object) -> str | None:
-    if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode(errors="replace")
-    return None if value is None else str(value)
-
-
-def _datasets(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Dataset]]:
-    for name, item in group.items():
+def _datasets(reader: TraceReader, where: str, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """``(name relative to where, path)`` of every dataset below group ``where``, following hard links only."""
+    for name in reader.members(where):
+        path = f"{where}/{name}"
+        item = reader.node(path)
         if isinstance(item, h5py.Dataset):
-            yield prefix + name, item
+            yield prefix + name, path
         elif isinstance(item, h5py.Group):
-            yield from _datasets(item, f"{prefix}{name}/")
+            yield from _datasets(reader, path, f"{prefix}{name}/")
 
 
-def _layout_problem(group: h5py.Group, expected: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why the datasets of ``group`` are not exactly ``expected`` (name -> shape, float64), or None."""
-    found = dict(_datasets(group))
+def _layout_problem(reader: TraceReader, where: str, expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why the datasets of group ``where`` are not exactly ``expected`` (name -> shape, float64), or None."""
+    found = dict(_datasets(reader, where))
     if set(found) != set(expected):
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         return f"datasets missing {missing[:3]}, unexpected {extra[:3]}"
     for name, shape in expected.items():
-        dataset = found[name]
-        if tuple(dataset.shape) != tuple(shape) or dataset.dtype != np.float64:
-            return f"{name} is {dataset.dtype} {tuple(dataset.shape)}, expected float64 {tuple(shape)}"
+        dataset = reader.dataset(found[name])  # refuses virtual datasets, external storage and plugin filters
+        if tuple(dataset.shape or ()) != tuple(shape) or dataset.dtype != np.float64:
+            return f"{name} is {dataset.dtype} {tuple(dataset.shape or ())}, expected float64 {tuple(shape)}"
     return None
 
 
-def _same_layout(group: h5py.Group, arrays: Mapping[str, np.ndarray]) -> bool:
-    found = dict(_datasets(group))
-    return set(found) == set(arrays) and all(
-        found[name].shape == array.shape and found[name].dtype == array.dtype for name, array in arrays.items()
-    )
+def _same_layout(reader: TraceReader, where: str, arrays: Mapping[str, np.ndarray]) -> bool:
+    """Whether group ``where`` holds exactly ``arrays``' names, shapes and dtypes (to overwrite in place); an
+    entry that links out of the file or holds virtual datasets is not, and is replaced whole."""
+    expected = {name: array.shape for name, array in arrays.items()}
+    try:
+        same = _layout_problem(reader, where, expected) is None
+    except TraceError:
+        return False
+    return same and all(array.dtype == np.float64 for array in arrays.values())
 
 
-def _put_entry(cache: h5py.Group, slot: str, key: str, arrays: Mapping[str, np.ndarray], description: str) -> None:
-    """Write ``arrays`` as entry ``slot``: in place over an entry of the same layout, else as a new group.
-    Strings are stored fixed-length (variable-length ones leave their old copies in HDF5's global heap)."""
-    group = cache.get(slot)
-    if isinstance(group, h5py.Group) and _same_layout(group, arrays):
+def _put_entry(reader: TraceReader, slot: str, key: str, arrays: Mapping[str, np.ndarray], description: str) -> None:
+    """Write ``arrays`` as entry ``slot`` of the file's ``cache`` group: in place over an entry of the same
+    layout, else as a new group. Strings are stored fixed-length (variable-length ones leave their old copies
+    in HDF5's global heap). Links out of the file are refused, never written through."""
+    cache = reader.group("cache") if reader.has("cache") else reader.file.create_group("cache")
+    group = reader.node(f"cache/{slot}")
+    if isinstance(group, h5py.Group) and _same_layout(reader, f"cache/{slot}", arrays):
         for name, array in arrays.items():
             group[name][...] = array
     else:
-        if slot in cache:
+        if group is not None:
             del cache[slot]
         group = cache.create_group(slot)
         for name, array in arrays.items():
@@ -152,10 +166,11 @@ class FitCache:
             return "foreign"
         try:
             with h5py.File(self.path, "r") as f:
-                if _text(f.attrs.get("format")) != CACHE_FORMAT or not isinstance(f.get("cache"), h5py.Group):
+                reader = TraceReader(f, self.path)
+                if reader.attribute("", "format") != CACHE_FORMAT or not isinstance(reader.node("cache"), h5py.Group):
                     return "foreign"
-                return "current" if _text(f.attrs.get("trace_run_id")) == self.trace.run_id else "stale"
-        except OSError:
+                return "current" if reader.attribute("", "trace_run_id") == self.trace.run_id else "stale"
+        except (OSError, TraceError):
             return "foreign"
 
     def load(self, slot: str, key: str, expected: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor] | None:
@@ -164,15 +179,21 @@ class FitCache:
         if not self.enabled or (self.location == "sidecar" and self._sidecar_state() != "current"):
             return None
         with h5py.File(self.path, "r") as f:
-            group = f.get(f"cache/{slot}")
-            if not isinstance(group, h5py.Group) or _text(group.attrs.get("key")) != key:
-                return None
-            problem = _layout_problem(group, expected)
-            if problem is None:
-                tensors = {name: torch.from_numpy(np.asarray(group[name][()])) for name in expected}
-                if all(bool(t.isfinite().all()) for t in tensors.values()):
-                    return tensors
-                problem = "non-finite values"
+            reader, where = TraceReader(f, self.path), f"cache/{slot}"
+            try:
+                if not isinstance(reader.node(where), h5py.Group) or reader.attribute(where, "key") != key:
+                    return None
+                problem = _layout_problem(reader, where, expected)
+                if problem is None:
+                    tensors = {
+                        name: torch.from_numpy(reader.array(f"{where}/{name}", [shape], kinds="f"))
+                        for name, shape in expected.items()
+                    }
+                    if all(bool(t.isfinite().all()) for t in tensors.values()):
+                        return tensors
+                    problem = "non-finite values"
+            except TraceError as err:  # links out of the file, virtual datasets, unreadable parts
+                problem = str(err)
         warnings.warn(
             f"The cached fit {slot!r} in {self.path} does not fit the trace's layers ({problem}); it is refitted "
             f"and replaced.",
@@ -181,13 +202,23 @@ class FitCache:
         return None
 
     def store(self, slot: str, key: str, tensors: Mapping[str, Tensor], description: str) -> None:
-        """Write the fit of ``slot`` under ``key``, replacing the slot's previous entry."""
+        """Write the fit of ``slot`` under ``key``, replacing the slot's previous entry. A write that fails
+        (a full disk) is warned about and leaves the file as it was; attribution goes on without the cache."""
         if not self.enabled:
             return
         arrays = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+        try:
+            self._store(slot, key, arrays, description)
+        except (TraceWriteError, OSError) as err:
+            warnings.warn(
+                f"The fit {slot!r} could not be cached ({err}); attribution goes on without it.", stacklevel=3
+            )
+
+    def _store(self, slot: str, key: str, arrays: Mapping[str, np.ndarray], description: str) -> None:
+        estimate = sum(array.nbytes for array in arrays.values()) + OBJECT_OVERHEAD * (2 * len(arrays) + 2)
         if self.location == "trace":
-            with h5py.File(self.path, "a", libver=LIBVER) as f:
-                _put_entry(f.require_group("cache"), slot, key, arrays, description)
+            with writing(self.path, estimate) as f:
+                _put_entry(TraceReader(f, self.path), slot, key, arrays, description)
             return
         state = self._sidecar_state()
         if state == "foreign":
@@ -196,10 +227,13 @@ class FitCache:
                 f"alone. Move it away, or pass cache='trace' or cache='none'."
             )
         if state == "current":
-            with h5py.File(self.path, "a", libver=LIBVER) as f:
-                current = f["cache"].get(slot)
-                if current is None or (isinstance(current, h5py.Group) and _same_layout(current, arrays)):
-                    _put_entry(f["cache"], slot, key, arrays, description)
+            with writing(self.path, estimate) as f:
+                reader = TraceReader(f, self.path)
+                current = reader.node(f"cache/{slot}")
+                if current is None or (
+                    isinstance(current, h5py.Group) and _same_layout(reader, f"cache/{slot}", arrays)
+                ):
+                    _put_entry(reader, slot, key, arrays, description)
                     return
         self._rewrite_sidecar(slot, key, arrays, description, keep_others=state == "current")
 
@@ -209,16 +243,17 @@ class FitCache:
         """Write a new sidecar holding the other slots' entries (if kept) and this one, then swap it in."""
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
-            with h5py.File(temporary, "w", libver=LIBVER) as new:
+            with TraceLock(self.path, timeout=WRITE_LOCK_TIMEOUT), h5py.File(temporary, "w", libver=LIBVER) as new:
                 new.attrs["format"] = CACHE_FORMAT
                 new.attrs["trace_run_id"] = self.trace.run_id
                 cache = new.create_group("cache")
                 if keep_others:
                     with h5py.File(self.path, "r") as old:
-                        for name in old["cache"]:
+                        reader = TraceReader(old, self.path)
+                        for name in reader.members("cache"):
                             if name != slot:
-                                old.copy(old["cache"][name], cache, name=name)
-                _put_entry(cache, slot, key, arrays, description)
+                                old.copy(reader.node(f"cache/{name}"), cache, name=name)
+                _put_entry(TraceReader(new, temporary), slot, key, arrays, description)
             os.replace(temporary, self.path)
         finally:
             temporary.unlink(missing_ok=True)
@@ -234,15 +269,21 @@ def storage_lines(trace_path: str | os.PathLike) -> list[str]:
     (which lists results and in-trace caches with their sizes): the sidecar's entries and sizes, how much
     of the trace is not data (metadata and the space of deleted objects), and how to remove them."""
     path = Path(trace_path)
+    sidecar = FitCache(Trace.open(path), "sidecar")  # the trace is checked before anything else is read
     with h5py.File(path, "r") as f:
-        data = stored_bytes(f)
-        has_entries = any(len(f[name]) for name in ("results", "cache") if isinstance(f.get(name), h5py.Group))
+        reader = TraceReader(f, path)
+        with reader.part(""):
+            data = stored_bytes(f)
+        has_entries = any(reader.members(name) for name in ("results", "cache") if reader.has(name))
     lines = []
-    sidecar = FitCache(Trace.open(path), "sidecar")
     state = sidecar._sidecar_state()
     if state in ("current", "stale"):
         with h5py.File(sidecar.path, "r") as f:
-            entries = [(name, stored_bytes(item)) for name, item in f["cache"].items()]
+            reader = TraceReader(f, sidecar.path)
+            entries = []
+            for name in reader.members("cache"):
+                with reader.part(f"cache/{name}"):
+                    entries.append((name, stored_bytes(reader.node(f"cache/{name}"))))
         note = "" if state == "current" else "; written for another run, ignored"
         listed = ", ".join(f"{name} {_megabytes(size)}" for name, size in entries) or "empty"
         lines.append(f"  cache sidecar {sidecar.path.name} ({_megabytes(sidecar.path.stat().st_size)}{note}): {listed}")
@@ -267,7 +308,7 @@ def clean(trace_path: str | os.PathLike, results: bool = False) -> str:
     so an interruption leaves the original; it needs free space for one copy of what is kept.
     """
     path = Path(trace_path)
-    sidecar = FitCache(Trace.open(path), "sidecar")  # opening checks it is a readable trace
+    sidecar = FitCache(Trace.open(path), "sidecar")  # opening checks it is a readable trace, not being written
     before = path.stat().st_size
     removed = []
     state = sidecar._sidecar_state()
@@ -280,18 +321,19 @@ def clean(trace_path: str | os.PathLike, results: bool = False) -> str:
     emptied = ("cache", "results") if results else ("cache",)
     temporary = path.with_name(path.name + ".compact.tmp")
     try:
-        with h5py.File(path, "r") as old, h5py.File(temporary, "w", libver=LIBVER) as new:
-            for name, value in old.attrs.items():
-                new.attrs[name] = value
-            for name in old:
-                if name in emptied:
-                    count = len(old[name]) if isinstance(old[name], h5py.Group) else 0
-                    if count:
-                        removed.append(f"{count} {name} entr{'y' if count == 1 else 'ies'}")
-                    new.create_group(name)
-                else:
-                    old.copy(old[name], new, name=name)
-        os.replace(temporary, path)
+        with TraceLock(path, timeout=WRITE_LOCK_TIMEOUT):
+            with h5py.File(path, "r") as old, h5py.File(temporary, "w", libver=LIBVER) as new:
+                for name, value in old.attrs.items():
+                    new.attrs[name] = value
+                for name in old:
+                    if name in emptied:
+                        count = len(old[name]) if isinstance(old[name], h5py.Group) else 0
+                        if count:
+                            removed.append(f"{count} {name} entr{'y' if count == 1 else 'ies'}")
+                        new.create_group(name)
+                    else:
+                        old.copy(old[name], new, name=name)
+            os.replace(temporary, path)
     except OSError as err:
         raise TraceError(f"Could not compact {path}: {err}. It is unchanged; free disk space and retry.") from err
     finally:

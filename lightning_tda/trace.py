@@ -183,6 +183,14 @@ def reserve_space(file: h5py.File, extra: int = 0) -> None:
             raise
 
 
+def release_reserve(file: h5py.File) -> None:
+    """After a flush, give back the reserved space HDF5 did not use: the file ends where HDF5's allocation
+    does, so rewriting results in place leaves its size unchanged."""
+    descriptor, end = file.id.get_vfd_handle(), file.id.get_filesize()
+    if os.fstat(descriptor).st_size > end:
+        os.ftruncate(descriptor, end)
+
+
 def close_after_failure(file: h5py.File) -> None:
     """Close ``file`` after a failed write, ignoring further errors.
 
@@ -215,6 +223,7 @@ def writing(path: str | os.PathLike, estimate: int) -> Iterator[h5py.File]:
             yield file
             reserve_space(file)
             file.flush()
+            release_reserve(file)
         except TraceError:
             file.close()
             raise
@@ -464,6 +473,7 @@ class TraceWriter:
     def _close(self) -> None:
         if self.file.id.valid:
             self.flush()
+            release_reserve(self.file)
             self.file.close()
         self.lock.release()
 
@@ -857,7 +867,10 @@ class Trace:
         with self._read() as r:
             for title, name in (("results", "results"), ("cache inside the trace", "cache")):
                 keys = r.members(name) if r.has(name) else []
-                entries = [(key, stored_bytes(r.node(f"{name}/{key}"))) for key in keys]
+                entries = []
+                for key in keys:
+                    with r.part(f"{name}/{key}"):
+                        entries.append((key, stored_bytes(r.node(f"{name}/{key}"))))
                 if entries:
                     listed = ", ".join(f"{key} {size / 1e6:.2f} MB" for key, size in entries)
                     lines.append(f"  {title}: {listed} ({sum(size for _, size in entries) / 1e6:.2f} MB in all)")

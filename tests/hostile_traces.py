@@ -47,11 +47,13 @@ def data() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
 
 
-def attribute(trace: Any) -> Any:
-    from lightning_tda.methods import SOURCE
+def attribute(trace: Any, cache: str = "trace") -> Any:
+    """Fast SOURCE scores of the queries; the fitted curvature is cached inside the trace (read back if there)."""
+    from lightning_tda.methods import SOURCE, MethodOptions
 
     train, queries = data()
-    return SOURCE(trace, model(), task(), fast=True, samples=1, batch_size=16).attribute(queries, train)
+    method = SOURCE(trace, model(), task(), fast=True, samples=1, cache=cache, options=MethodOptions(batch_size=16))
+    return method.attribute(queries, train)
 
 
 def record_base_trace(path: Path) -> Path:
@@ -77,11 +79,9 @@ def exercise(path: Path, with_attribution: bool = True) -> list[tuple[str, str]]
     """Use the trace as a user would; one ``(operation, outcome)`` per operation.
 
     Outcome ``"ok"``, ``"error: <type>"`` for a documented error, or ``"UNDOCUMENTED <type>: ..."``.
-    The attribution (SOURCE, reading the cached curvature) is the slowest operation; the cache is also
-    read on its own.
+    The attribution (SOURCE, reading the curvature cached in the trace) is the slowest operation.
     """
     from lightning_tda import Trace, TraceError
-    from lightning_tda.curvature import load_cached_curvature
     from lightning_tda.scores import Scores
 
     outcomes: list[tuple[str, str]] = []
@@ -113,11 +113,6 @@ def exercise(path: Path, with_attribution: bool = True) -> list[tuple[str, str]]
     target = model()
     for checkpoint in trace.checkpoints:
         attempt(f"checkpoint {checkpoint.index}", lambda c=checkpoint.index: trace.load_checkpoint(target, c))
-    layers = attempt("tracked layers", lambda: trace.tracked_layers(target))
-    for key in attempt("cache keys", lambda: trace.members("cache")) if layers else []:
-        attempt(
-            f"cache {key}", lambda key=key: load_cached_curvature(trace, f"cache/{key}", layers, torch.device("cpu"))
-        )
     if with_attribution:
         attempt("attribute", lambda: attribute(trace))
     return outcomes
