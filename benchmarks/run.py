@@ -48,10 +48,12 @@ if __package__ in (None, ""):
 from benchmarks.report import BENCHMARKS_MD, markdown_table, write_section  # noqa: E402
 from lightning_tda import ClassificationTask, RegressionTask, Scores, Task  # noqa: E402
 from lightning_tda.demo import (  # noqa: E402
+    ArrayDataModule,
     ConcreteDataModule,
     DigitsDataModule,
     MLPClassifier,
     MLPRegressor,
+    SmallCNN,
     headless_trainer,
 )
 from lightning_tda.evaluation import (  # noqa: E402
@@ -79,43 +81,132 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "Forward-INF": ("ForwardINF", {}),
 }
 RANDOM = "random"
-# Label-free set-up a method's own protocol calls for, run (and timed) before attribution.
-PREPARE: dict[str, Callable[[Any, Any], Any]] = {"ForwardINF": lambda method, train: method.tune(train)}
 
 
 # --- settings -----------------------------------------------------------------------------------
+class _Arrays(ArrayDataModule):
+    """A data module over in-memory arrays from :data:`DATA` (standardized features)."""
+
+    def __init__(self, arrays: Callable[[], tuple[np.ndarray, np.ndarray]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._arrays = arrays
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._arrays()
+
+
+def _standardized(x: np.ndarray) -> np.ndarray:
+    return ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+
+
+def synthetic_classification() -> tuple[np.ndarray, np.ndarray]:
+    """1,000 points, 20 features (8 informative), 3 classes, 5% of labels random (sklearn's ``flip_y``)."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=1000, n_features=20, n_informative=8, n_redundant=4, n_classes=3, flip_y=0.05, random_state=0
+    )
+    return _standardized(x), y.astype(np.int64)
+
+
+def breast_cancer() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's Wisconsin breast cancer set: 569 points, 30 features, 2 classes."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    return _standardized(data.data), data.target.astype(np.int64)
+
+
+def synthetic_regression() -> tuple[np.ndarray, np.ndarray]:
+    """600 points, 10 features (5 informative), Gaussian noise of 0.3 target standard deviations."""
+    from sklearn.datasets import make_regression
+
+    x, y = make_regression(n_samples=600, n_features=10, n_informative=5, noise=0.0, random_state=0)
+    y = (y - y.mean()) / y.std()
+    y = y + 0.3 * np.random.default_rng(0).standard_normal(len(y))
+    return _standardized(x), y.astype(np.float32)
+
+
+def diabetes() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's diabetes progression set: 442 points, 10 features, target standardized."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    y = (data.target - data.target.mean()) / data.target.std()
+    return _standardized(data.data), y.astype(np.float32)
+
+
+def wine() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's wine set: 178 points, 13 features, 3 classes."""
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    return _standardized(data.data), data.target.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How to load a data set: its data module, input size and number of classes (0 = regression)."""
+
+    module: Callable[..., ArrayDataModule]
+    inputs: int
+    classes: int
+
+
+DATA: dict[str, DataSpec] = {
+    "digits": DataSpec(DigitsDataModule, 64, 10),
+    "concrete": DataSpec(ConcreteDataModule, 8, 0),
+    "classification": DataSpec(functools.partial(_Arrays, synthetic_classification), 20, 3),
+    "cancer": DataSpec(functools.partial(_Arrays, breast_cancer), 30, 2),
+    "regression": DataSpec(functools.partial(_Arrays, synthetic_regression), 10, 0),
+    "diabetes": DataSpec(functools.partial(_Arrays, diabetes), 10, 0),
+    "wine": DataSpec(functools.partial(_Arrays, wine), 13, 3),
+}
+
+
 @dataclass
 class Setting:
-    """A data set, model and training recipe."""
+    """A data set, model and training recipe.
+
+    ``model`` is ``"mlp"`` (digits 64-128-128-10, Concrete 8-64-64-1, the others inputs-64-64-outputs)
+    or ``"cnn"`` (:class:`~lightning_tda.demo.SmallCNN` on 8×8 digit images).
+    """
 
     name: str
     title: str
-    data: str  # "digits" or "concrete"
+    data: str  # a key of DATA
     epochs: int
     lr: float
     flip_fraction: float = 0.0
     target_noise: float = 0.0
     batch_size: int = 64
+    model: str = "mlp"
 
     @property
     def task(self) -> Task:
-        return ClassificationTask() if self.data == "digits" else RegressionTask()
+        return ClassificationTask() if DATA[self.data].classes else RegressionTask()
 
     @property
     def module_factory(self) -> Callable[[], Any]:
-        cls = MLPClassifier if self.data == "digits" else MLPRegressor
-        return functools.partial(cls, lr=self.lr)
+        spec = DATA[self.data]
+        if self.model == "cnn":
+            return functools.partial(SmallCNN, lr=self.lr)
+        if self.data in ("digits", "concrete"):  # the demo modules' default sizes (and cache keys)
+            return functools.partial(MLPClassifier if spec.classes else MLPRegressor, lr=self.lr)
+        cls = MLPClassifier if spec.classes else MLPRegressor
+        return functools.partial(cls, sizes=[spec.inputs, 64, 64, spec.classes or 1], lr=self.lr)
 
     def recipe(self) -> str:
+        model = "" if self.model == "mlp" else f" model={self.model}"
         return (
             f"{self.data} epochs={self.epochs} lr={self.lr} batch={self.batch_size} sgd-momentum-0.9 "
-            f"flips={self.flip_fraction} noise={self.target_noise}"
+            f"flips={self.flip_fraction} noise={self.target_noise}{model}"
         )
 
     def datasets(self, max_train: int | None) -> tuple[TensorDataset, TensorDataset, torch.Tensor]:
         """``(train, test, flipped mask)``; ``max_train`` keeps the first examples (``--quick``)."""
-        module = DigitsDataModule if self.data == "digits" else ConcreteDataModule
-        dm = module(batch_size=self.batch_size, seed=0, flip_fraction=self.flip_fraction)
+        extra = {"images": True} if self.model == "cnn" else {}
+        dm = DATA[self.data].module(batch_size=self.batch_size, seed=0, flip_fraction=self.flip_fraction, **extra)
         dm.setup()
         x, y = dm.train_set.tensors
         flipped = dm.flipped
@@ -140,6 +231,40 @@ DIGITS_EARLY = Setting(
     "digits-early", "Digits MLP, non-converged (2 epochs, 10% flipped labels)", "digits", 2, 0.1, 0.1
 )
 DIGITS_MISLABELED = Setting("digits-mislabeled", "Digits MLP, 20% flipped labels (8 epochs)", "digits", 8, 0.1, 0.2)
+# Settings nobody tuned a default on (the defaults suite): data sets and a model beyond the two above.
+WIDER = [
+    Setting("classification", "Synthetic 3-class MLP, converged (30 epochs)", "classification", 30, 0.05),
+    Setting(
+        "classification-early",
+        "Synthetic 3-class MLP, non-converged (2 epochs, 10% flipped labels)",
+        "classification",
+        2,
+        0.05,
+        0.1,
+    ),
+    Setting("cancer", "Breast-cancer MLP, converged (30 epochs)", "cancer", 30, 0.05),
+    Setting("cancer-early", "Breast-cancer MLP, non-converged (2 epochs)", "cancer", 2, 0.05),
+    Setting("regression", "Synthetic regression MLP, converged (40 epochs)", "regression", 40, 0.02),
+    Setting(
+        "regression-early",
+        "Synthetic regression MLP, non-converged (3 epochs, noisy targets σ=0.5)",
+        "regression",
+        3,
+        0.02,
+        target_noise=0.5,
+    ),
+    Setting("cnn", "Digits CNN, converged (10 epochs)", "digits", 10, 0.05, model="cnn"),
+    Setting(
+        "cnn-early", "Digits CNN, non-converged (2 epochs, 10% flipped labels)", "digits", 2, 0.05, 0.1, model="cnn"
+    ),
+]
+# Held out: settings added after the defaults and the assumption check's thresholds were chosen, to test them.
+HELD_OUT = [
+    Setting("digits-long", "Digits MLP, over-trained (30 epochs)", "digits", 30, 0.1),
+    Setting("diabetes", "Diabetes MLP, converged (30 epochs)", "diabetes", 30, 0.02),
+    Setting("diabetes-early", "Diabetes MLP, non-converged (2 epochs)", "diabetes", 2, 0.02),
+    Setting("wine", "Wine MLP, converged (30 epochs)", "wine", 30, 0.05),
+]
 
 
 @dataclass
@@ -185,6 +310,7 @@ def run_method(
     train: Any,
     mode: str = "attribute",
     extra: dict[str, Any] | None = None,
+    prepare: Callable[[Any, Any], Any] | None = None,
 ) -> MethodRun:
     """Run one method on a private copy of the trace; ``mode`` is "attribute" or "self"."""
     if display == RANDOM:
@@ -216,8 +342,8 @@ def run_method(
             **kwargs,
             **(extra or {}),
         )
-        if class_name in PREPARE:
-            PREPARE[class_name](method, train)
+        if prepare is not None:  # a label-free set-up (e.g. Forward-INF's tune), timed with the method
+            prepare(method, train)
         if mode == "self":
             scores, signal = self_or_validation_influence(method, queries, train)
         else:
@@ -555,8 +681,7 @@ def report(results: dict[str, Any], cfg: Config) -> str:
         f"{cfg.queries} test queries, 95% bootstrap CI over queries; training sets "
         f"{'truncated to ' + str(cfg.max_train) + ' examples' if cfg.max_train else 'complete'}; every model "
         f"trained with SGD (momentum 0.9, batch 64) and recorded with TDACallback (3 segments, true Fisher). "
-        f"Methods run with their default hyper-parameters on one CPU thread (Forward-INF after its label-free "
-        f"`tune()` of K and α); time = fit + tuning + attribution. "
+        f"Methods run with their default hyper-parameters on one CPU thread; time = fit + attribution. "
         f"Best LDS in bold; `random` = random scores (chance).",
         *cfg.notes,
     ]
@@ -631,7 +756,7 @@ def report(results: dict[str, Any], cfg: Config) -> str:
 
 
 # --- entry point --------------------------------------------------------------------------------
-EXPERIMENTS = (
+EVALUATION = (
     "concrete",
     "concrete-early",
     "digits",
@@ -641,6 +766,8 @@ EXPERIMENTS = (
     "leakage",
     "two-stage",
 )
+SETTINGS = {s.name: s for s in (CONCRETE, CONCRETE_EARLY, DIGITS, DIGITS_EARLY, *WIDER, *HELD_OUT)}
+EXPERIMENTS = (*EVALUATION, *(name for name in SETTINGS if name not in EVALUATION))
 
 
 def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
@@ -663,9 +790,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log plots and numbers to W&B")
     args = parser.parse_args(argv)
     quick = args.quick
-    default_experiments = (
-        ["concrete", "digits", "counterfactual", "mislabel", "leakage"] if quick else list(EXPERIMENTS)
-    )
+    default_experiments = ["concrete", "digits", "counterfactual", "mislabel", "leakage"] if quick else list(EVALUATION)
     cfg = Config(
         quick=quick,
         subsets=args.subsets or (6 if quick else 50),
@@ -691,7 +816,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results: dict[str, Any] = {"lds": {}}
-    settings = {"concrete": CONCRETE, "concrete-early": CONCRETE_EARLY, "digits": DIGITS, "digits-early": DIGITS_EARLY}
+    settings = SETTINGS
     digits_runs = None
     if cfg.ground_truth_only:
         for name in cfg.experiments:

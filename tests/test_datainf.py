@@ -61,20 +61,25 @@ def direct(lora_run):
     query_g = per_example_gradients(model, method.layers, lora_run["queries"])
     out = {"lambda": {}, "datainf": {}, "exact": {}, "lissa": {}, "hessian-free": {}}
     out |= {"self-exact": {}, "self-datainf": {}, "self-hessian-free": {}}
+    fit = {"r": 0.0, "energy": 0.0}  # Σ_l ⟨r_l, v_l⟩ and Σ_l ⟨r_l, (G_l + λ_l I) r_l⟩ of DataInf's r, per query
     for name, g in train_g.items():
         n, d = g.shape
         lam = 0.1 * sum(float(g[i] @ g[i]) for i in range(n)) / (n * d)
         out["lambda"][name] = lam
         paper = {}  # the paper's I (positive = harmful), one row per query
-        rows = []
+        rows, rs = [], []
         for v in query_g[name]:
             r = torch.zeros(d, dtype=torch.float64)
             for i in range(n):
                 c = float(v @ g[i]) / (lam + float(g[i] @ g[i]))
                 r += (v - c * g[i]) / (n * lam)
             rows.append(torch.stack([-(r @ g[k]) for k in range(n)]))
+            rs.append(r)
         paper["datainf"] = torch.stack(rows)
         damped = sum(torch.outer(g[i], g[i]) for i in range(n)) / n + lam * torch.eye(d, dtype=torch.float64)
+        rs = torch.stack(rs)
+        fit["r"] = fit["r"] + (rs * query_g[name]).sum(1)
+        fit["energy"] = fit["energy"] + (rs * (rs @ damped)).sum(1)
         paper["exact"] = -(query_g[name] @ torch.linalg.inv(damped) @ g.T)
         lissa_rows = []
         for v in query_g[name]:
@@ -94,6 +99,12 @@ def direct(lora_run):
             ]
         )
         out["self-hessian-free"][name] = (g * g).sum(1)
+    # The library's unit: every score / N (N = the 120 fine-tuning examples), and DataInf's rows times the
+    # scalar that brings its r closest to the exact inverse in the (G + λI)-norm.
+    out["datainf-rescale"] = fit["r"] / fit["energy"]
+    for key in ("datainf", "exact", "lissa", "hessian-free", "self-exact", "self-datainf", "self-hessian-free"):
+        factor = out["datainf-rescale"][:, None] if key == "datainf" else 1.0
+        out[key] = {name: value * factor / N_TRAIN for name, value in out[key].items()}
     return out
 
 
@@ -115,12 +126,34 @@ def test_vectorized_equals_loop_per_layer(lora_run, direct, cls):
 
 
 def test_mean_query_is_the_mean_row(lora_run):
-    """With the paper's mean validation gradient, the single row equals the mean of the per-query rows."""
+    """With the paper's mean validation gradient, the single row equals the mean of the per-query rows
+    (before each row's own rescaling, which the scores' config records)."""
     train, queries = lora_run["data"].finetune, lora_run["queries"]
-    rows = make(DataInf, lora_run).attribute(queries, train).values
+    per_query = make(DataInf, lora_run).attribute(queries, train)
+    rows = per_query.values / torch.tensor(per_query.config["curvature_rescale"])[:, None]
     mean = make(DataInf, lora_run, mean_query=True).attribute(queries, train)
     assert mean.values.shape == (1, N_TRAIN) and mean.query_ids.tolist() == [-1]
-    torch.testing.assert_close(mean.values[0], rows.mean(0), atol=1e-5, rtol=1e-4)
+    unscaled = mean.values[0] / mean.config["curvature_rescale"][0]
+    torch.testing.assert_close(unscaled, rows.mean(0), atol=1e-5 * float(rows.abs().max()), rtol=1e-4)
+
+
+def test_datainf_rescaled_to_the_exact_inverse_in_size_not_in_ranking(lora_run, direct):
+    """DataInf's swapped inverse overshoots the exact one; the per-query rescaling brings its scores to the
+    exact influence's order of magnitude (a change of the query loss) and reverses no ranking. Measured: the
+    largest score per query is 97–175x the exact one's before, 0.23–0.31x after (the projection onto a
+    direction that is only partly the exact one's undershoots by that cosine)."""
+    train, queries = lora_run["data"].finetune, lora_run["queries"]
+    scores = make(DataInf, lora_run).attribute(queries, train)
+    factors = torch.tensor(scores.config["curvature_rescale"], dtype=torch.float64)
+    torch.testing.assert_close(factors, direct["datainf-rescale"], rtol=1e-4, atol=0)
+    assert (factors > 0).all() and (factors < 1).all()  # it shrinks: the swapped inverse overshoots
+    exact = make(ExactInfluence, lora_run).attribute(queries, train)
+    assert exact.config.get("curvature_rescale") is None  # the exact inverse needs none
+    size = scores.values.abs().amax(1) / exact.values.abs().amax(1)
+    unscaled = size / factors.float()
+    assert (size.log().abs() < unscaled.log().abs()).all() and (size.log10().abs() < 1).all(), (size, unscaled)
+    raw = scores.values / factors[:, None].float()
+    assert torch.equal(scores.values.argsort(1), raw.argsort(1))
 
 
 @pytest.mark.parametrize("cls", [DataInf, ExactInfluence, HessianFree])

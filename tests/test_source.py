@@ -147,8 +147,10 @@ def relative_error(estimate, reference) -> float:
 
 
 def source_scores(trace, concrete, **kwargs):
+    """SOURCE's τ: the scores (the change of the query loss when an example is removed) times N, the
+    convention of the references here (the derivative by one example's weight)."""
     method = SOURCE(trace, LinearRegression(), RegressionTask(), **kwargs)
-    return method.attribute(concrete["queries"], concrete["train"]).values.double()
+    return method.attribute(concrete["queries"], concrete["train"]).values.double() * N_TRAIN
 
 
 # ------------------------------------------------------------------------------ exact unrolling
@@ -310,6 +312,7 @@ def test_one_segment_source_is_ekfac_influence_with_damping_one_over_eta_k(sgd_t
     damping = 1 / horizon
     model, task = LinearRegression(), RegressionTask()
     influence = EKFACInfluence(trace, model, task, damping=damping).attribute(concrete["queries"], concrete["train"])
+    influence.values *= N_TRAIN  # τ, as source_scores
     nodes, weights = np.polynomial.laguerre.laggauss(48)
     averaged = sum(w * source_scores(_set_horizon(path, x * horizon), concrete) for x, w in zip(nodes, weights))
     torch.testing.assert_close(averaged, influence.values.double(), rtol=2e-3, atol=1e-3 * influence.values.abs().max())
@@ -317,10 +320,10 @@ def test_one_segment_source_is_ekfac_influence_with_damping_one_over_eta_k(sgd_t
 
     long = source_scores(_set_horizon(path, 1e6), concrete)
     undamped = EKFACInfluence(trace, model, task, damping=1e-6).attribute(concrete["queries"], concrete["train"])
-    assert relative_error(long, undamped.values.double()) < 1e-4
+    assert relative_error(long, undamped.values.double() * N_TRAIN) < 1e-4
     short = source_scores(_set_horizon(path, 1e-7), concrete) / 1e-7
     dot = EKFACInfluence(trace, model, task, damping=1e7).attribute(concrete["queries"], concrete["train"])
-    assert relative_error(short, dot.values.double() * 1e7) < 1e-5
+    assert relative_error(short, dot.values.double() * N_TRAIN * 1e7) < 1e-5
 
 
 # ------------------------------------------------------------------------------ optimizers
@@ -424,7 +427,7 @@ def test_adam_source_tracks_retraining(tmp_path, concrete, optimizer, weight_dec
     source = SOURCE(trace, LinearRegression(optimizer), RegressionTask()).attribute(
         concrete["queries"], concrete["train"]
     )
-    estimate = source.values.double()[:, examples]
+    estimate = source.values.double()[:, examples] * N_TRAIN  # τ, as source_scores
     linearised, retrained = mean_pearson(estimate, scores[True]), mean_pearson(estimate, scores[False])
     error = relative_error(estimate, scores[True])
     print(f"{optimizer}: SOURCE vs linearised unrolling r={linearised:.4f} (rel.err {error:.3f}), ", end="")

@@ -55,7 +55,9 @@ def _stack(dataset):
 
 
 def direct_tracin(trace: Trace, train, queries, self_influence: bool = False) -> torch.Tensor:
-    """Σ_c Σ_params η_{c,group} ⟨∇f(q, θ_c), ∇ℓ(z, θ_c)⟩ with the learning rates read from the step log."""
+    """Σ_c Σ_params η_{c,group} ⟨∇f(q, θ_c), ∇ℓ(z, θ_c)⟩ · T/(C·N) with the learning rates read from the step
+    log: each of the C checkpoints stands for T/C of the T steps, in each of which an example weighs η/N on
+    average, so a score is a change of the query loss."""
     net = TwoGroupMLP(sizes=SIZES).net.double()
     x, y = _stack(train)
     xq, yq = _stack(queries)
@@ -79,7 +81,7 @@ def direct_tracin(trace: Trace, train, queries, self_influence: bool = False) ->
                 total += rate * (g[name].flatten(1) ** 2).sum(1)
             else:
                 total += rate * q[name].flatten(1) @ g[name].flatten(1).T
-    return total
+    return total * len(steps) / (len(trace.checkpoints) * 1438)  # N: the digits training set
 
 
 def test_tracin_equals_a_direct_loop_over_checkpoints(run):

@@ -5,6 +5,13 @@ architecture and a :class:`~lightning_tda.tasks.Task`; ``attribute(queries, trai
 :class:`~lightning_tda.scores.Scores` of shape ``(n_queries, n_train)``. Training data is streamed
 in batches; per-example gradients exist for one batch at a time only.
 
+Units: every method reports, per unit of score, the *predicted change of the query's measurement
+(the loss unless the task says otherwise, in its own units) when the training example is removed
+from training*: +0.01 means "without this example the query's loss would be about 0.01 higher".
+Influence functions carry their 1/N, gradient-step methods the learning rate each example received;
+each method's ``unit`` says how it gets there, and ``Scores.config`` records it (``unit``) so
+reports can show it. How close each comes to re-training is measured in BENCHMARKS.md.
+
 Distributed attribution: pass a launched ``lightning.fabric.Fabric`` as ``MethodOptions(fabric=...)`` and every
 process scores every ``world_size``-th training batch (:meth:`AttributionMethod.train_batches`);
 :meth:`AttributionMethod.sum_across_processes` then sums the partial score matrices (or any
@@ -18,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -62,6 +70,30 @@ class MethodOptions:
             self.layers = [self.layers]
 
 
+def _momentum_factors(trace: Trace, groups: int) -> np.ndarray:
+    """``(groups,)``: how far one unit of learning rate moves the parameters in steady state per
+    optimizer param group, ``(1 − dampening)/(1 − β)`` for SGD with momentum β, 1 otherwise (Adam's
+    preconditioner is not modelled)."""
+    factors = np.ones(groups)
+    kind = str(trace.optimizer.get("name", trace.optimizer_class.rsplit(".", 1)[-1]))
+    if kind == "SGD":
+        for index, group in enumerate(trace.optimizer.get("param_groups", [])[:groups]):
+            beta = float(group.get("momentum", 0.0) or 0.0)
+            if 0 < beta < 1:
+                factors[index] = (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - beta)
+    return factors
+
+
+def learning_rate_mass(trace: Trace) -> float:
+    """``Σ_t η_t`` over the recorded optimizer steps, with momentum's steady-state factor;
+    the largest over param groups. Divided by N, it is the learning rate each training example
+    received over training (it is in a batch of B with probability B/N and weighs 1/B there)."""
+    lrs = trace.steps().lr
+    if not len(lrs):
+        return 0.0
+    return float((lrs.sum(axis=0) * _momentum_factors(trace, lrs.shape[1])).max())
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -80,6 +112,8 @@ class AttributionMethod:
     """
 
     name = "base"
+    #: What one unit of score means; see the module docstring. Subclasses say how they get there.
+    unit = "predicted change of the query's measurement when the training example is removed"
 
     def __init__(self, trace: Trace, model: nn.Module, task: Task, *, options: MethodOptions | None = None) -> None:
         self.options = options = options if options is not None else MethodOptions()
@@ -106,8 +140,13 @@ class AttributionMethod:
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
-        """Hyper-parameters recorded with the scores."""
-        return {"layers": [la.name for la in self.layers], "batch_size": self.batch_size}
+        """Hyper-parameters recorded with the scores (and the unit of the scores)."""
+        return {"layers": [la.name for la in self.layers], "batch_size": self.batch_size, "unit": self.unit}
+
+    def training_set_size(self, n_train: int) -> int:
+        """N, the number of examples the model was trained on: the trace's record, else ``n_train``
+        (the size of the training set being scored)."""
+        return self.trace.dataset_size or n_train
 
     # --- shared helpers -------------------------------------------------------------------------
     def load_checkpoint(self, index: int) -> nn.Module:

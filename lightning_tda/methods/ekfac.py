@@ -3,7 +3,8 @@
 ``τ(z_q, z_m) = ⟨∇θ f(z_q, θ_T), (H + λI)⁻¹ ∇θ ℓ(z_m, θ_T)⟩`` (ALGORITHMS.md §2, last point), with
 ``H`` the block-diagonal (per-layer) EK-FAC approximation of the Gauss-Newton Hessian of the mean
 training loss. Removing ``z_m`` moves the parameters by ``+(1/N)(H + λI)⁻¹ g(z_m)``, which raises
-the query measurement by ``τ/N``: a positive score means the training example helped the query.
+the query measurement by ``τ/N``: the scores are ``τ/N`` (the library's unit: the predicted change
+of the query's measurement when the example is removed), and positive means it helped the query.
 
 Computed query-side: the (few) query gradients are preconditioned once, then training examples are
 streamed in batches and only dot products are kept, so per-example gradients of the training set
@@ -56,6 +57,7 @@ class EKFACInfluence(AttributionMethod):
     """
 
     name = "ekfac"
+    unit = "predicted change of the query's measurement when the training example is removed: τ/N"
 
     def __init__(
         self,
@@ -183,11 +185,12 @@ class EKFACInfluence(AttributionMethod):
         for ids, batch in self.train_batches(train, "influence"):
             grads = self.flatten(self.gradients(batch, "train")).double()
             values[:, ids.to(self.device)] = query_matrix @ grads.T
-        values = self.sum_across_processes(values)
+        values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, len(query_matrix), n_train)
 
     def self_influence(self, train: Data) -> Scores:
-        """``⟨g(z), (H + λI)⁻¹ g(z)⟩`` for every training example, shape ``(N,)``, without the N×N matrix."""
+        """``⟨g(z), (H + λI)⁻¹ g(z)⟩/N`` for every training example, shape ``(N,)``, without the N×N matrix:
+        the predicted rise of the example's own loss when it is removed."""
         self.fit(train)
         self.load_checkpoint(self.trace.final_checkpoint.index)
         n_train = len(self.loader(train, "train").dataset)
@@ -198,5 +201,5 @@ class EKFACInfluence(AttributionMethod):
             values[ids.to(self.device)] = sum(
                 (g.double() * preconditioned[name]).flatten(1).sum(1) for name, g in grads.items()
             )
-        values = self.sum_across_processes(values)
+        values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, None, n_train, kind="self")

@@ -37,10 +37,10 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Subset
 
 from lightning_tda.batches import Data, as_loader, batches_with_ids, move_to, progress_bar
-from lightning_tda.methods.base import AttributionMethod, MethodOptions
+from lightning_tda.methods.base import AttributionMethod, MethodOptions, learning_rate_mass
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace
+from lightning_tda.trace import Trace, TraceError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,28 @@ class TuneResult:
         return "\n".join(lines)
 
 
+@dataclass
+class _Ascent:
+    """K steps on each query of a batch: stacked ``(P, ...)`` parameters, snapshots after chosen step
+    counts, the α each query used ``(P,)``, its reach ``(P,)`` (the sum over steps of the step as a
+    multiple of the gradient, ``K·α`` for plain steps) and whether it stayed finite ``(P,)``."""
+
+    params: Params
+    snapshots: list[Params]
+    alphas: Tensor
+    reach: Tensor
+    healthy: Tensor
+
+    def merge(self, rows: Tensor, other: _Ascent) -> None:
+        """Replace ``rows`` with ``other`` (the same queries stepped again)."""
+        self.params = {n: p.index_copy(0, rows, other.params[n]) for n, p in self.params.items()}
+        self.snapshots = [
+            {n: s[n].index_copy(0, rows, o[n]) for n in s} for s, o in zip(self.snapshots, other.snapshots)
+        ]
+        for name in ("alphas", "reach", "healthy"):
+            setattr(self, name, getattr(self, name).index_copy(0, rows, getattr(other, name)))
+
+
 class ForwardINF(AttributionMethod):
     """Forward-INF attribution: K steps on the query from the final checkpoint, then forward passes.
 
@@ -101,20 +123,26 @@ class ForwardINF(AttributionMethod):
         model: an instance of the trained architecture (put in eval mode).
         task: per-example training losses (``task.train_loss``) and query measurements
             (``task.measurement``; the loss by default). The query objective is their mean.
-        steps: K, the number of gradient steps on the query (> 0).
-        lr: α, the step size (> 0). Default: the learning rate of the last recorded optimizer step
-            (the largest over parameter groups), i.e. how fast the model was still learning when
-            training stopped; if that is 0 (a schedule that decays to 0), the final segment's mean
-            learning rate. :meth:`tune` picks K and α without labels.
+        steps: K, the number of gradient steps on the query (> 0). Default 1.
+        lr: α, the step size (> 0). Default with ``normalize=True``: ``relative_step`` (0.1) times
+            the norm of the moving parameters θ̂, so the step moves the model by the same fraction of
+            itself on any architecture and any parameter scale. Default with ``normalize=False``: the
+            learning rate of the last recorded optimizer step (the largest over parameter groups);
+            if that is 0 (a schedule that decays to 0), the final segment's mean learning rate.
+            :meth:`tune` picks K and α from planted duplicates instead.
         direction: ``"ascent"`` (the paper's default: larger, better separated loss changes) or
             ``"descent"``; both give positive = helpful.
         modules: which parameters move: fnmatch patterns on module or parameter names (e.g.
             ``["net.4"]`` or ``["*.bias"]``). Default: the parameters of ``options.layers`` if given,
             otherwise every trainable parameter. The rest stay at θ̂.
-        normalize: step along the unit gradient (``θ ± α·g/‖g‖``, not in the paper) so every query
-            moves the same distance α per step. A well-fit query has a tiny loss gradient and
-            under the plain rule barely moves; normalized steps reach the nonlinear regime for all
-            queries alike and do not run away (see BENCHMARKS.md for the effect on leakage detection).
+        normalize: step along the unit gradient (``θ ± α·g/‖g‖``, not in the paper; the default) so
+            every query moves the same distance α per step. Under the paper's plain rule
+            (``normalize=False``) a well-fit query, whose loss gradient is tiny, barely moves, while a
+            poorly fit one runs away (ascent feeds on its own growing gradient).
+        backoff: when a query's steps diverge (its measurement turns NaN/inf or moves by more than
+            ``explosion`` × (1 + its value at θ̂)), step it again from θ̂ with α divided by
+            ``backoff_factor``, per query, until it does not; the α each query used is recorded in
+            the scores' config and a warning names how many were backed off. ``False`` raises instead.
         vectorize: evaluate the parameter sets of a query batch together with ``torch.func.vmap``.
             Models vmap cannot run (``.item()`` in ``forward``, in-place buffer updates) fall back
             to a loop over the parameter sets automatically, with a warning; ``False`` forces it.
@@ -127,9 +155,31 @@ class ForwardINF(AttributionMethod):
 
     Cost: ``K`` forward+backward passes per query, plus ``ceil(Q / query_batch_size) + 1``
     forward reads of the training set. Positive score = the training example helped the query.
+
+    Defaults (K = 1 normalized step of 0.1 ‖θ̂‖) were chosen by LDS across 12 settings (6 data sets
+    and models, each converged and not) among plain, normalized, parameter-relative and
+    loss-targeted step rules; the old default (K = 5 plain steps of the last learning rate) diverged
+    on 10 of the 12 and ranked lower on average (BENCHMARKS.md, "Defaults across settings").
+
+    Unit (:attr:`unit`): the predicted change of the query's measurement when the training example
+    is removed. A query's row of loss changes is divided by its reach ``Σ_j α_j`` (the steps as
+    multiples of the gradient: ``K·α`` for plain steps, ``Σ α/‖g_j‖`` for normalized ones), which to
+    first order leaves ``⟨∇ℓ(z), ∇f(z_q)⟩``, and multiplied by ``φ(σ_q)/N``: ``σ_q`` is the curvature
+    of the training loss along the query's gradient (Rayleigh quotient of the K-FAC factors the
+    callback recorded in the last segment) and ``φ(σ) = (1 − e^(−Λσ))/σ`` is SOURCE's response of a
+    training run of learning-rate mass Λ (:func:`~lightning_tda.methods.base.learning_rate_mass`):
+    ``1/σ``, an influence function, where training had time to settle along that direction, ``Λ``
+    (TracIn) where it did not. One positive factor per query (``config["unit_factor_per_query"]``),
+    so no ranking within a query changes. Measured against re-training (BENCHMARKS.md), this puts
+    Forward-INF on the scale of SOURCE and EK-FAC IF; ``Λ/N`` alone over-predicted by up to 260x.
     """
 
     name = "forward-inf"
+    unit = "predicted change of the query's measurement when the training example is removed: Δℓ·φ(σ_q)/(N·Σα)"
+    relative_step = 0.1  # default α with normalized steps, as a fraction of ‖θ̂‖
+    backoff_factor = 4.0  # a diverging query is re-run with α divided by this ...
+    max_backoffs = 12  # ... at most this many times (α down to 4^-12 ≈ 6e-8 of the first)
+    explosion = 1e4  # "exploded": the query measurement moved by more than this × (1 + |f(θ̂)|)
 
     def __init__(
         self,
@@ -137,11 +187,12 @@ class ForwardINF(AttributionMethod):
         model: nn.Module,
         task: Task,
         *,
-        steps: int = 5,
+        steps: int = 1,
         lr: float | None = None,
         direction: str = "ascent",
         modules: Sequence[str] | None = None,
-        normalize: bool = False,
+        normalize: bool = True,
+        backoff: bool = True,
         vectorize: bool = True,
         options: MethodOptions | None = None,
     ) -> None:
@@ -157,14 +208,18 @@ class ForwardINF(AttributionMethod):
         self.sign = 1.0 if direction == "ascent" else -1.0
         self.modules = list(modules) if modules is not None else None
         self.normalize = normalize
+        self.backoff = backoff
         self.vectorize = vectorize
+        self._current_ids: Tensor | None = None
+        self._factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self.checkpoint = trace.final_checkpoint.index
         self.load_checkpoint(self.checkpoint)
         self.steps = self._check_steps(steps)
-        self.lr = self._check_lr(self._default_lr() if lr is None else lr)
         self.moving_names = self._select_moving()
         named = dict(self.model.named_parameters())
         self.original: Params = {n: named[n].detach() for n in self.moving_names}
+        self.lr_rule = "given" if lr is not None else "relative" if normalize else "last learning rate"
+        self.lr = self._check_lr(self._default_lr() if lr is None else lr)
         self.fixed: Params = {n: p.detach() for n, p in named.items() if n not in self.original}
         self.fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
 
@@ -182,7 +237,13 @@ class ForwardINF(AttributionMethod):
         return float(lr)
 
     def _default_lr(self) -> float:
-        """The last recorded learning rate; the final segment's mean if the schedule ended at 0."""
+        """Normalized steps: ``relative_step · ‖θ̂‖`` of the moving parameters. Plain steps: the last
+        recorded learning rate; the final segment's mean if the schedule ended at 0."""
+        if self.normalize:
+            norm = float(torch.sqrt(sum(p.double().pow(2).sum() for p in self.original.values())))
+            if norm > 0:
+                return self.relative_step * norm
+            raise ValueError("The moving parameters are all zero, so α = 0.1·‖θ̂‖ is 0; pass lr= explicitly.")
         lrs = self.trace.steps().lr
         last = float(np.max(lrs[-1])) if len(lrs) else 0.0
         if last > 0:
@@ -225,6 +286,8 @@ class ForwardINF(AttributionMethod):
             "direction": self.direction,
             "modules": self.modules,
             "normalize": self.normalize,
+            "lr_rule": f"{self.relative_step}·‖θ̂‖" if self.lr_rule == "relative" else self.lr_rule,
+            "backoff": self.backoff,
             "moving_parameters": len(self.moving_names),
             "checkpoint": self.checkpoint,
             "query_batch_size": self.query_batch_size,
@@ -259,69 +322,142 @@ class ForwardINF(AttributionMethod):
         ]
         return tree_map(lambda *xs: torch.stack(xs), outputs[0], *outputs[1:])
 
-    def _step(self, params: Params, batch: Any, query_ids: Tensor) -> Params:
-        """One step of every query's own parameter set on its own example."""
+    def _step(self, params: Params, batch: Any, alphas: Tensor) -> tuple[Params, Tensor, Tensor, Tensor]:
+        """One step of every query's own parameter set on its own example.
+
+        Returns the updated ``(P, ...)`` parameters, the query measurements ``(P,)`` before the step,
+        ``(P,)`` whether the step stayed finite and the effective plain step size ``(P,)`` (see
+        :meth:`_update`)."""
 
         def objective(p: Params, example: Any) -> Tensor:
             return self._query_sum(p, _one_example(example))[0]
 
         grads, values = self._map(grad_and_value(objective), (0, 0), params, batch)
-        self._check_finite(values, query_ids, "query loss")
-        return self._update(params, grads, query_ids)
+        updated, effective = self._update(params, grads, alphas)
+        return updated, values.detach(), torch.isfinite(values) & _row_finite(updated), effective
 
-    def _update(self, params: Params, grads: Params, query_ids: Tensor | None) -> Params:
-        """``θ ± α·g`` (or ``± α·g/‖g‖`` with ``normalize``) for stacked ``(P, ...)`` parameter sets."""
-        step = self.sign * self.lr
-        if self.normalize:
-            norms = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-            scale = step / norms.clamp_min(torch.finfo(norms.dtype).tiny)
-            updated = {n: params[n] + scale.reshape(-1, *[1] * (grads[n].dim() - 1)) * grads[n] for n in params}
-        else:
-            updated = {n: params[n] + step * grads[n] for n in params}
-        self._check_finite(_row_finite(updated), query_ids, "updated parameters")
-        return updated
+    def _update(self, params: Params, grads: Params, alphas: Tensor) -> tuple[Params, Tensor]:
+        """``θ ± α·g`` (or ``± α·g/‖g‖`` with ``normalize``) for stacked ``(P, ...)`` parameter sets,
+        each with its own step size ``alphas (P,)``. Also returns the step as a multiple of the
+        gradient, ``(P,)`` float64: ``α``, or ``α/‖g‖`` with ``normalize``."""
+        effective = alphas.double()
+        if self.normalize:  # the norm in float64: a well-fit query's ‖g‖² underflows float32
+            norms = sum(g.reshape(g.shape[0], -1).double().pow(2).sum(1) for g in grads.values()).sqrt()
+            effective = effective / norms.clamp_min(torch.finfo(torch.float64).tiny)
+        step = self.sign * effective
+        updated = {n: params[n] + step.reshape(-1, *[1] * (grads[n].dim() - 1)).to(grads[n]) * grads[n] for n in params}
+        return updated, effective
 
-    def _check_finite(self, values: Tensor, query_ids: Tensor | None, what: str) -> None:
-        """Raise naming the queries (``None``: the joint query set) whose ``values`` rows are not finite."""
-        bad = ~torch.isfinite(values) if values.dtype != torch.bool else ~values
-        if bad.any():
-            if query_ids is None:
-                who = "the joint query set"
-            else:
-                ids = query_ids[bad.reshape(values.shape[0], -1).any(dim=1).cpu()].tolist()
-                who = f"query id(s) {ids[:10]}{' ...' if len(ids) > 10 else ''}"
-            raise FloatingPointError(
-                f"Forward-INF: the {what} became NaN/inf while stepping on {who} "
-                f"(K={self.steps}, α={self.lr:g}, {self.direction}). "
-                f"Use a smaller lr or fewer steps (ForwardINF.tune picks them), or check those queries."
-            )
+    def _query_values(self, params: Params, batch: Any) -> Tensor:
+        """``(P,)`` each query's measurement under its own parameter set (no gradient)."""
+        with torch.no_grad():
+            return self._map(lambda p, ex: self._query_sum(p, _one_example(ex))[0], (0, 0), params, batch)
 
-    def _ascend(self, batch: Any, query_ids: Tensor, keep: Sequence[int] = ()) -> tuple[Params, list[Params]]:
-        """K steps from θ̂ for each query of the batch separately.
+    def _diverged(self, start: Tensor, values: Tensor) -> Tensor:
+        """``(P,)`` whether each query's measurement left the finite numbers or exploded: moved by more
+        than ``explosion`` times ``1 + |f(θ̂)|``."""
+        return ~torch.isfinite(values) | ((values - start).abs() > self.explosion * (1.0 + start.abs()))
 
-        Returns the stacked ``(P, ...)`` parameters after K steps and snapshots after each step
-        count listed in ``keep``.
-        """
-        size = len(query_ids)
+    def _trajectory(self, batch: Any, alphas: Tensor, keep: Sequence[int]) -> _Ascent:
+        """K steps from θ̂ for each query of the batch with its own ``alphas (P,)``; ``healthy`` says
+        whether each trajectory stayed finite and did not explode."""
+        size = len(alphas)
         params = {n: p.expand(size, *p.shape).clone() for n, p in self.original.items()}
-        snapshots = []
+        snapshots, start = [], None
+        healthy = torch.ones(size, dtype=torch.bool, device=alphas.device)
+        reach = torch.zeros(size, dtype=torch.float64, device=alphas.device)
         for step in range(1, self.steps + 1):
-            params = self._step(params, batch, query_ids)
+            params, values, finite, effective = self._step(params, batch, alphas)
+            if start is None:
+                start = values
+                self._check_start(start)
+            healthy &= finite & ~self._diverged(start, values)
+            reach += effective
             if step in keep:
                 snapshots.append(params)
-        return params, snapshots
+        healthy &= ~self._diverged(start, self._query_values(params, batch))
+        return _Ascent(params, snapshots, alphas, reach, healthy)
 
-    def _joint_gradient(self, params: Params, queries: Data) -> Params:
-        """∇ of the mean measurement over the whole query set, streamed over query batches."""
+    def _check_start(self, values: Tensor, query_ids: Tensor | None = None) -> None:
+        """Stop when a query's measurement is NaN/inf at θ̂ already: no step size can fix that."""
+        bad = ~torch.isfinite(values.reshape(-1))
+        if bad.any():
+            ids = self._current_ids if query_ids is None else query_ids
+            who = "the joint query set" if ids is None else f"query id(s) {ids[bad.cpu()].tolist()[:10]}"
+            raise FloatingPointError(
+                f"Forward-INF: the query loss is NaN/inf at the trained parameters θ̂ for {who}; no step size can "
+                f"fix that. Check those queries (their inputs, targets, and the task's measurement)."
+            )
+
+    def _ascend(self, batch: Any, query_ids: Tensor, keep: Sequence[int] = (), alphas: Tensor | None = None) -> _Ascent:
+        """K steps from θ̂ for each query of the batch separately, backing off where they diverge.
+
+        A query whose trajectory turns NaN/inf or explodes (see :meth:`_diverged`) is stepped again
+        from θ̂ with its α divided by ``backoff_factor``, up to ``max_backoffs`` times; with
+        ``backoff=False`` it raises instead. ``alphas`` (default ``lr`` for all) are the first tried.
+        """
+        device = next(iter(self.original.values())).device
+        if alphas is None:
+            alphas = torch.full((len(query_ids),), self.lr, dtype=torch.float64, device=device)
+        self._current_ids = query_ids
+        ascent = self._trajectory(batch, alphas.clone(), keep)
+        for _ in range(self.max_backoffs if self.backoff else 0):
+            if ascent.healthy.all():
+                break
+            redo = torch.nonzero(~ascent.healthy).reshape(-1)
+            ascent.merge(redo, self._trajectory(_rows(batch, redo), ascent.alphas[redo] / self.backoff_factor, keep))
+        if not ascent.healthy.all():
+            ids = query_ids[~ascent.healthy.cpu()].tolist()
+            raise FloatingPointError(
+                f"Forward-INF: the query loss became NaN/inf or exploded while stepping on query id(s) "
+                f"{ids[:10]}{' ...' if len(ids) > 10 else ''} (K={self.steps}, α={self.lr:g}, {self.direction}"
+                f"{', backoff off' if not self.backoff else f', still after {self.max_backoffs} back-offs'}). "
+                f"Use a smaller lr or fewer steps (ForwardINF.tune picks them), or check those queries."
+            )
+        return ascent
+
+    def _joint_gradient(self, params: Params, queries: Data) -> tuple[Params, Tensor, Tensor]:
+        """∇ of the mean measurement over the whole query set, streamed over query batches; also the
+        query ids ``(Q,)`` and their measurements ``(Q,)``."""
         total = {n: torch.zeros_like(p) for n, p in params.items()}
-        count = 0
+        all_ids, all_values = [], []
         for ids, batch in self.batches(queries, "query", "Forward-INF joint query gradient"):
             grads, values = torch.func.grad(lambda p, b=batch: self._query_sum(p, b), has_aux=True)(params)
-            self._check_finite(values, ids, "query loss")
             for n in total:
                 total[n] += grads[n]
-            count += len(ids)
-        return {n: g / count for n, g in total.items()}
+            all_ids.append(ids)
+            all_values.append(values.reshape(-1))
+        ids, values = torch.cat(all_ids), torch.cat(all_values)
+        return {n: g / len(ids) for n, g in total.items()}, ids, values
+
+    def _joint_ascend(self, queries: Data) -> _Ascent:
+        """K steps on the mean query measurement from θ̂ (one ``(1, ...)`` parameter set), backing off
+        like :meth:`_ascend`."""
+        device = next(iter(self.original.values())).device
+        alpha = torch.full((1,), self.lr, dtype=torch.float64, device=device)
+        for _ in range(1 + (self.max_backoffs if self.backoff else 0)):
+            params, start, healthy = _stack1(self.original), None, True
+            reach = torch.zeros(1, dtype=torch.float64, device=device)
+            for _ in range(self.steps):
+                grads, ids, values = self._joint_gradient({n: p[0] for n, p in params.items()}, queries)
+                if start is None:
+                    self._check_start(values, ids)
+                    start = values.mean().reshape(1)
+                params, effective = self._update(params, _stack1(grads), alpha)
+                reach += effective
+                healthy &= bool(_row_finite(params).all()) and not self._diverged(start, values.mean().reshape(1)).any()
+            if healthy:
+                _, _, values = self._joint_gradient({n: p[0] for n, p in params.items()}, queries)
+                healthy = not self._diverged(start, values.mean().reshape(1)).any()
+            if healthy:
+                return _Ascent(params, [], alpha, reach, torch.ones(1, dtype=torch.bool))
+            alpha = alpha / self.backoff_factor
+        raise FloatingPointError(
+            f"Forward-INF: the mean query loss became NaN/inf or exploded while stepping on the joint query set "
+            f"(K={self.steps}, α={self.lr:g}, {self.direction}"
+            f"{', backoff off' if not self.backoff else f', still after {self.max_backoffs} back-offs'}). "
+            f"Use a smaller lr or fewer steps, or check the queries."
+        )
 
     # --- training-set passes --------------------------------------------------------------------
     def _base_losses(self, train: Data) -> Tensor:
@@ -333,20 +469,133 @@ class ForwardINF(AttributionMethod):
                 losses[ids.to(self.device)] = self._train_losses(self.original, batch).to(losses.dtype)
         return self.sum_across_processes(losses)
 
-    def _updated_losses(
-        self, stacked: Params, train: Data, base: Tensor, query_ids: Tensor | None, out: Tensor
-    ) -> None:
-        """Write ``ℓ(z_i, θ_q) − ℓ(z_i, θ̂)`` (sign-adjusted) into ``out (P, N)`` for this process's share."""
+    def _updated_losses(self, stacked: Params, train: Data, base: Tensor) -> Tensor:
+        """``(P, N)``: ``ℓ(z_i, θ_q) − ℓ(z_i, θ̂)`` (sign-adjusted) for every parameter set and training
+        example, summed over the processes (each reads its share of the training set)."""
+        rows = next(iter(stacked.values())).shape[0]
+        out = torch.zeros(rows, len(base), device=self.device)
         with torch.no_grad():
             for ids, batch in self.train_batches(train, "Forward-INF forward passes"):
                 losses = self._map(self._train_losses, (0, None), stacked, batch)  # (P, B)
-                self._check_finite(losses, query_ids, "training losses under the updated parameters")
                 ids = ids.to(self.device)
                 out[:, ids] = self.sign * (losses.to(out.dtype) - base[ids])
+        return self.sum_across_processes(out)
+
+    def _own_losses(self, stacked: Params, batch: Any) -> Tensor:
+        """``(P,)``: each example's loss change under the parameters stepped on itself (self-influence)."""
+        with torch.no_grad():
+            after = self._map(lambda p, ex: self._train_losses(p, _one_example(ex))[0], (0, 0), stacked, batch)
+            before = self._train_losses(self.original, batch)
+        return self.sign * (after - before).to(torch.float32)
+
+    def _scored(
+        self, batch: Any, query_ids: Tensor, evaluate: Callable[[Params, Any], Tensor]
+    ) -> tuple[Tensor, _Ascent]:
+        """``evaluate(stacked parameters, batch)`` for the queries of ``batch`` after their K steps,
+        backing off α (see :meth:`_ascend`) for queries whose rows come out NaN/inf.
+
+        Returns the ``(P, ...)`` values and the :class:`_Ascent` (α and reach of each query)."""
+        ascent = self._ascend(batch, query_ids)
+        values = evaluate(ascent.params, batch)
+        for _ in range(self.max_backoffs if self.backoff else 0):
+            bad = ~torch.isfinite(values.reshape(len(query_ids), -1)).all(dim=1)
+            if not bad.any():
+                break
+            redo = torch.nonzero(bad).reshape(-1)
+            sub = _rows(batch, redo)
+            again = self._ascend(sub, query_ids[redo.cpu()], alphas=ascent.alphas[redo] / self.backoff_factor)
+            values[redo] = evaluate(again.params, sub)
+            ascent.merge(redo, again)
+        bad = ~torch.isfinite(values.reshape(len(query_ids), -1)).all(dim=1)
+        if bad.any():
+            ids = query_ids[bad.cpu()].tolist()
+            raise FloatingPointError(
+                f"Forward-INF: the training losses under the updated parameters became NaN/inf for query id(s) "
+                f"{ids[:10]} (K={self.steps}, α={self.lr:g}, {self.direction}). Use a smaller lr or fewer steps, "
+                f"or check those queries."
+            )
+        return values, ascent
+
+    def _curvature_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """K-FAC factors ``{layer: (A, S)}`` of the final checkpoint's segment for the tracked layers whose
+        parameters all move (read once); layers without statistics are left out."""
+        if self._factors is None:
+            segment = self.trace.final_checkpoint.segment
+            moving = set(self.moving_names)
+            self._factors = {}
+            for layer in self.layers:
+                if not set(layer.parameter_names()) <= moving:
+                    continue
+                try:
+                    a, s = self.trace.covariances(segment, layer.name)
+                except TraceError:
+                    continue
+                if a.shape == (layer.a_dim, layer.a_dim) and s.shape == (layer.out_features, layer.out_features):
+                    self._factors[layer.name] = (a.to(self.device), s.to(self.device))
+        return self._factors
+
+    def _curvature_along(self, batch: Any, mean: bool = False) -> Tensor:
+        """``(P,)`` float64 Rayleigh quotient ``σ_q = g_qᵀ F g_q / ‖g_q‖²`` of the recorded K-FAC curvature
+        ``F`` (final segment) along each query's gradient at θ̂ (``mean=True``: one value for the batch's
+        mean gradient); NaN when no moving layer has recorded factors."""
+        factors = self._curvature_factors()
+        rows = self.task.batch_size(batch) if not mean else 1
+        if not factors:
+            return torch.full((rows,), float("nan"), dtype=torch.float64)
+        grads = {name: g.double() for name, g in self.gradients(batch, "query").items() if name in factors}
+        if mean:
+            grads = {name: g.mean(0, keepdim=True) for name, g in grads.items()}
+        quadratic = sum(torch.einsum("qoa,op,qpb,ab->q", g, factors[n][1], g, factors[n][0]) for n, g in grads.items())
+        return (quadratic / sum(g.pow(2).sum((1, 2)) for g in grads.values())).cpu()
+
+    def _unit_factors(self, reach: Tensor, curvature: Tensor, n_train: int) -> Tensor:
+        """``(P,)`` float64: ``φ(σ_q) / (N · reach)`` with ``φ(σ) = (1 − exp(−Λσ))/σ`` (Λ the learning-rate
+        mass of training; ``φ = Λ`` where σ is unknown), the factor that turns a row of raw loss changes
+        into the library's unit (:attr:`unit`); 0 where a query did not move (zero gradient)."""
+        mass = learning_rate_mass(self.trace)
+        sigma = curvature.double().cpu()
+        known = torch.isfinite(sigma) & (sigma > 0)
+        response = torch.where(
+            known, -torch.expm1(-mass * sigma.clamp_min(1e-300)) / sigma, torch.full_like(sigma, mass)
+        )
+        factors = response / (self.training_set_size(n_train) * reach.double().cpu())
+        return torch.where(torch.isfinite(factors), factors, torch.zeros_like(factors))
+
+    def _finish(
+        self,
+        values: Tensor,
+        ids: Tensor,
+        alphas: Tensor,
+        reach: Tensor,
+        curvature: Tensor,
+        n_train: int,
+        kind: str,
+        what: str,
+    ) -> Scores:
+        """Scores in the library's unit from raw loss changes ``values`` (``(P, N)``, or ``(N,)`` for
+        self-influence). The config records the α each query used and, per query, the factor applied to
+        its row. Warns once when any query (``what``: e.g. "queries") was backed off."""
+        alphas = alphas.cpu()
+        factors = self._unit_factors(reach, curvature, n_train).to(values.device)
+        scaled = values.double() * (factors[:, None] if values.dim() == 2 else factors)
+        result = self.scores(scaled, len(values) if kind == "pairwise" else None, n_train, kind=kind)
+        backed = torch.nonzero(alphas < self.lr * (1 - 1e-9)).reshape(-1)
+        result.config["backed_off"] = {int(ids[i]): float(alphas[i]) for i in backed}
+        if kind == "pairwise":
+            result.config["lr_per_query"] = [float(a) for a in alphas]
+            result.config["unit_factor_per_query"] = [float(f) for f in factors]
+        if len(backed):
+            warnings.warn(
+                f"Forward-INF: the steps on {len(backed)} of {len(ids)} {what} diverged (NaN/inf or exploding query "
+                f"loss) at α={self.lr:g}; they were re-run with α divided by {self.backoff_factor:g} until they did "
+                f"not (smallest α used: {float(alphas.min()):.3g}). The α of each is in scores.config['backed_off'].",
+                stacklevel=3,
+            )
+        return result
 
     # --- public API -----------------------------------------------------------------------------
     def attribute(self, queries: Data, train: Data, joint: bool = False) -> Scores:
-        """Forward-INF scores.
+        """Forward-INF scores in the library's unit (:attr:`unit`).
 
         Args:
             queries: query examples (dataset, tensors or non-shuffling DataLoader).
@@ -356,38 +605,62 @@ class ForwardINF(AttributionMethod):
 
         Returns:
             :class:`Scores` ``(Q, N)`` float32, or ``(1, N)`` with ``joint=True``; positive = helpful.
+            ``config["lr_per_query"]`` holds the α each query used (smaller than ``lr`` where its
+            steps diverged and were backed off, listed in ``config["backed_off"]``).
         """
         n_queries = len(self.loader(queries, "query").dataset)
         n_train = len(self.loader(train, "train").dataset)
         base = self._base_losses(train)
         if joint:
-            params = _stack1(self.original)
-            for _ in range(self.steps):
-                grads = self._joint_gradient({n: p[0] for n, p in params.items()}, queries)
-                params = self._update(params, _stack1(grads), None)
-            values = torch.zeros(1, n_train, device=self.device)
-            self._updated_losses(params, train, base, None, values)
-            result = self.scores(self.sum_across_processes(values), 1, n_train)
-            result.config["joint"] = True
-            result.config["n_joint_queries"] = n_queries
+            ascent = self._joint_ascend(queries)
+            values = self._updated_losses(ascent.params, train, base)
+            if not torch.isfinite(values).all():
+                raise FloatingPointError(
+                    f"Forward-INF: the training losses under the updated parameters became NaN/inf for the joint "
+                    f"query set (K={self.steps}, α={float(ascent.alphas):g}). Use a smaller lr or fewer steps."
+                )
+            curvature = self._joint_curvature(queries)
+            ids = torch.tensor([-1])
+            result = self._finish(
+                values, ids, ascent.alphas, ascent.reach, curvature, n_train, "pairwise", "query sets"
+            )
+            result.config.update(joint=True, n_joint_queries=n_queries)
             return result
         values = torch.zeros(n_queries, n_train, device=self.device)
+        alphas, reach, curvature = (torch.zeros(n_queries, dtype=torch.float64) for _ in range(3))
         for query_ids, batch in self.batches(queries, "query", "Forward-INF queries"):
-            stacked, _ = self._ascend(batch, query_ids)
-            block = torch.zeros(len(query_ids), n_train, device=self.device)
-            self._updated_losses(stacked, train, base, query_ids, block)
+            block, ascent = self._scored(batch, query_ids, lambda p, _: self._updated_losses(p, train, base))
             values[query_ids.to(self.device)] = block
-        return self.scores(self.sum_across_processes(values), n_queries, n_train)
+            alphas[query_ids], reach[query_ids] = ascent.alphas.cpu(), ascent.reach.cpu()
+            curvature[query_ids] = self._curvature_along(batch)
+        ids = torch.arange(n_queries)
+        return self._finish(values, ids, alphas, reach, curvature, n_train, "pairwise", "queries")
+
+    def _joint_curvature(self, queries: Data) -> Tensor:
+        """``(1,)``: :meth:`_curvature_along` the mean gradient of the whole query set."""
+        factors = self._curvature_factors()
+        if not factors:
+            return torch.full((1,), float("nan"), dtype=torch.float64)
+        total: dict[str, Tensor] = {}
+        for _, batch in self.batches(queries, "query", "Forward-INF joint curvature"):
+            for name, g in self.gradients(batch, "query").items():
+                if name in factors:
+                    total[name] = total.get(name, 0) + g.double().sum(0, keepdim=True)
+        quadratic = sum(torch.einsum("qoa,op,qpb,ab->q", g, factors[n][1], g, factors[n][0]) for n, g in total.items())
+        return (quadratic / sum(g.pow(2).sum((1, 2)) for g in total.values())).cpu()
 
     def self_influence(self, train: Data) -> Scores:
-        """Each training example as its own query: ``ℓ(z, θ_K(z)) − ℓ(z, θ̂)`` with θ_K(z) stepped on z.
+        """Each training example as its own query: ``ℓ(z, θ_K(z)) − ℓ(z, θ̂)`` with θ_K(z) stepped on z,
+        in the library's unit (the predicted rise of the example's own loss when it is removed).
 
         Large values flag examples the rest of the data does not support (e.g. mislabeled ones).
-        Returns :class:`Scores` of kind ``"self"``, shape ``(N,)``.
+        Returns :class:`Scores` of kind ``"self"``, shape ``(N,)``; ``config["backed_off"]`` maps the
+        examples whose steps diverged to the α they used.
         """
         loader = as_loader(train, self.query_batch_size, "train")
         n_train = len(loader.dataset)
         values = torch.zeros(n_train, device=self.device)
+        alphas, reach, curvature = (torch.zeros(n_train, dtype=torch.float64) for _ in range(3))
         world = self.fabric.world_size if self.fabric is not None else 1
         rank = self.fabric.global_rank if self.fabric is not None else 0
         batches = progress_bar(batches_with_ids(loader, self.task), self.progress, "Forward-INF self", len(loader))
@@ -395,13 +668,16 @@ class ForwardINF(AttributionMethod):
             if position % world != rank:
                 continue
             batch = move_to(batch, self.device)
-            stacked, _ = self._ascend(batch, ids)
-            with torch.no_grad():
-                after = self._map(lambda p, ex: self._train_losses(p, _one_example(ex))[0], (0, 0), stacked, batch)
-                before = self._train_losses(self.original, batch)
-            self._check_finite(after, ids, "training losses under the updated parameters")
-            values[ids.to(self.device)] = self.sign * (after - before).to(values.dtype)
-        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
+            own, ascent = self._scored(batch, ids, self._own_losses)
+            values[ids.to(self.device)] = own.to(values.dtype)
+            alphas[ids], reach[ids] = ascent.alphas.cpu(), ascent.reach.cpu()
+            curvature[ids] = self._curvature_along(batch)
+        # Each process filled its share of the examples and left zeros elsewhere.
+        values, alphas, reach, curvature = (
+            self.sum_across_processes(t.to(self.device)) for t in (values, alphas, reach, curvature)
+        )
+        ids = torch.arange(n_train)
+        return self._finish(values, ids, alphas, reach, curvature, n_train, "self", "training examples")
 
     def tune(
         self,
@@ -442,7 +718,8 @@ class ForwardINF(AttributionMethod):
         per_batch = max(1, self.query_batch_size // len(candidates_k))
         queries = DataLoader(Subset(dataset, planted.tolist()), batch_size=per_batch, collate_fn=loader.collate_fn)
         base = self._base_losses(train)
-        saved = (self.steps, self.lr)
+        saved = (self.steps, self.lr, self.backoff)
+        self.backoff = False  # a candidate is judged as given: one that diverges is out, not backed off
         top1: dict[tuple[int, float], float] = {}
         top5: dict[tuple[int, float], float] = {}
         diverged: list[tuple[int, float]] = []
@@ -461,7 +738,7 @@ class ForwardINF(AttributionMethod):
                     top1[(k, alpha)] = float((ranks[i] == 1).float().mean())
                     top5[(k, alpha)] = float((ranks[i] <= 5).float().mean())
         finally:
-            self.steps, self.lr = saved
+            self.steps, self.lr, self.backoff = saved
         if not top1:
             raise FloatingPointError(
                 f"tune: every candidate diverged (NaN/inf) for steps={candidates_k}, lrs={candidates_a}; "
@@ -481,11 +758,11 @@ class ForwardINF(AttributionMethod):
         for local, batch in batches_with_ids(queries, self.task):
             batch = move_to(batch, self.device)
             own = planted[local]
-            _, snapshots = self._ascend(batch, own, keep=ks)
+            snapshots = self._ascend(batch, own, keep=ks).snapshots
             stacked = {n: torch.cat([s[n] for s in snapshots]) for n in self.original}
-            block = torch.zeros(len(ks) * len(own), n_train, device=self.device)
-            self._updated_losses(stacked, train, base, own.repeat(len(ks)), block)
-            block = self.sum_across_processes(block).cpu().reshape(len(ks), len(own), n_train)
+            block = self._updated_losses(stacked, train, base).cpu().reshape(len(ks), len(own), n_train)
+            if not torch.isfinite(block).all():
+                raise FloatingPointError("Forward-INF tune: training losses became NaN/inf")
             own_scores = block[:, torch.arange(len(own)), own]
             ranks[:, local] = (block >= own_scores[..., None]).sum(dim=2)  # ties count against the copy
         return ranks
@@ -495,6 +772,11 @@ def _leaves(tree: Any) -> Iterator[Tensor]:
     from torch.utils._pytree import tree_leaves
 
     return (leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor))
+
+
+def _rows(batch: Any, rows: Tensor) -> Any:
+    """The examples ``rows`` of a batch (every tensor leaf indexed along its first dimension)."""
+    return tree_map(lambda t: t[rows.to(t.device)] if isinstance(t, Tensor) else t, batch)
 
 
 def _stack1(tree: Any) -> Any:

@@ -17,6 +17,8 @@ only dot products are accumulated, so no per-example training gradients outlive 
 Optimizers: SGD (effective rate η(1 − dampening)/(1 − β) with momentum β, Nesterov alike), Adam and
 AdamW through the recorded diagonal preconditioner P̄ = 1/(√v̂ + eps) (``docs/source.md``).
 Weight decay enters the exponentials as the curvature it adds. Sign: positive = helped the query.
+Unit: the scores are ``τ/N`` (the unrolled derivative's 1/N, ALGORITHMS.md eq. 22), the predicted
+change of the query's measurement when the example is removed.
 """
 
 from __future__ import annotations
@@ -230,6 +232,7 @@ class SOURCE(AttributionMethod):
     """
 
     name = "source"
+    unit = "predicted change of the query's measurement when the training example is removed: τ/N"
 
     def __init__(
         self,
@@ -442,10 +445,11 @@ class SOURCE(AttributionMethod):
                 for ids, batch in self.train_batches(train, f"SOURCE segment {s}"):
                     grads = self.flatten(self.gradients(batch, "train")).double()
                     values[:, ids.to(self.device)] += weight * (vectors[s] @ grads.T)
-        return self.scores(self.sum_across_processes(values), n_queries, n_train)
+        values = self.sum_across_processes(values) / self.training_set_size(n_train)
+        return self.scores(values, n_queries, n_train)
 
     def self_influence(self, train: Data) -> Scores:
-        """``τ(z, z)`` for every training example, shape ``(N,)``, without forming the ``N × N`` matrix.
+        """``τ(z, z)/N`` for every training example, shape ``(N,)``, without forming the ``N × N`` matrix.
 
         The query measurement is the example's own training loss at the final parameters. The
         segments' model states are held in memory (one copy per checkpoint) and swapped per batch.
@@ -466,7 +470,8 @@ class SOURCE(AttributionMethod):
                     grads = self.flatten(self.gradients(batch, "train")).double()
                     total += weight * (u * grads).sum(dim=1)
             values[ids.to(self.device)] = total
-        return self.scores(self.sum_across_processes(values), None, n_train, kind="self")
+        values = self.sum_across_processes(values) / self.training_set_size(n_train)
+        return self.scores(values, None, n_train, kind="self")
 
 
 __all__ = ["SOURCE", "SUPPORTED_OPTIMIZERS", "LayerDynamics", "SegmentOperators", "layer_dynamics", "optimizer_kind"]

@@ -3,8 +3,16 @@
 ``τ(z_q, z_m) = Σ_c Σ_l η_{c,l} ⟨∇θ_l f(z_q, θ_c), ∇θ_l ℓ(z_m, θ_c)⟩`` over the trace's checkpoints
 ``c`` (ALGORITHMS.md §5), where ``η_{c,l}`` is the learning rate of layer ``l``'s optimizer param
 group at the step that produced checkpoint ``c`` (from the trace's step log). A gradient step on
-``z_m`` lowers the query measurement by about ``η ⟨∇f, g⟩``, so positive = helpful. Momentum and
-Adam preconditioning are not modelled (as in the paper); use SOURCE for that.
+``z_m`` lowers the query measurement by about ``η ⟨∇f, g⟩``, so positive = helpful.
+
+Unit: the predicted change of the query's measurement when ``z_m`` is removed. Over T optimizer
+steps an example is in a batch of B with probability B/N and weighs 1/B there, so each step
+contributes ``η_t/N ⟨∇f, g⟩`` on average; each of the C checkpoints stands for T/C steps. The scores
+are therefore ``τ · T/(C·N)``; the paper leaves this constant out, and it changes no ranking. The
+decay of an example's effect over later steps, momentum and Adam's preconditioning are not
+modelled (as in the paper; SOURCE models all three), and TracIn over-predicts: against re-training
+its scores came out 1–30x too large (BENCHMARKS.md), and 10x more with momentum's steady-state factor
+``1/(1 − β)``, which is why that factor is left out.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class TracInCP(AttributionMethod):
     """
 
     name = "tracin"
+    unit = "predicted change of the query's measurement when the training example is removed: τ·T/(C·N)"
 
     def __init__(
         self,
@@ -80,6 +89,10 @@ class TracInCP(AttributionMethod):
     def config(self) -> dict[str, Any]:
         return super().config() | {"checkpoints": self.checkpoints}
 
+    def _per_example_steps(self, n_train: int) -> float:
+        """``T/(C·N)``: the optimizer steps each checkpoint stands for, per training example."""
+        return len(self.trace.steps()) / (len(self.checkpoints) * self.training_set_size(n_train))
+
     def _scaled_flat(self, grads: dict[str, Tensor], checkpoint: int) -> Tensor:
         rates = self.learning_rates[checkpoint]
         return torch.cat([rates[name] * g.double().flatten(1) for name, g in grads.items()], dim=1)
@@ -101,11 +114,11 @@ class TracInCP(AttributionMethod):
             for ids, batch in self.train_batches(train, f"TracIn @ checkpoint {checkpoint}"):
                 grads = self.flatten(self.gradients(batch, "train")).double()
                 values[:, ids.to(self.device)] += query_matrix @ grads.T
-        values = self.sum_across_processes(values)
+        values = self.sum_across_processes(values) * self._per_example_steps(n_train)
         return self.scores(values, len(values), n_train)
 
     def self_influence(self, train: Data) -> Scores:
-        """``Σ_c η_c ‖g(z, θ_c)‖²`` for every training example, shape ``(N,)``."""
+        """``Σ_c η_c ‖g(z, θ_c)‖² · T/(C·N)`` for every training example, shape ``(N,)``."""
         n_train = len(self.loader(train, "train").dataset)
         values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for checkpoint in self.checkpoints:
@@ -113,5 +126,5 @@ class TracInCP(AttributionMethod):
             for ids, batch in self.train_batches(train, f"TracIn self-influence @ checkpoint {checkpoint}"):
                 grads = self.gradients(batch, "train")
                 values[ids.to(self.device)] += (self._scaled_flat(grads, checkpoint) * self.flatten(grads)).sum(1)
-        values = self.sum_across_processes(values)
+        values = self.sum_across_processes(values) * self._per_example_steps(n_train)
         return self.scores(values, None, n_train, kind="self")
