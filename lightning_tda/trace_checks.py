@@ -162,12 +162,7 @@ class TraceReader:
         return self.node(where) is not None
 
     def group(self, where: str) -> h5py.Group:
-        item = self.node(where)
-        if item is None:
-            raise self.error(where, "is missing")
-        if not isinstance(item, h5py.Group):
-            raise self.error(where, "is a dataset where a group was expected")
-        return item
+        return self._object(where, h5py.Group)
 
     def members(self, where: str) -> list[str]:
         """Names of the members of group ``where``."""
@@ -176,11 +171,8 @@ class TraceReader:
             return self._names(group, where)
 
     def dataset(self, where: str) -> h5py.Dataset:
-        item = self.node(where)
-        if item is None:
-            raise self.error(where, "is missing")
-        if not isinstance(item, h5py.Dataset):
-            raise self.error(where, "is a group where a dataset was expected")
+        """Dataset ``where``, refused if its data would come from outside the file or through a plugin."""
+        item = self._object(where, h5py.Dataset)
         with self.part(where):
             plist = item.id.get_create_plist()
             if plist.get_layout() == h5py.h5d.VIRTUAL:
@@ -329,10 +321,14 @@ class TraceReader:
                 return None
         return self._attribute(item, where, name)
 
-    def _object(self, where: str) -> h5py.Group | h5py.Dataset:
+    def _object(self, where: str, kind: type | None = None) -> Any:
+        """The object at ``where``, which must exist (and be a ``kind``: group or dataset, if given)."""
         item = self.node(where)
         if item is None:
             raise self.error(where, "is missing")
+        if kind is not None and not isinstance(item, kind):
+            expected, found = ("group", "dataset") if kind is h5py.Group else ("dataset", "group")
+            raise self.error(where, f"is a {found} where a {expected} was expected")
         return item
 
     def _attribute(self, item: h5py.HLObject, where: str, name: str) -> Any:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from hostile_traces import attribute, record_base_trace
 from test_trace_errors import fit
 
 import lightning_tda.trace
@@ -153,3 +154,20 @@ def test_a_crashed_writer_leaves_no_stale_lock(tmp_path):
     assert [s.index for s in Trace.open(path).segments] == [0]
     fit(path, if_exists="overwrite")
     assert Trace.open(path).num_steps == 4
+
+
+def test_a_cache_write_that_fails_is_warned_about_and_attribution_goes_on(tmp_path, monkeypatch):
+    """Found by the fuzzer: HDF5 raised RuntimeError closing a damaged trace after a cache was written into it."""
+    path = record_base_trace(tmp_path / "trace.h5")
+    expected = attribute(Trace.open(path), cache="none").values
+
+    def cannot_finish(file: h5py.File) -> None:
+        raise RuntimeError("Can't decrement id ref count (simulated)")
+
+    monkeypatch.setattr(lightning_tda.trace, "release_reserve", cannot_finish)
+    with h5py.File(path, "a") as f:
+        del f["cache"]  # so that attributing writes the cache again
+    with pytest.warns(UserWarning, match=r"could not be cached \(Writing into .* failed \(Can't decrement"):
+        scores = attribute(Trace.open(path), cache="trace")
+    torch.testing.assert_close(scores.values, expected)
+    assert Trace.open(path).num_steps == 8 and not lock_path(path).exists()
