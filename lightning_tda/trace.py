@@ -169,15 +169,20 @@ def reserve_space(file: h5py.File, extra: int = 0) -> None:
 
     HDF5 assigns an object's space when it creates it and writes the bytes then or at the next flush.
     A write that fails halfway (a full disk) leaves a superblock pointing past the end of the file,
-    which then no longer opens, and can leave the library unable even to close the file (both
-    measured: ``truncated file: eof < stored_eof``; a segmentation fault in ``H5Fclose``). With the
-    space taken first, a full disk fails here, before this write touches the file. Each write
-    reserves an estimate of what it adds (data, plus ``OBJECT_OVERHEAD`` per object and ``WRITE_MARGIN``).
+    which then no longer opens (measured: ``truncated file: eof < stored_eof``). With the space taken
+    first, a full disk fails here, before this write touches the file. Each write reserves an estimate
+    of what it adds (data, plus ``OBJECT_OVERHEAD`` per object and ``WRITE_MARGIN``); only the blocks
+    past the file's current end are allocated (everything before it was reserved or written already),
+    which keeps this cheap even where the C library emulates ``posix_fallocate`` block by block.
     """
     if not hasattr(os, "posix_fallocate"):
         return
+    descriptor = file.id.get_vfd_handle()
+    end, target = os.fstat(descriptor).st_size, file.id.get_filesize() + extra + WRITE_MARGIN
+    if target <= end:
+        return
     try:
-        os.posix_fallocate(file.id.get_vfd_handle(), 0, file.id.get_filesize() + extra + WRITE_MARGIN)
+        os.posix_fallocate(descriptor, end, target - end)
     except OSError as err:
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
             raise
