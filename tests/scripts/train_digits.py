@@ -2,7 +2,7 @@
 
 Usage: python train_digits.py TRACE_PATH [--devices N] [--batch-size B] [--kill-at-step K]
                                            [--pause-at-step K --pause-file F] [--file-size-limit BYTES]
-                                           [--print-sizes] [--if-exists MODE]
+                                           [--print-sizes]
 
 ``--kill-at-step`` sends SIGKILL to this process after that optimizer step, the way an
 out-of-memory killer or a pre-empted node ends a run: no Python cleanup runs.
@@ -76,15 +76,12 @@ def main() -> None:
     parser.add_argument("--pause-file", type=Path, default=None)
     parser.add_argument("--file-size-limit", type=int, default=None)
     parser.add_argument("--print-sizes", action="store_true")
-    parser.add_argument("--if-exists", default="error")
     args = parser.parse_args()
     if args.file_size_limit is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, resource.RLIM_INFINITY))
     L.seed_everything(0, verbose=False)
-    tda = TDACallback(
-        args.trace, task=ClassificationTask(), fisher="empirical", every_n_steps=1, if_exists=args.if_exists
-    )
+    tda = TDACallback(args.trace, task=ClassificationTask(), fisher="empirical", every_n_steps=1)
     callbacks = [tda]
     if args.print_sizes:
         callbacks.append(PrintSizes(args.trace))
