@@ -378,7 +378,7 @@ def main(argv: list[str]) -> None:
 
     Exercises ``CASE_DIR/case_<i>.h5`` for ``i = FIRST, FIRST + 1, ...`` as the parent writes them (it
     writes ``CASE_DIR/all-written`` after the last), printing ``START i`` before and ``DONE i <outcomes as
-    JSON>`` after each case; every 4th case is also attributed. Address space is capped at ``MEMORY_MB``
+    JSON>`` after each case; every 5th case is also attributed. Address space is capped at ``MEMORY_MB``
     (an allocation sized by a number in the file becomes a MemoryError) and each case gets ``SECONDS``
     (SIGALRM ends a hang, and the process with it).
     """
@@ -399,7 +399,7 @@ def main(argv: list[str]) -> None:
             time.sleep(0.01)
         print(f"START {index}", flush=True)
         signal.alarm(seconds)
-        outcomes = exercise(case, with_attribution=index % 4 == 0)
+        outcomes = exercise(case, with_attribution=index % 5 == 0)
         signal.alarm(0)
         print(f"DONE {index} {json.dumps(outcomes)}", flush=True)
         index += 1
