@@ -357,19 +357,30 @@ H5_MUTATIONS = (rewrite_attribute, rewrite_json, delete_object, resize_dataset, 
 
 
 def mutate(base: Path, out: Path, seed: int, outside: Path) -> str:
-    """Write a mutated copy of ``base`` to ``out``; returns what was done."""
+    """Write a mutated copy of ``base`` to ``out``; returns what was done.
+
+    A mutation h5py cannot carry out on what earlier ones left (an object already deleted, a cycle) is
+    skipped; whatever it changed before failing stays, which is one more way for a file to be broken.
+    """
     rng = random.Random(seed)
     out.write_bytes(base.read_bytes())
     done = []
+
+    def attempt(mutation: Callable[..., str], *args: Any) -> None:
+        try:
+            done.append(mutation(*args))
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError, IndexError) as err:
+            done.append(f"{mutation.__name__} skipped ({type(err).__name__})")
+
     if rng.random() < 0.7:
         with h5py.File(out, "a") as f:
             for _ in range(rng.randint(1, 3)):
                 if rng.random() < 0.1:
-                    done.append(link_outside(f, rng, outside))
+                    attempt(link_outside, f, rng, outside)
                 else:
-                    done.append(rng.choice(H5_MUTATIONS)(f, rng))
+                    attempt(rng.choice(H5_MUTATIONS), f, rng)
     if not done or rng.random() < 0.25:
-        done.append(flip_bytes(out, rng))
+        attempt(flip_bytes, out, rng)
     return "; ".join(done)
 
 
@@ -393,9 +404,12 @@ def main(argv: list[str]) -> None:
     index = first
     while True:
         case = directory / f"case_{index:04d}.h5"
+        waited = time.monotonic()
         while not case.exists():
             if (directory / "all-written").exists() and not case.exists():
                 return
+            if time.monotonic() - waited > 120:
+                raise SystemExit(f"no case {index} after 120 s: the parent is gone")
             time.sleep(0.01)
         print(f"START {index}", flush=True)
         signal.alarm(seconds)

@@ -64,23 +64,26 @@ def test_mutated_traces_work_or_raise_documented_errors(tmp_path):
 
     deadline = time.monotonic() + BUDGET_SECONDS
     child, log = _start(cases, 0)
-    described = {}
-    for index in range(CASES):
-        staging = cases / f"staging_{index}.h5"
-        described[index] = mutate(base, staging, SEED * 100_000 + index, outside)
-        staging.rename(cases / f"case_{index:04d}.h5")
-    (cases / "all-written").touch()
-
-    outcomes, crashes = {}, {}
-    while True:
-        child.wait(timeout=max(1.0, deadline - time.monotonic()))
-        done, unfinished = _read_log(log)
-        outcomes.update(done)
-        if child.returncode == 0:
-            break
-        assert unfinished is not None, f"the fuzz child failed outside a case:\n{log.read_text()[-3000:]}"
-        crashes[unfinished] = f"child died with status {child.returncode} (signal if negative)"
-        child, log = _start(cases, unfinished + 1)
+    described, outcomes, crashes = {}, {}, {}
+    try:
+        for index in range(CASES):
+            staging = cases / f"staging_{index}.h5"
+            described[index] = mutate(base, staging, SEED * 100_000 + index, outside)
+            staging.rename(cases / f"case_{index:04d}.h5")
+        (cases / "all-written").touch()
+        while True:
+            child.wait(timeout=max(1.0, deadline - time.monotonic()))
+            done, unfinished = _read_log(log)
+            outcomes.update(done)
+            if child.returncode == 0:
+                break
+            assert unfinished is not None, f"the fuzz child failed outside a case:\n{log.read_text()[-3000:]}"
+            crashes[unfinished] = f"child died with status {child.returncode} (signal if negative)"
+            child, log = _start(cases, unfinished + 1)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
     failures = [
         f"case {index} ({described[index]}): {operation}: {outcome}"
