@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +32,16 @@ except ImportError:  # Windows
 def lock_path(trace: str | os.PathLike) -> Path:
     trace = Path(trace)
     return trace.with_name(trace.name + ".lock")
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open ``path`` without blocking (a FIFO in its place would block ``open``) and only if it is a
+    regular file; raises ``OSError`` otherwise."""
+    fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file; remove it (it is where the trace's lock file goes)")
+    return fd
 
 
 def _holder_text(fd: int) -> str:
@@ -61,7 +72,10 @@ class TraceLock:
             return
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
+            except OSError as err:
+                raise TraceError(f"Cannot take the writer lock of the trace {self.trace}: {err}.") from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -112,7 +126,7 @@ def writer_of(trace: str | os.PathLike) -> str | None:
     if fcntl is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_regular(path, os.O_RDONLY)
     except OSError:
         return None
     try:

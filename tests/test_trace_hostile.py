@@ -8,6 +8,7 @@ before anything is allocated. Cases the fuzzer found are marked "found by the fu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -412,3 +413,17 @@ def test_inspect_names_the_problem_in_one_line(hostile, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lightning-tda: error: ") and len(err.splitlines()) == 1
     assert "segments/0001: covers steps 4-8, expected it to start right after step 4" in err
+
+
+def test_a_fifo_where_the_trace_or_its_lock_file_goes_does_not_block(base, tmp_path):
+    """Opening a FIFO blocks until someone writes to it: neither the trace nor its lock file is opened as one."""
+    fifo = tmp_path / "fifo.h5"
+    os.mkfifo(fifo)
+    with pytest.raises(TraceError, match="is not an HDF5 file"):
+        Trace.open(fifo)
+    trace = tmp_path / "trace.h5"
+    shutil.copy(base, trace)
+    os.mkfifo(tmp_path / "trace.h5.lock")
+    assert Trace.open(trace).num_steps == 8  # no writer can hold a lock there
+    with pytest.raises(TraceError, match=r"Cannot take the writer lock .* is not a regular file"):
+        Scores.load(base, "source").save(trace)
