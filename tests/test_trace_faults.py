@@ -87,8 +87,10 @@ def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_mid_run_keeps_a_trace_that_opens_with_the_closed_segments(tmp_path):
-    """A real write failure: the process may not grow any file past a limit (EFBIG, as ENOSPC on a full disk)."""
+    """A real write failure: the process may not grow any file past a limit (EFBIG, as ENOSPC on a full disk).
+    Two training processes (about 20 s): slow; the simulated ENOSPC above takes the same path in-process."""
     reference = run_script(str(tmp_path / "reference.h5"), "--print-sizes", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
     size = {
