@@ -4,6 +4,8 @@
 * :func:`subset_removal`: remove each query's top-k helpful examples, re-train, count flips.
 * :func:`mislabel_detection`: AUC and found-vs-inspected curve for planted label flips.
 * :func:`leakage_detection`: top-k rate of planted test duplicates.
+* :func:`unrolled_scores` / :class:`UnrolledTraining`: the exact unrolled derivative of a traced run
+  (a float64 replay differentiated through every optimizer step), the reference for small models.
 * ``plot_*`` PNGs and :func:`log_to_wandb`.
 
 Re-training uses your own ``train_fn(subset_indices, seed) -> model``; :class:`LightningTrainFn`
@@ -32,6 +34,7 @@ from lightning_tda.evaluation.detection import (
 from lightning_tda.evaluation.lds import GroundTruth, LDSResult, bootstrap_mean, draw_subsets, lds, lds_ground_truth
 from lightning_tda.evaluation.plots import log_to_wandb, plot_counterfactual, plot_lds, plot_leakage, plot_mislabel
 from lightning_tda.evaluation.retrain import LightningTrainFn, Outcome, RetrainRunner, measure
+from lightning_tda.evaluation.unrolled import ReplayCheck, UnrolledTraining, replay_batches, unrolled_scores
 
 __all__ = [
     "CounterfactualResult",
@@ -41,7 +44,9 @@ __all__ = [
     "LightningTrainFn",
     "MislabelResult",
     "Outcome",
+    "ReplayCheck",
     "RetrainRunner",
+    "UnrolledTraining",
     "bootstrap_mean",
     "draw_subsets",
     "lds",
@@ -55,5 +60,7 @@ __all__ = [
     "plot_leakage",
     "plot_mislabel",
     "subset_removal",
+    "replay_batches",
     "suspicion_scores",
+    "unrolled_scores",
 ]

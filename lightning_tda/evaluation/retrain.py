@@ -106,21 +106,26 @@ class LightningTrainFn:
 
         from lightning_tda.demo import headless_trainer
 
-        indices = np.asarray(subset_indices, dtype=np.int64)
         with quiet_lightning():
             L.seed_everything(int(seed), verbose=False)
             model = self.module_factory()
-            loader = DataLoader(
-                Subset(self.train_set, indices.tolist()),
-                batch_size=self.batch_size,
-                shuffle=True,
-                generator=torch.Generator().manual_seed(int(seed)),
-            )
+            loader = self.loader(subset_indices, seed)
             options = dict(max_epochs=self.max_epochs, num_sanity_val_steps=0, limit_val_batches=0)
             options.update(self.trainer_kwargs)
             trainer = headless_trainer(callbacks=list(callbacks), **options)
             trainer.fit(model, train_dataloaders=loader)
         return model.eval()
+
+    def loader(self, subset_indices: Sequence[int] | np.ndarray, seed: int) -> DataLoader:
+        """The training DataLoader of :meth:`fit` (shuffled by a generator seeded with ``seed``); a fresh
+        one replays the fit's batch order (:func:`~lightning_tda.evaluation.replay_batches`)."""
+        indices = np.asarray(subset_indices, dtype=np.int64)
+        return DataLoader(
+            Subset(self.train_set, indices.tolist()),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(int(seed)),
+        )
 
     def __call__(self, subset_indices: np.ndarray, seed: int) -> nn.Module:
         return self.fit(subset_indices, seed)
