@@ -5,9 +5,9 @@ During ``fit`` the callback
 * logs every optimizer step (learning rate of each param group, batch size, loss, epoch),
 * splits training into segments (SOURCE's stationary pieces) by a :mod:`~lightning_tda.segments`
   policy and saves ``checkpoints_per_segment`` model states in each (the last at its end),
-* streams per-layer K-FAC covariances of each segment in float64 on every ``every_n_steps``-th
-  step (true Fisher from targets sampled from the model, or the empirical Fisher of the
-  training gradients), and for Adam-family optimizers the segment mean of the second moments,
+* streams per-layer K-FAC covariances of each segment in float64 on statistics steps (true
+  Fisher from targets sampled from the model, or the empirical Fisher of the training gradients),
+  and for Adam-family optimizers the segment mean of the second moments,
 
 * on the first ``loss_check_steps`` optimizer steps, checks that the Task's loss is the loss
   ``training_step`` optimises (:mod:`~lightning_tda.loss_check`: one replayed forward per batch, no
@@ -17,20 +17,33 @@ all into one HDF5 trace (:mod:`lightning_tda.trace`). Only global rank 0 writes;
 summed across ranks first. The callback's own state is saved in Lightning checkpoints, so
 ``trainer.fit(..., ckpt_path=...)`` continues the same trace.
 
-Overhead: taking statistics costs about one forward pass of each tracked layer (plus a forward
-and backward pass with the true Fisher) on the steps where they are taken. ``every_n_steps="auto"``
-takes them on every k-th step with k = min(k_max, steps of the shortest planned segment // 8),
-k_max = 10 for the empirical and 20 for the true Fisher (whose extra forward and backward cost about
-one training step), so the overhead stays under about 10% while every segment still gets at least 8
-statistics steps when it has that many; see ``BENCHMARKS.md`` for the measured cost. The EK-FAC
-eigenvalue correction of the attribution methods re-estimates the eigenvalues from the training set,
-and the streamed eigenbasis was measured no better with statistics on every step than on every 7th
-(BENCHMARKS.md, EK-FAC section), so sampling steps costs attribution little.
+Overhead: a statistics step costs the outer products of every tracked layer's rows (for a 3×3
+convolution with C input channels the input factor is 9·C wide, several times the layer's own
+forward pass) plus, with the true Fisher, one more forward and backward pass. How much that is
+relative to a training step depends on the model, so ``every_n_steps="auto"`` measures it
+(:class:`~lightning_tda.cadence.BudgetCadence`): statistics steps are spaced so that their extra
+time, plus the checkpoints and segment writes, stays within ``overhead_budget`` of the training
+time, and every planned segment still gets ``min_statistics_steps`` of them (the minimum wins when
+both cannot hold). The chosen steps therefore depend on the machine's speed; pass an integer
+``every_n_steps`` for a trace that is reproducible step for step. The EK-FAC eigenvalue correction
+of the attribution methods re-estimates the eigenvalues from the training set, and the streamed
+eigenbasis was measured no better with statistics on every step than on every 7th (BENCHMARKS.md,
+EK-FAC section), so sampling steps costs attribution little.
+
+Everything runs on the model's device: sums, the NaN/Inf check and the loss column stay there and
+move to the CPU only when a segment or the step log is written. Under mixed precision (bf16/fp16
+autocast) the statistics are still float64 sums (products in at least float32).
+
+Trace size: factors are stored as ``factor_dtype`` (float32 by default; accumulated in float64), and
+a factor much larger than its layer (``max_factor_ratio``, e.g. a LoRA adapter's ``d × d`` output
+factor) is not recorded at all; which factors a layer has is recorded in the trace, and a method
+that needs a missing one says so.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -43,15 +56,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_tda.cadence import BudgetCadence, FixedCadence
 from lightning_tda.capture import SUPPORTED_LAYERS, UNTRACKED_NOTE, LayerCapture, TrackedLayer, find_layers
 from lightning_tda.loss_check import TrainingLossCheck
 from lightning_tda.segments import SegmentPolicy, as_policy, checkpoint_steps
-from lightning_tda.statistics import KFACStatistics
+from lightning_tda.statistics import FACTOR_DTYPE_CHOICES, KFACStatistics, recorded_factors
 from lightning_tda.tasks import Task
 from lightning_tda.trace import TraceWriteError, TraceWriter
 
-MIN_STATS_STEPS_PER_SEGMENT = 8
-AUTO_MAX_EVERY = {"empirical": 10, "true": 20}
 _IF_EXISTS = {"error": "create", "overwrite": "overwrite", "append": "append"}
 
 
@@ -68,7 +80,19 @@ class TDACallback(L.Callback):
         checkpoints_per_segment: model states saved per segment, evenly spaced, the last at its end.
         fisher: ``"true"`` (targets sampled from the model; one extra forward and backward on
             statistics steps) or ``"empirical"`` (the training gradients; no extra pass).
-        every_n_steps: take K-FAC statistics on every n-th optimizer step, or ``"auto"``.
+        every_n_steps: take K-FAC statistics on every n-th optimizer step, or ``"auto"``: spaced by
+            measured cost within ``overhead_budget`` (see the module docstring).
+        overhead_budget: with ``every_n_steps="auto"``, the extra time statistics, checkpoints and
+            segment writes may add, as a fraction of the training time.
+        min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets
+            even when they cost more than the budget.
+        factor_dtype: precision of each step's K-FAC products and of the sums stored in the trace (they are
+            accumulated in float64 either way): ``"float32"``, ``"float64"``, or ``"auto"``: float32 for
+            factors at least 256 wide (a convolution's or a transformer's), where it halves the trace and
+            the products' time, float64 for narrower ones.
+        max_factor_ratio: a K-FAC factor with more than this many times as many entries as its layer has
+            parameters (and more than 2^18 entries) is not recorded, e.g. a LoRA adapter's ``d × d`` output
+            factor; DataInf and recomputing methods do not need it. ``None`` records every factor.
         layers: which layers to track: ``None`` (all supported layers with trainable parameters),
             ``"lora"`` (peft LoRA adapters) or fnmatch patterns on module names.
         exclude: fnmatch patterns of modules not to track.
@@ -104,6 +128,10 @@ class TDACallback(L.Callback):
         seed: int = 0,
         exact_fisher_outputs: int = 1,
         loss_check_steps: int = 4,
+        overhead_budget: float = 0.05,
+        min_statistics_steps: int = 4,
+        factor_dtype: str = "auto",
+        max_factor_ratio: float | None = 16.0,
     ) -> None:
         if fisher not in ("true", "empirical"):
             raise ValueError(f"TDACallback(fisher={fisher!r}): use 'true' or 'empirical'.")
@@ -117,6 +145,16 @@ class TDACallback(L.Callback):
             )
         if not isinstance(loss_check_steps, int) or loss_check_steps < 0:
             raise ValueError(f"TDACallback(loss_check_steps={loss_check_steps!r}): use a non-negative integer.")
+        if factor_dtype not in FACTOR_DTYPE_CHOICES:
+            raise ValueError(
+                f"TDACallback(factor_dtype={factor_dtype!r}): use 'auto' (float32 from 256 wide), 'float32' or "
+                f"'float64'."
+            )
+        if max_factor_ratio is not None and not max_factor_ratio > 0:
+            raise ValueError(
+                f"TDACallback(max_factor_ratio={max_factor_ratio!r}): use a positive ratio, or None to record "
+                f"every factor."
+            )
         if if_exists not in _IF_EXISTS:
             raise ValueError(f"TDACallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'append'.")
         self.path = str(path)
@@ -133,13 +171,19 @@ class TDACallback(L.Callback):
         self.seed = seed
         self.exact_fisher_outputs = exact_fisher_outputs
         self.loss_check_steps = loss_check_steps
+        self.factor_dtype = factor_dtype
+        self.max_factor_ratio = max_factor_ratio
+        self.cadence = (
+            BudgetCadence(overhead_budget, min_statistics_steps)
+            if every_n_steps == "auto"
+            else FixedCadence(int(every_n_steps))
+        )
 
         self.layers: list[TrackedLayer] = []
         self.stats: KFACStatistics | None = None
         self.writer: TraceWriter | None = None
         self.run_id: str | None = None
         self.step = 0  # optimizer steps recorded in this trace
-        self.every_n_steps = 1
         self.boundaries: list[int] = []
         self.checkpoint_plan: list[int] = []
         self.num_segments_closed = 0
@@ -151,6 +195,9 @@ class TDACallback(L.Callback):
         self._warned: set[str] = set()
         self._stopped = False  # a write failed (disk full): recording stopped, training goes on
         self._capture: LayerCapture | None = None
+        self._model_hook: Any = None
+        self._model_calls: list[tuple[tuple, Any]] = []
+        self._fisher_done = False
         self._generator: torch.Generator | None = None
         self._trainer_for_state: L.Trainer | None = None
         self._loss_check: TrainingLossCheck | None = None
@@ -189,7 +236,7 @@ class TDACallback(L.Callback):
                 + ". The other use of the weight is left out of attribution's gradients (as kronfluence does); "
                 "exclude the tracked layer (exclude=[...]) to track the other one instead.",
             )
-        self.stats = KFACStatistics(self.layers)
+        self.recorded = {layer.name: recorded_factors(layer, self.max_factor_ratio) for layer in self.layers}
         self._param_slots = {
             id(getattr(layer.module, part)): (layer, part)
             for layer in self.layers
@@ -200,6 +247,11 @@ class TDACallback(L.Callback):
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"TDACallback records exactly one optimizer; this run has {len(trainer.optimizers)}.")
         optimizer = trainer.optimizers[0]
+        started = time.perf_counter()
+        self._device = pl_module.device
+        self.stats = KFACStatistics(
+            self.layers, device=pl_module.device, recorded=self.recorded, factor_dtype=self.factor_dtype
+        )
         self._generator = torch.Generator(device=pl_module.device)
         self._generator.manual_seed(self.seed + trainer.global_rank)
         restored, self._restored = self._restored, None
@@ -223,14 +275,24 @@ class TDACallback(L.Callback):
                     layers=self.layers,
                     num_param_groups=len(optimizer.param_groups),
                     layer_groups=self._layer_groups(optimizer),
+                    recorded=self.recorded,
                 )
                 self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
                 self.writer.flush()
+        self.cadence.spend(time.perf_counter() - started)
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
-        if self.fisher == "empirical":
-            self._capture = LayerCapture(
-                self.layers, enabled=lambda: self._capturing, on_gradient=self._on_gradient_rows, keep_outputs=False
-            ).__enter__()
+        # statistics steps capture the training forward itself: input rows are reduced to their products at
+        # once; with the true Fisher the layer outputs and the model's output are kept for one more backward
+        # through the training graph (on_before_backward), so no second forward pass is needed
+        self._capture = LayerCapture(
+            self.layers,
+            enabled=lambda: self._capturing,
+            on_gradient=self._on_gradient_rows if self.fisher == "empirical" else None,
+            keep_outputs=self.fisher == "true",
+            on_inputs=self._on_layer_inputs,
+        ).__enter__()
+        if self.fisher == "true":
+            self._model_hook = pl_module.register_forward_hook(self._keep_model_output)
 
     def _layer_groups(self, optimizer: Any) -> dict[str, int]:
         """Index of the optimizer param group holding each tracked layer's weight."""
@@ -277,12 +339,6 @@ class TDACallback(L.Callback):
         batches = trainer.num_training_batches
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
         self.boundaries = self.policy.plan(self.step, total, steps_per_epoch)
-        if self.every_n_steps_arg == "auto":
-            starts = [self.step, *self.boundaries[:-1]]
-            shortest = min(end - start for start, end in zip(starts, self.boundaries))
-            self.every_n_steps = max(1, min(AUTO_MAX_EVERY[self.fisher], shortest // MIN_STATS_STEPS_PER_SEGMENT))
-        else:
-            self.every_n_steps = int(self.every_n_steps_arg)
 
     def _meta(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         size = self.dataset_size
@@ -295,10 +351,12 @@ class TDACallback(L.Callback):
             "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "task_class": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
             "fisher": self.fisher,
-            "every_n_steps": self.every_n_steps,
+            **self.cadence.describe(),
             "world_size": trainer.world_size,
             "dataset_size": size,
             "checkpoint_dtype": self.checkpoint_dtype,
+            "factor_dtype": self.factor_dtype,
+            "max_factor_ratio": -1.0 if self.max_factor_ratio is None else float(self.max_factor_ratio),
             "sequence_mode": "expand",
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "precision": str(trainer.precision),
@@ -310,13 +368,15 @@ class TDACallback(L.Callback):
             "policy": {k: v for k, v in vars(self.policy).items() if isinstance(v, (int, float, str, list))},
             "checkpoints_per_segment": self.checkpoints_per_segment,
             "fisher": self.fisher,
-            "every_n_steps": self.every_n_steps_arg,
             "layers": self.layer_patterns,
             "exclude": self.exclude,
             "checkpoint_dtype": self.checkpoint_dtype,
             "seed": self.seed,
             "exact_fisher_outputs": self.exact_fisher_outputs,
             "loss_check_steps": self.loss_check_steps,
+            **self.cadence.describe(),
+            "factor_dtype": self.factor_dtype,
+            "max_factor_ratio": self.max_factor_ratio,
         }
 
     # ------------------------------------------------------------------------------- per batch
@@ -325,26 +385,34 @@ class TDACallback(L.Callback):
         self._stats_step = False
         self._stepped = False
         self._lrs: list[float] = []
-        self._loss_sum = 0.0
+        self._loss_sum: Tensor | None = None
         self._examples = 0
+        self._step_started: float | None = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._step_started is None:  # the first micro-batch of an optimizer step
+            self._step_started = time.perf_counter()
+            self._stats_step = self.cadence.is_statistics_step(self.step)
         self._batch = batch
-        self._stats_step = not self._stopped and self.step % self.every_n_steps == 0
-        self._capturing = self._stats_step and self.fisher == "empirical"
-        self._examples += self.task.batch_size(batch)
-        self._grad_scale = self._per_example_scale(trainer)
+        self._batch_size = self.task.batch_size(batch)
+        self._stats_step = self._stats_step and not self._stopped
+        self._capturing = self._stats_step
+        self._examples += self._batch_size
+        self._fisher_done = False
         if self._loss_check is not None and self._loss_check.covers(self.step):
             self._loss_check.before_training_step(pl_module.device)
         if self._capturing:
             self._capture.row_mask = self.task.row_mask(batch)
-            self._capture.batch_size = self.task.batch_size(batch)
+            self._capture.batch_size = self._batch_size
+            if self.fisher == "empirical":
+                self._grad_scale = self._per_example_scale(trainer)
 
     def _per_example_scale(self, trainer: L.Trainer) -> float:
-        """Factor turning autograd's output gradients into per-example gradients."""
-        scale = float(self.task.batch_size(self._batch) * trainer.accumulate_grad_batches)
+        """Factor turning autograd's output gradients into per-example gradients (statistics steps only:
+        reading a GradScaler's scale synchronizes with the device)."""
+        scale = float(self._batch_size * trainer.accumulate_grad_batches)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             scale /= float(scaler.get_scale())
@@ -353,29 +421,61 @@ class TDACallback(L.Callback):
     def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
         self.stats.stage_gradients(layer.name, rows, self._grad_scale)
 
+    def _on_layer_inputs(self, layer: TrackedLayer, inputs: Tensor) -> None:
+        self.stats.stage_inputs(layer, inputs)
+
+    def _keep_model_output(self, module: Any, args: tuple, output: Any) -> None:
+        if self._capturing and torch.is_grad_enabled():
+            self._model_calls.append((args, output))
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        """True Fisher from the training graph: when ``training_step`` called the model once on the task's
+        inputs (``self(x)``), its output is what :meth:`Task.forward` would compute, so the sampled
+        targets' gradients come from one more backward through that graph (kept for training)."""
+        if not (self._stats_step and self.fisher == "true" and self._capturing):
+            return
+        calls, self._model_calls = self._model_calls, []
+        if len(calls) != 1 or type(self.task).forward is not Task.forward:
+            return
+        args, outputs = calls[0]
+        if not args or args[0] is not self.task.inputs(self._batch) or not isinstance(outputs, Tensor):
+            return
+        for layer, rows in self._true_fisher_rows(self._capture, outputs, retain_graph=True).items():
+            self.stats.stage_gradients(layer, rows)
+        self._fisher_done = True
+
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """True Fisher by a second forward pass, when it could not use the training graph."""
+        self._capturing = False  # the training forward of this micro-batch is over
+        self._model_calls = []
         if self._loss_check is not None:  # parameters are not updated yet: the Task's loss at the same point
             self._loss_check.after_backward(pl_module, self._batch, trainer.precision_plugin.train_step_context())
-        if not (self._stats_step and self.fisher == "true"):
+        if not (self._stats_step and self.fisher == "true") or self._fisher_done:
             return
         buffers = [b.detach().clone() for b in pl_module.buffers()]
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        capture = LayerCapture(
-            self.layers, row_mask=self.task.row_mask(self._batch), batch_size=self.task.batch_size(self._batch)
+        capture = LayerCapture(  # A came from the training forward: only the outputs are needed here
+            self.layers,
+            on_inputs=lambda *_: None,
+            row_mask=self.task.row_mask(self._batch),
+            batch_size=self._batch_size,
         )
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), capture:
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.enable_grad(),
+            trainer.precision_plugin.train_step_context(),  # the training step's autocast, if any
+            capture,
+        ):
             outputs = self.task.forward(pl_module, self._batch)
-            rows = self._true_fisher_rows(capture, outputs)
-            for layer in self.layers:
-                self.stats.stage_activations(
-                    layer.name, capture.activations[layer.name], capture.row_counts[layer.name]
-                )
-                self.stats.stage_gradients(layer.name, rows[layer.name])
+            for layer, rows in self._true_fisher_rows(capture, outputs).items():
+                self.stats.stage_gradients(layer, rows)
         with torch.no_grad():  # the extra forward must not move batch-norm statistics
             for buffer, saved in zip(pl_module.buffers(), buffers):
                 buffer.copy_(saved)
 
-    def _true_fisher_rows(self, capture: LayerCapture, outputs: Tensor) -> dict[str, Tensor]:
+    def _true_fisher_rows(
+        self, capture: LayerCapture, outputs: Tensor, retain_graph: bool = False
+    ) -> dict[str, Tensor]:
         """Per-example output-gradient rows whose outer products estimate the true Fisher.
 
         With at most ``exact_fisher_outputs`` output-Hessian factors (e.g. scalar regression) every factor
@@ -385,10 +485,10 @@ class TDACallback(L.Callback):
         """
         if self.task.num_fisher_factors(outputs) > self.exact_fisher_outputs:
             targets = self.task.sample_targets(outputs, self._generator, targets=self.task.targets(self._batch))
-            return capture.output_gradient_rows(self.task.loss(outputs, targets).sum())
+            return capture.output_gradient_rows(self.task.loss(outputs, targets).sum(), retain_graph=retain_graph)
         factors = self.task.fisher_factors(outputs)
         per_factor = [
-            capture.output_gradient_rows((outputs * factor).sum(), retain_graph=k < len(factors) - 1)
+            capture.output_gradient_rows((outputs * factor).sum(), retain_graph=retain_graph or k < len(factors) - 1)
             for k, factor in enumerate(factors)
         ]
         return {name: torch.cat([rows[name] for rows in per_factor], dim=1) for name in per_factor[0]}
@@ -400,25 +500,24 @@ class TDACallback(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._loss_sum += _loss_value(outputs)
-        if self._loss_check is not None:
-            self._loss_check.after_batch(_loss_value(outputs), trainer.accumulate_grad_batches, batch)
+        loss = _loss_value(outputs, self._device)
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        if self._loss_check is not None and not self._loss_check.done:  # first steps only: float() syncs
+            self._loss_check.after_batch(float(loss), trainer.accumulate_grad_batches, batch)
         if self._stats_step:
-            if self.fisher == "empirical":
-                for name, rows in self._capture.activations.items():
-                    self.stats.stage_activations(name, rows, self._capture.row_counts[name])
-                self._capture.clear()
-            committed = self.stats.commit()
-            if committed is None:
-                self._warn_once(
-                    "nonfinite",
-                    f"TDACallback: NaN/Inf in the K-FAC statistics at step {self.step + 1}; that step is left out "
-                    f"of the statistics (counted in the segment's skipped_steps). Check the loss and learning rate.",
-                )
-            elif committed:
-                self.policy.observe(committed)
+            self._capture.clear()
+            observes = type(self.policy).observe is not SegmentPolicy.observe
+            self.stats.commit(keep_step=observes)
+            if observes and bool(self.stats.last_step_finite):
+                self.policy.observe(self.stats.last_step())  # an adaptive policy reads the step (one host sync)
         self._capturing = False
         if self._stepped:
+            seconds = time.perf_counter() - self._step_started
+            self.cadence.record_step(self.step, seconds, self._stats_step)
+            if self._stats_step:
+                planned = self.cadence.plan_next(self.step)
+                if trainer.world_size > 1:  # every rank takes statistics on rank 0's steps
+                    self.cadence.follow(trainer.strategy.broadcast(planned, src=0))
             self._finish_optimizer_step(trainer, pl_module)
 
     def _finish_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -442,6 +541,7 @@ class TDACallback(L.Callback):
         for key, value in row.items():
             self._rows.setdefault(key, []).append(value)
         self._reset_micro_batch()
+        started = time.perf_counter()
         if self._loss_check is not None and not self._loss_check.done and not self._loss_check.covers(self.step):
             self._finish_loss_check()
         if self.step in self.checkpoint_plan:
@@ -449,6 +549,7 @@ class TDACallback(L.Callback):
         if self._should_close(trainer):
             self._close_segment(trainer, pl_module, self._close_reason())
             self._open_segment()
+        self.cadence.spend(time.perf_counter() - started)
 
     def _should_close(self, trainer: L.Trainer) -> bool:
         if self._new_segment_requested or self.step in self.boundaries:
@@ -487,6 +588,7 @@ class TDACallback(L.Callback):
         upcoming = [b for b in self.boundaries if b > self.step]
         end = upcoming[0] if upcoming else self.step + 1
         self.checkpoint_plan = checkpoint_steps(self.step, end, self.checkpoints_per_segment)
+        self.cadence.open_segment(self.step, end - self.step)
 
     def _close_segment(self, trainer: L.Trainer, pl_module: L.LightningModule, reason: str) -> None:
         seg = self._segment
@@ -496,11 +598,18 @@ class TDACallback(L.Callback):
             self._write_checkpoint(trainer, pl_module)
         sums = self._reduced_sums(trainer)
         skipped = int(sums.pop("__skipped__"))
+        if skipped:
+            self._warn_once(
+                "nonfinite",
+                f"TDACallback: NaN/Inf in the K-FAC statistics of {skipped} step(s) of segment {seg['index']}; "
+                f"those steps are left out of the statistics (counted in the segment's skipped_steps). Check the "
+                f"loss and learning rate.",
+            )
         if seg["stats_steps"] == 0 and not self._stopped:
             self._warn_once(
                 f"nostats{seg['index']}",
                 f"TDACallback: segment {seg['index']} ({seg['num_steps']} steps) got no K-FAC statistics "
-                f"(every_n_steps={self.every_n_steps}). Lower every_n_steps or use fewer segments.",
+                f"(every_n_steps={self.every_n_steps_arg}). Lower every_n_steps or use fewer segments.",
             )
         if self.writer is not None:
             attrs = {
@@ -514,11 +623,12 @@ class TDACallback(L.Callback):
                 "reason": reason,
             }
             precond = {
-                name: (total / seg["precond_count"], seg["precond_count"]) for name, total in seg["precond"].items()
+                name: ((total / seg["precond_count"]).cpu(), seg["precond_count"])
+                for name, total in seg["precond"].items()
             }
             with self._recording():
                 self._flush_rows()
-                self.writer.write_segment(seg["index"], attrs, sums, precond)
+                self.writer.write_segment(seg["index"], attrs, sums, precond, dtypes=self.stats.dtypes)
                 self.writer.flush()
         self.num_segments_closed += 1
         self.policy.segment_closed()
@@ -528,13 +638,14 @@ class TDACallback(L.Callback):
         return self._segment.get("last_checkpoint_step", -1)
 
     def _reduced_sums(self, trainer: L.Trainer) -> dict[str, Any]:
-        """K-FAC sums summed over ranks, plus the skipped-step count under ``"__skipped__"``."""
-        flat = self.stats.flat_tensors() + [torch.tensor(float(self.stats.skipped_steps), dtype=torch.float64)]
+        """K-FAC sums summed over ranks, on the CPU, plus the skipped-step count under ``"__skipped__"``."""
+        flat = self.stats.flat_tensors() + [self.stats.skipped_steps.reshape(())]
         if trainer.world_size > 1:
             sizes = [t.numel() for t in flat]
             joined = torch.cat([t.reshape(-1) for t in flat]).to(trainer.strategy.root_device)
-            joined = trainer.strategy.reduce(joined, reduce_op="sum").cpu()
+            joined = trainer.strategy.reduce(joined, reduce_op="sum")
             flat = [part.reshape(t.shape) for part, t in zip(joined.split(sizes), flat)]
+        flat = [t.cpu() for t in flat]
         result: dict[str, Any] = {}
         position = 0
         for name in sorted(self.stats.sums):
@@ -558,8 +669,8 @@ class TDACallback(L.Callback):
                 if slot is None or "exp_avg_sq" not in state or betas is None:
                     continue
                 layer, part = slot
-                count = float(state["step"])
-                v_hat = state["exp_avg_sq"].detach().double().cpu() / (1 - betas[1] ** count)
+                count = float(state["step"])  # a CPU tensor unless the optimizer is capturable
+                v_hat = state["exp_avg_sq"].detach().double() / (1 - betas[1] ** count)
                 parts.setdefault(layer.name, {})[part] = v_hat
         if not parts:
             return
@@ -594,7 +705,8 @@ class TDACallback(L.Callback):
 
     def _flush_rows(self) -> None:
         if self.writer is not None and self._rows:
-            columns = {key: np.asarray(values) for key, values in self._rows.items()}
+            columns = {key: np.asarray(values) for key, values in self._rows.items() if key != "loss"}
+            columns["loss"] = torch.stack(self._rows["loss"]).double().cpu().numpy()  # one device sync per block
             self.writer.append_steps(columns)
         self._rows = {}
 
@@ -642,6 +754,10 @@ class TDACallback(L.Callback):
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
             self._capture = None
+        if self._model_hook is not None:
+            self._model_hook.remove()
+            self._model_hook = None
+        self._model_calls = []
 
     # ------------------------------------------------------------------------ state for resume
     def state_dict(self) -> dict[str, Any]:
@@ -657,7 +773,7 @@ class TDACallback(L.Callback):
         return {
             "run_id": self.run_id,
             "step": self.step,
-            "every_n_steps": self.every_n_steps,
+            "cadence": self.cadence.state_dict(),
             "boundaries": list(self.boundaries),
             "checkpoint_plan": list(self.checkpoint_plan),
             "num_segments_closed": self.num_segments_closed,
@@ -678,19 +794,20 @@ class TDACallback(L.Callback):
 
     def _apply_restored(self, state: dict[str, Any], trainer: L.Trainer) -> None:
         self.step = int(state["step"])
-        self.every_n_steps = int(state["every_n_steps"])
+        self.cadence.load_state_dict(state["cadence"])
         self.boundaries = list(state["boundaries"])
         self.checkpoint_plan = list(state["checkpoint_plan"])
         self.num_segments_closed = int(state["num_segments_closed"])
         self.num_checkpoints = int(state["num_checkpoints"])
         self._segment = dict(state["segment"])
+        self._segment["precond"] = {name: t.to(self._device) for name, t in self._segment["precond"].items()}
         self.policy.load_state_dict(state["policy"])
         if state["generator"] is not None:
             self._generator.set_state(state["generator"])
         self.stats.reset()
         sums = state["kfac"]
         if trainer.is_global_zero:  # the saved sums are global: give them to one rank only
-            self.stats.skipped_steps = int(sums.pop("__skipped__"))
+            self.stats.skipped_steps = sums.pop("__skipped__").to(device=self._device, dtype=torch.float64)
             self.stats.load_flat_tensors(
                 [sums[name][key] for name in sorted(sums) for key in ("A_sum", "A_count", "S_sum", "S_count")]
             )
@@ -765,13 +882,14 @@ class TDACallback(L.Callback):
             rank_zero_warn(message)
 
 
-def _loss_value(outputs: Any) -> float:
-    """The training loss of a batch from ``training_step``'s output (tensor, dict or None)."""
+def _loss_value(outputs: Any, device: torch.device) -> Tensor:
+    """The training loss of a batch from ``training_step``'s output (tensor, dict or None), as a 0-d float32
+    tensor left on its device (read once per block of rows, not once per step)."""
     if isinstance(outputs, Mapping):
         outputs = outputs.get("loss")
     if isinstance(outputs, Tensor):
-        return float(outputs.detach().float())
-    return float("nan")
+        return outputs.detach().float().reshape(())
+    return torch.full((), float("nan"), device=device)
 
 
 def _optimizer_record(optimizer: Any) -> dict[str, Any]:

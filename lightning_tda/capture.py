@@ -350,6 +350,7 @@ def layers_by_name(model: nn.Module, names: Iterable[str]) -> list[TrackedLayer]
 
 
 OnRows = Callable[[TrackedLayer, Tensor], None]
+OnInputs = Callable[[TrackedLayer, Tensor, "Tensor | None"], None]
 
 
 class LayerCapture:
@@ -365,6 +366,10 @@ class LayerCapture:
     ``row_mask`` (``(B, T)`` bool, from ``Task.row_mask``; may be set per batch) drops padded positions
     from the rows of sequence layers. ``batch_size`` (may be set per batch) makes a layer whose input
     lacks the batch dimension (e.g. a position embedding fed ``(1, T)``) fail with a clear error.
+    With ``on_inputs`` given, each forward's (detached) input and the current ``row_mask`` are handed to it
+    instead of rows being stored: a consumer that reduces them at once, like the K-FAC statistics, never
+    holds every layer's rows together (for a 3×3 convolution they are 9× its input) and may not need to
+    form them at all.
     """
 
     def __init__(
@@ -375,11 +380,13 @@ class LayerCapture:
         keep_outputs: bool = True,
         row_mask: Tensor | None = None,
         batch_size: int | None = None,
+        on_inputs: OnInputs | None = None,
     ) -> None:
         self.layers = list(layers)
         self._by_name = {layer.name: layer for layer in self.layers}
         self.enabled = enabled
         self.on_gradient = on_gradient
+        self.on_inputs = on_inputs
         self.keep_outputs = keep_outputs
         self.row_mask = row_mask
         self.batch_size = batch_size
@@ -409,15 +416,18 @@ class LayerCapture:
             if not (torch.is_grad_enabled() and self.enabled()):
                 return None
             inputs = args[0].detach()
-            rows = layer.activation_rows(inputs)
-            check_batch(layer, rows.shape[0], self.batch_size)
-            if self.row_mask is not None:
-                rows, count = layer.masked_rows(inputs, rows, self.row_mask)
+            check_batch(layer, inputs.shape[0], self.batch_size)
+            if self.on_inputs is not None:
+                self.on_inputs(layer, inputs, self.row_mask)
             else:
-                count = torch.tensor(float(rows.shape[0] * rows.shape[1]))
-            previous = self.activations.get(layer.name)
-            self.activations[layer.name] = rows if previous is None else torch.cat([previous, rows], dim=1)
-            self.row_counts[layer.name] = self.row_counts.get(layer.name, 0) + count
+                rows = layer.activation_rows(inputs)
+                if self.row_mask is not None:
+                    rows, count = layer.masked_rows(inputs, rows, self.row_mask)
+                else:
+                    count = torch.tensor(float(rows.shape[0] * rows.shape[1]))
+                previous = self.activations.get(layer.name)
+                self.activations[layer.name] = rows if previous is None else torch.cat([previous, rows], dim=1)
+                self.row_counts[layer.name] = self.row_counts.get(layer.name, 0) + count
             if self.keep_outputs:
                 self.outputs.setdefault(layer.name, []).append(output)
             if self.on_gradient is not None and output.requires_grad:
@@ -443,7 +453,7 @@ class LayerCapture:
                 grad = grads[position]
                 position += 1
                 parts.append(layer.gradient_rows(torch.zeros_like(out) if grad is None else grad))
-            result[name] = torch.cat(parts, dim=1)
+            result[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return result
 
 

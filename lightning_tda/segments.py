@@ -111,6 +111,8 @@ class CurvatureDrift(SegmentPolicy):
     def _normalized(sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = {}
         for key in ("A_sum", "S_sum"):
+            if key not in sums:  # a factor the callback does not record
+                continue
             trace = sums[key].trace()
             if trace > 0:
                 out[key] = sums[key] / trace

@@ -1,19 +1,23 @@
 """The trace store: one HDF5 file per run holding everything attribution needs.
 
-Schema (version 1; see ``docs/trace-schema.md`` for the full description)::
+Schema (version 2; see ``docs/trace-schema.md`` for the full description)::
 
     /                    attrs: format, schema_version, library_version, created, run_id
-    /meta                attrs: model_class, task_class, fisher, every_n_steps, world_size,
-                                dataset_size (-1 = unknown), checkpoint_dtype, sequence_mode
+    /meta                attrs: model_class, task_class, fisher, every_n_steps ("auto" or n),
+                                overhead_budget, min_statistics_steps, world_size, dataset_size
+                                (-1 = unknown), checkpoint_dtype, factor_dtype, max_factor_ratio
+                                (-1 = every factor), sequence_mode
     /meta/optimizer      JSON string: optimizer class and per-group hyper-parameters
     /meta/config         JSON string: the callback's configuration
     /meta/loss_check     JSON string: list of the callback's Task-vs-training_step loss checks, one per fit
     /layers/names        tracked layer names, in order; /layers/<name> attrs: kind, in/out features,
-                         has_bias, param_group (optimizer group of its weight)
+                         has_bias, param_group (optimizer group of its weight), A_recorded,
+                         S_recorded (whether its K-FAC factors are in the segments)
     /steps/<column>      one row per optimizer step: step, global_step, epoch, segment, batch_size,
                          loss, statistics (1 if K-FAC statistics were taken), lr (n, param groups)
     /segments/<i>        attrs: index, start_step, end_step, num_steps, stats_steps, skipped_steps,
-                                mean_lr, reason; kfac/<layer>/{A_sum, A_count, S_sum, S_count};
+                                mean_lr, reason; kfac/<layer>/{A_sum, A_count, S_sum, S_count}
+                                (float32 or float64 sums; an unrecorded factor's sum is absent);
                                 preconditioner/<layer>/v_mean (Adam second moments), attr count
     /checkpoints/initial full model state at the start of recording (step 0 of the trace)
     /checkpoints/<i>     trainable parameters and buffers; attrs: index, step, segment, epoch
@@ -22,7 +26,8 @@ Schema (version 1; see ``docs/trace-schema.md`` for the full description)::
 
 Steps are counted by the recorder itself: ``step`` = number of optimizer steps completed when
 the row was written (the first row has step 1); checkpoint ``step`` = parameters after that many
-steps. The file is written with ``libver=("earliest", "v110")`` and flushed after every segment
+steps. Version 1 traces (float64 sums, every factor, no recorded-factor attributes) still read.
+The file is written with ``libver=("earliest", "v110")`` and flushed after every segment
 close and checkpoint, so a killed process leaves a file that opens and holds everything flushed.
 One process writes a trace at a time (:mod:`lightning_tda.trace_lock`); a write that fails (a full
 disk) is detected before it touches the file, which keeps every write completed before it.
@@ -67,7 +72,7 @@ from lightning_tda.trace_checks import (
 from lightning_tda.trace_lock import TraceLock, writer_of
 
 FORMAT = "lightning_tda.trace"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LIBVER = ("earliest", "v110")
 STEP_COLUMNS = ("step", "global_step", "epoch", "segment", "batch_size", "loss", "statistics")
 _INT_COLUMNS = {"step", "global_step", "epoch", "segment", "batch_size", "statistics"}
@@ -122,7 +127,8 @@ def _store_array(group: h5py.Group, name: str, tensor: Tensor, dtype: str) -> No
     else:
         data = tensor.numpy()
     dataset = group.create_dataset(name, data=data)
-    dataset.attrs["dtype"] = dtype if tensor.is_floating_point() and dtype != "native" else str(data.dtype)
+    if dtype == "bfloat16" and tensor.is_floating_point():  # every other dtype is numpy's own
+        dataset.attrs["dtype"] = dtype
 
 
 def _load_array(reader: TraceReader, where: str, shape: tuple[int, ...] | None) -> Tensor:
@@ -293,6 +299,7 @@ class TraceWriter:
         except BaseException:
             self.lock.release()
             raise
+        self._step_datasets: dict[str, h5py.Dataset] | None = None
 
     # --- skeleton -------------------------------------------------------------------------------
     @_write_guarded
@@ -305,8 +312,10 @@ class TraceWriter:
         layers: Iterable[TrackedLayer],
         num_param_groups: int,
         layer_groups: Mapping[str, int] | None = None,
+        recorded: Mapping[str, tuple[bool, bool]] | None = None,
     ) -> None:
-        """Create the file's skeleton and flush it."""
+        """Create the file's skeleton and flush it. ``recorded[name]`` says whether the layer's ``(A, S)``
+        factors are recorded (default both)."""
         f = self.file
         layers = list(layers)
         reserve_space(f, len(to_json(optimizer)) + len(to_json(config)) + OBJECT_OVERHEAD * (2 * len(layers) + 20))
@@ -331,6 +340,8 @@ class TraceWriter:
                 out_features=layer.out_features,
                 has_bias=layer.has_bias,
                 param_group=(layer_groups or {}).get(layer.name, 0),
+                A_recorded=(recorded or {}).get(layer.name, (True, True))[0],
+                S_recorded=(recorded or {}).get(layer.name, (True, True))[1],
             )
         steps = f.create_group("steps")
         for column in STEP_COLUMNS:
@@ -354,17 +365,16 @@ class TraceWriter:
         n = len(rows["step"])
         if n == 0:
             return
-        steps = self.file["steps"]
-        start = steps["step"].shape[0]
+        if self._step_datasets is None:  # looking datasets up by name costs as much as writing a block
+            self._step_datasets = {column: self.file["steps"][column] for column in (*STEP_COLUMNS, "lr")}
+        start = self._step_datasets["step"].shape[0]
         new_chunks = 0
-        for column in (*STEP_COLUMNS, "lr"):
-            dataset = steps[column]
+        for dataset in self._step_datasets.values():
             rows_per_chunk = dataset.chunks[0]
             chunks = -(-(start + n) // rows_per_chunk) - (-(-start // rows_per_chunk))
             new_chunks += chunks * math.prod(dataset.chunks) * dataset.dtype.itemsize
         reserve_space(self.file, new_chunks)
-        for column in (*STEP_COLUMNS, "lr"):
-            dataset = steps[column]
+        for column, dataset in self._step_datasets.items():
             dataset.resize(start + n, axis=0)
             dataset[start:] = np.asarray(rows[column])
 
@@ -375,8 +385,11 @@ class TraceWriter:
         attrs: Mapping[str, Any],
         kfac: Mapping[str, Mapping[str, Tensor]],
         preconditioner: Mapping[str, tuple[Tensor, int]] | None = None,
+        dtypes: Mapping[str, tuple[torch.dtype, torch.dtype]] | None = None,
     ) -> None:
-        """Write a closed segment: attributes, K-FAC sums per layer, Adam second-moment means."""
+        """Write a closed segment: attributes, K-FAC sums per layer (``A_sum``/``S_sum`` in ``dtypes[layer]``,
+        default float64, left out when absent or empty: an unrecorded factor; counts float64), Adam
+        second-moment means (in the layer's ``A_sum`` dtype: Adam keeps them in the parameters' precision)."""
         preconditioner = preconditioner or {}
         arrays = [t for sums in kfac.values() for t in sums.values()] + [v for v, _ in preconditioner.values()]
         reserve_space(self.file, _nbytes(arrays, len(arrays) + 2 * len(kfac) + len(preconditioner) + 3, itemsize=8))
@@ -386,7 +399,12 @@ class TraceWriter:
         for layer, sums in kfac.items():
             layer_group = kfac_group.create_group(layer)
             for key in FACTORS:
-                layer_group.create_dataset(key, data=sums[key].detach().cpu().double().numpy())
+                value = sums.get(key)
+                if value is None or (key.endswith("_sum") and value.numel() == 0):
+                    continue
+                a_dtype, s_dtype = (dtypes or {}).get(layer, (torch.float64, torch.float64))
+                dtype = {"A_sum": a_dtype, "S_sum": s_dtype}.get(key, torch.float64)
+                layer_group.create_dataset(key, data=value.detach().to(device="cpu", dtype=dtype).numpy())
         if preconditioner:
             pre_group = group.create_group("preconditioner")
             for layer, (v_mean, count) in preconditioner.items():
@@ -499,7 +517,8 @@ class TraceWriter:
 @dataclass(frozen=True)
 class LayerInfo:
     """A tracked layer as recorded: gradient matrix shape is ``(out_features, in_features + has_bias)``;
-    ``param_group`` is the optimizer param group holding its weight (its learning rate column)."""
+    ``param_group`` is the optimizer param group holding its weight (its learning rate column);
+    ``A_recorded``/``S_recorded`` say whether the segments hold its input and output K-FAC factors."""
 
     name: str
     kind: str
@@ -507,6 +526,8 @@ class LayerInfo:
     out_features: int
     has_bias: bool
     param_group: int = 0
+    A_recorded: bool = True
+    S_recorded: bool = True
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -739,15 +760,18 @@ class Trace:
 
     # --- tensors --------------------------------------------------------------------------------
     def kfac_sums(self, segment: int, layer: str) -> dict[str, Tensor]:
-        """Raw float64 sums ``A_sum, A_count, S_sum, S_count`` of ``layer`` in ``segment``, checked:
-        shapes from the layer record, finite, symmetric, non-negative counts and variances."""
-        shapes = self.layer(layer).factor_shapes()
+        """Raw sums ``A_sum, A_count, S_sum, S_count`` of ``layer`` in ``segment``, checked (shapes from the
+        layer record, finite, symmetric, non-negative counts and variances) and returned as float64 (they are
+        stored as float32 or float64); the sum of a factor the callback did not record is absent."""
+        info = self.layer(layer)
+        shapes = info.factor_shapes()
         self.segment(segment)
         where = f"segments/{_segment_name(segment)}/kfac/{layer}"
+        keys = [k for k in FACTORS if (k, False) not in (("A_sum", info.A_recorded), ("S_sum", info.S_recorded))]
         with self._read() as r:
             if not r.has(where):
                 raise r.error(where, f"is missing: segment {segment} holds no K-FAC sums for layer {layer!r}")
-            sums = {key: r.array(f"{where}/{key}", shapes[key], kinds="f", finite=True) for key in FACTORS}
+            sums = {key: r.array(f"{where}/{key}", shapes[key], kinds="f", finite=True) for key in keys}
         for key, value in sums.items():
             if key.endswith("_count") and value < 0:
                 raise r.error(f"{where}/{key}", f"is {float(value)}, expected a non-negative count")
@@ -757,8 +781,24 @@ class Trace:
 
     def covariances(self, segment: int, layer: str) -> tuple[Tensor, Tensor]:
         """K-FAC factors ``(A, S)`` of ``layer`` in ``segment``: float64, ``(a_dim, a_dim)`` (its diagonal
-        ``(a_dim,)`` for an embedding layer) and ``(out, out)``."""
+        ``(a_dim,)`` for an embedding layer) and ``(out, out)``.
+
+        Raises :class:`TraceError` naming the option to record them when the trace does not hold both
+        (a factor far larger than its layer is left out by default: ``TDACallback(max_factor_ratio=...)``).
+        """
         sums = self.kfac_sums(segment, layer)
+        missing = [factor for factor in ("A", "S") if f"{factor}_sum" not in sums]
+        if missing:
+            info = next((la for la in self.layers if la.name == layer), None)
+            shape = f" (gradient matrix {info.shape[0]}x{info.shape[1]})" if info is not None else ""
+            raise TraceError(
+                f"The trace {self.path} holds no K-FAC factor {' or '.join(missing)} for layer {layer!r}{shape}: "
+                f"it has far more entries than the layer has parameters, so the callback did not record it "
+                f"(max_factor_ratio={self.meta.get('max_factor_ratio')}). Methods that need recorded factors "
+                f"(SOURCE, EK-FAC with covariances='stream') cannot use this layer: record with "
+                f"TDACallback(max_factor_ratio=None) to keep every factor, leave the layer out (layers=/exclude=), "
+                f"or use a method that recomputes or does not need them (EK-FAC covariances='recompute', DataInf)."
+            )
         if sums["A_count"] == 0 or sums["S_count"] == 0:
             raise TraceError(
                 f"Segment {segment} has no K-FAC statistics for layer {layer!r} (no statistics step fell "
@@ -834,6 +874,17 @@ class Trace:
                 )
         return layers
 
+    def _cadence_summary(self) -> str:
+        every = self.meta.get("every_n_steps")
+        dtype = self.meta.get("factor_dtype", "float64")
+        dtype = "float32 factors from 256 wide, float64 below" if dtype == "auto" else f"{dtype} factors"
+        if every == "auto":
+            return (
+                f"statistics steps within a {float(self.meta['overhead_budget']):.0%} overhead budget (at least "
+                f"{self.meta.get('min_statistics_steps')} per segment), {dtype}"
+            )
+        return f"statistics every {every} step(s), {dtype}"
+
     def summary(self) -> str:
         """A human-readable summary (what ``lightning-tda inspect`` prints)."""
         steps = self.steps()
@@ -841,8 +892,7 @@ class Trace:
             f"trace {self.path}  ({self.path.stat().st_size / 1e6:.2f} MB)",
             f"  run {self.run_id}, schema v{self.schema_version}, written by lightning_tda {self.library_version}",
             f"  model {self.meta.get('model_class')}, task {self.meta.get('task_class')}, "
-            f"fisher={self.fisher}, statistics every {self.meta.get('every_n_steps')} step(s), "
-            f"world size {self.meta.get('world_size')}",
+            f"fisher={self.fisher}, {self._cadence_summary()}, world size {self.meta.get('world_size')}",
             f"  optimizer {self.optimizer_class}, dataset size {self.dataset_size or 'unknown'}",
             f"  {len(steps)} optimizer steps",
         ]
@@ -862,7 +912,9 @@ class Trace:
             )
         lines.append(f"  {len(self.layers)} tracked layer(s):")
         for layer in self.layers:
-            lines.append(f"    {layer.name}: {layer.kind} {layer.shape[0]}x{layer.shape[1]}")
+            missing = [factor for factor, kept in (("A", layer.A_recorded), ("S", layer.S_recorded)) if not kept]
+            note = f" (factor {' and '.join(missing)} not recorded: too large for max_factor_ratio)" if missing else ""
+            lines.append(f"    {layer.name}: {layer.kind} {layer.shape[0]}x{layer.shape[1]}{note}")
         checks = self.loss_checks()
         if not checks:
             lines.append("  loss check: not recorded (a trace from before the check, or loss_check_steps=0)")
@@ -923,9 +975,19 @@ def _read_meta(r: TraceReader) -> dict[str, Any]:
     for key in ("model_class", "task_class", "checkpoint_dtype", "sequence_mode", "precision"):
         if key in meta:
             expect_str(r, where(key), meta[key])
-    for key, low in (("every_n_steps", 1), ("world_size", 1), ("dataset_size", -1), ("accumulate_grad_batches", 1)):
+    for key, low in (("world_size", 1), ("dataset_size", -1), ("accumulate_grad_batches", 1)):
         if key in meta:
             expect_int(r, where(key), meta[key], low)
+    if isinstance(meta.get("every_n_steps"), str):  # v2: "auto", spaced by an overhead budget
+        expect_str(r, where("every_n_steps"), meta["every_n_steps"], ("auto",))
+        expect_float(r, where("overhead_budget"), meta.get("overhead_budget"), 0.0)
+        expect_int(r, where("min_statistics_steps"), meta.get("min_statistics_steps"), 1)
+    elif "every_n_steps" in meta:
+        expect_int(r, where("every_n_steps"), meta["every_n_steps"], 1)
+    if "factor_dtype" in meta:
+        expect_str(r, where("factor_dtype"), meta["factor_dtype"], ("auto", "float32", "float64"))
+    if "max_factor_ratio" in meta:
+        expect_float(r, where("max_factor_ratio"), meta["max_factor_ratio"], -1.0)
     return meta
 
 
@@ -998,6 +1060,8 @@ def _read_layers(r: TraceReader, groups: int) -> list[LayerInfo]:
                 param_group=expect_int(
                     r, f"{where} attribute 'param_group'", attrs.get("param_group", 0), 0, groups - 1
                 ),
+                A_recorded=expect_bool(r, f"{where} attribute 'A_recorded'", attrs.get("A_recorded", True)),
+                S_recorded=expect_bool(r, f"{where} attribute 'S_recorded'", attrs.get("S_recorded", True)),
             )
         )
     if len({layer.name for layer in layers}) != len(layers):

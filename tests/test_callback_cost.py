@@ -1,0 +1,218 @@
+"""What recording costs, and that the cheaper ways of recording give the same statistics.
+
+Statistics steps chosen by an overhead budget (with a minimum per segment), convolution factors
+without unfolding, the true Fisher from the training graph, float32 factor storage, factors too large
+for their layer left out, and float64 statistics under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace
+from lightning_tda.cadence import BudgetCadence
+from lightning_tda.capture import find_layers
+from lightning_tda.demo import MLPClassifier
+from lightning_tda.statistics import conv_input_product, outer_product
+from lightning_tda.trace import TraceError
+
+
+def loader(n: int = 128, width: int = 64, batch_size: int = 16) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, width, generator=generator)
+    return DataLoader(TensorDataset(x, torch.randint(0, 10, (n,), generator=generator)), batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------------------ products
+@pytest.mark.parametrize(
+    "channels, height, width, kernel, bias",
+    [(16, 9, 11, 3, True), (16, 8, 8, 3, False), (16, 6, 7, 5, True), (32, 12, 12, 3, False)],
+)
+def test_convolution_factor_without_unfolding_equals_the_unfolded_one(channels, height, width, kernel, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, 8, kernel, padding=kernel // 2, bias=bias)
+    layer = find_layers(nn.Sequential(conv))[0][0]
+    x = torch.randn(5, channels, height, width, dtype=torch.float64)
+    reference = outer_product(layer.activation_rows(x))
+    torch.testing.assert_close(conv_input_product(conv, x, bias), reference, rtol=1e-12, atol=1e-10)
+    strided = nn.Conv2d(channels, 8, 3, stride=2, padding=1)
+    assert conv_input_product(strided, x, True) is None  # unfolding handles the rest
+
+
+def test_per_example_products_of_wide_convolution_rows_equal_one_product():
+    x = torch.randn(3, 2, 32, 32, dtype=torch.float64)
+    rows = F.unfold(x, 3, padding=1).transpose(1, 2)  # (3, 1024, 18), a view the batched path takes
+    flat = rows.reshape(-1, 18)
+    torch.testing.assert_close(outer_product(rows), flat.T @ flat, rtol=1e-12, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ cadence
+def simulate(cadence: BudgetCadence, segments: list[int], plain: float, extra: float, io: float = 0.0):
+    """Run the cadence over segments of the given lengths with a fake clock; return the statistics steps
+    of each segment and the extra time they (and ``io`` per segment) cost, relative to the plain time."""
+    step, taken, extra_time = 0, [], 0.0
+    for length in segments:
+        cadence.open_segment(step, length)
+        chosen = []
+        for _ in range(length):
+            stats = cadence.is_statistics_step(step)
+            cadence.record_step(step, plain + (extra if stats else 0.0), stats)
+            if stats:
+                chosen.append(step)
+                extra_time += extra
+                cadence.plan_next(step)
+            step += 1
+        cadence.spend(io)
+        extra_time += io
+        taken.append(chosen)
+    return taken, extra_time / (plain * sum(segments))
+
+
+def test_budget_cadence_keeps_the_minimum_per_segment_and_spends_the_budget_otherwise():
+    # statistics cost 20 plain steps: only the minimum, at the middles of equal parts of each segment
+    taken, _ = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [80, 80, 40], plain=1.0, extra=20.0)
+    assert taken == [[10, 30, 50, 70], [90, 110, 130, 150], [165, 175, 185, 195]]
+    # a segment shorter than the minimum takes statistics on every step
+    taken, _ = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [3, 50], plain=1.0, extra=20.0)
+    assert taken[0] == [0, 1, 2] and len(taken[1]) == 4
+    # cheap statistics: many more than the minimum, the extra time within the budget
+    taken, overhead = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [400] * 3, plain=1.0, extra=0.5)
+    assert all(len(chosen) > 20 for chosen in taken)
+    assert 0.04 < overhead <= 0.055
+    # the recorder's other costs (checkpoints, segment writes) are paid from the same budget
+    _, with_io = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [400] * 3, plain=1.0, extra=0.5, io=10.0)
+    assert 0.04 < with_io <= 0.06
+
+
+def test_auto_cadence_gives_every_segment_the_minimum_and_records_the_choice(tmp_path):
+    path = tmp_path / "trace.h5"
+    L.seed_everything(0, verbose=False)
+    tda = TDACallback(path, task=ClassificationTask(), segments=3, min_statistics_steps=3, overhead_budget=0.05)
+    quiet_trainer(max_epochs=4, callbacks=[tda]).fit(MLPClassifier(sizes=[64, 16, 10]), loader())  # 32 steps
+    trace = Trace.open(path)
+    assert all(segment.stats_steps >= 3 for segment in trace.segments)
+    steps = trace.steps()
+    for segment in trace.segments:
+        assert steps.statistics[segment.start_step : segment.end_step].sum() == segment.stats_steps
+    assert trace.meta["every_n_steps"] == "auto"
+    assert (trace.meta["overhead_budget"], trace.meta["min_statistics_steps"]) == (0.05, 3)
+    assert "5% overhead budget" in trace.summary()
+    with pytest.raises(ValueError, match="overhead budget"):
+        TDACallback(path, task=ClassificationTask(), overhead_budget=0.0)
+
+
+# ------------------------------------------------------------------------------------- true Fisher
+class Regressor(L.LightningModule):
+    """A two-layer regressor; ``direct=True`` makes ``training_step`` call ``self.net`` itself, so the
+    callback cannot reuse the training graph and needs its second forward pass."""
+
+    def __init__(self, direct: bool) -> None:
+        super().__init__()
+        self.direct = direct
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.forwards = 0
+        self.net[0].register_forward_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        prediction = self.net(x).squeeze(-1) if self.direct else self(x)
+        return F.mse_loss(prediction, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_true_fisher_from_the_training_graph_equals_the_one_from_a_second_forward(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 8, generator=generator), torch.randn(64, generator=generator))
+    traces = {}
+    for direct in (False, True):
+        L.seed_everything(0, verbose=False)
+        model = Regressor(direct)
+        tda = TDACallback(tmp_path / f"{direct}.h5", task=RegressionTask(), segments=2, every_n_steps=1)
+        quiet_trainer(max_epochs=2, callbacks=[tda]).fit(model, DataLoader(data, batch_size=16))
+        assert model.forwards == (16 if direct else 8)  # 8 steps: a second forward only when needed
+        traces[direct] = Trace.open(tmp_path / f"{direct}.h5")
+    for segment in (0, 1):
+        for layer in ("net.0", "net.2"):
+            reused, second = traces[False].kfac_sums(segment, layer), traces[True].kfac_sums(segment, layer)
+            for key in reused:
+                torch.testing.assert_close(reused[key], second[key], rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------- trace size
+def test_float32_factors_equal_the_float64_ones_to_float32_precision(tmp_path):
+    sums = {}
+    for dtype in ("float32", "float64"):
+        L.seed_everything(0, verbose=False)
+        tda = TDACallback(tmp_path / f"{dtype}.h5", task=ClassificationTask(), every_n_steps=1, factor_dtype=dtype)
+        quiet_trainer(max_epochs=1, callbacks=[tda]).fit(MLPClassifier(sizes=[64, 32, 10]), loader())
+        with h5py.File(tmp_path / f"{dtype}.h5", "r") as f:
+            group = f["segments/0000/kfac/net.0"]
+            assert group["A_sum"].dtype == np.dtype(dtype) and group["A_count"].dtype == np.float64
+        sums[dtype] = Trace.open(tmp_path / f"{dtype}.h5").kfac_sums(0, "net.0")
+        assert all(t.dtype == torch.float64 for t in sums[dtype].values())  # read back as float64
+    for key, exact in sums["float64"].items():  # float32 products and storage: float32 rounding of the matrix
+        error = (sums["float32"][key] - exact).abs().max() / exact.abs().max()
+        assert error < 4 * 2**-24, (key, error)  # measured 6e-8
+    with pytest.raises(ValueError, match="factor_dtype"):
+        TDACallback(tmp_path / "x.h5", task=ClassificationTask(), factor_dtype="float16")
+
+
+def test_factors_far_larger_than_a_lora_adapter_are_not_recorded(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    class WideLoRA(MLPClassifier):  # a frozen 1024-wide layer with a rank-4 adapter, and a frozen head
+        def __init__(self):
+            super().__init__(sizes=[1024, 1024, 10])
+            self.net = get_peft_model(self.net, LoraConfig(r=4, target_modules=["0"], lora_dropout=0.0))
+
+    def record(path, **kwargs):
+        L.seed_everything(0, verbose=False)
+        model = WideLoRA()
+        tda = TDACallback(path, task=ClassificationTask(), layers="lora", every_n_steps=1, **kwargs)
+        quiet_trainer(max_epochs=1, callbacks=[tda]).fit(model, loader(64, width=1024))
+        return Trace.open(path)
+
+    lean, full = record(tmp_path / "lean.h5"), record(tmp_path / "full.h5", max_factor_ratio=None)
+    recorded = {layer.name.split(".")[-2]: (layer.A_recorded, layer.S_recorded) for layer in lean.layers}
+    assert recorded == {"lora_A": (False, True), "lora_B": (True, False)}  # 1024² factors for 4k parameters
+    lora_a = next(name for name in lean.layer_names if "lora_A" in name)
+    assert set(lean.kfac_sums(0, lora_a)) == {"A_count", "S_sum", "S_count"}
+    assert lean.kfac_sums(0, lora_a)["A_count"] == full.kfac_sums(0, lora_a)["A_count"]
+    torch.testing.assert_close(lean.kfac_sums(0, lora_a)["S_sum"], full.kfac_sums(0, lora_a)["S_sum"])
+    with pytest.raises(TraceError, match=r"no K-FAC factor A for layer .*lora_A.*max_factor_ratio=None"):
+        lean.covariances(0, lora_a)
+    assert all(layer.A_recorded and layer.S_recorded for layer in full.layers)
+    assert full.path.stat().st_size > 5 * lean.path.stat().st_size
+    assert "not recorded" in lean.summary()
+
+
+# --------------------------------------------------------------------------------- mixed precision
+def test_bf16_autocast_keeps_the_statistics_in_float64(tmp_path):
+    seen: list[torch.dtype] = []
+    sums = {}
+    for precision in ("bf16-mixed", "32-true"):
+        L.seed_everything(0, verbose=False)
+        model = MLPClassifier(sizes=[64, 32, 10])
+        model.net[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        path = tmp_path / f"{precision}.h5"
+        tda = TDACallback(path, task=ClassificationTask(), every_n_steps=1, factor_dtype="float64")
+        quiet_trainer(max_epochs=1, precision=precision, callbacks=[tda]).fit(model, loader())
+        assert all(t.dtype == torch.float64 for t in tda.stats.flat_tensors())
+        sums[precision] = Trace.open(path).kfac_sums(0, "net.2")
+    assert torch.bfloat16 in seen  # the layers did run in bf16
+    for key, exact in sums["32-true"].items():
+        assert torch.isfinite(sums["bf16-mixed"][key]).all()
+        torch.testing.assert_close(sums["bf16-mixed"][key], exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
