@@ -11,8 +11,9 @@ Two suites, each writing its own section of BENCHMARKS.md:
   statistics on every step;
 * ``real``: the models of issue 10 at the defaults: ResNet-18 at half width (2.8M parameters) on
   synthetic 32×32×3 images at n = 8,000 and 2,000, a width-16 ResNet-18 on 1,024 images, a
-  Llama-style language model (4 layers, width 256, vocabulary 1,000), GPT-2 of the same size when
-  its Conv1D layers are tracked, and the digits MLP for 10 epochs.
+  Llama-style and a GPT-2 language model (4 layers, width 256, vocabulary 1,000, 64-token blocks;
+  the demo ``CausalLanguageModel`` trained on the Hugging Face loss, ``LanguageModelingTask``), and the
+  digits MLP for 10 epochs.
 
     python benchmarks/bench_callback.py                          # digits, 20 epochs, 5 repeats
     python benchmarks/bench_callback.py --suite real --repeats 3 # the real models (about an hour)
@@ -48,82 +49,46 @@ MODELS = {
     "cnn": ("digits SmallCNN", None, 64),
     "resnet": ("ResNet-18, half width (2.8M parameters), 32x32x3 synthetic images", 8_000, 64),
     "resnet16": ("ResNet-18, width 16 (0.7M parameters), 32x32x3 synthetic images", 1_024, 64),
-    "llama": ("Llama-style LM, 4 layers, width 256, vocabulary 1,000, 64 tokens", 1_024, 16),
-    "gpt2": ("GPT-2 LM, 4 layers, width 256, vocabulary 1,000, 64 tokens", 1_024, 16),
+    "llama": ("Llama-style LM (CausalLanguageModel), 4 layers, width 256, vocabulary 1,000, 64 tokens", 1_024, 16),
+    "gpt2": ("GPT-2 LM (CausalLanguageModel), 4 layers, width 256, vocabulary 1,000, 64 tokens", 1_024, 16),
 }
 
 # (model, training examples, epochs) of the real-models suite
-REAL_CASES = [("resnet", 8_000, 2), ("resnet", 2_000, 2), ("resnet16", 1_024, 2), ("llama", 1_024, 2), ("mlp", 0, 10)]
+REAL_CASES = [
+    ("resnet", 8_000, 2),
+    ("resnet", 2_000, 2),
+    ("resnet16", 1_024, 2),
+    ("llama", 1_024, 2),
+    ("gpt2", 1_024, 2),
+    ("mlp", 0, 10),
+]
 SEQUENCE_LENGTH = 64
 VOCABULARY = 1_000
 
 
-def token_data(n: int, seed: int = 0):
-    """``n`` sequences of ``SEQUENCE_LENGTH + 1`` tokens from a random sparse Markov chain, as
-    ``(inputs, next tokens)``: learnable structure without a download."""
+def token_blocks(n: int, seed: int = 0):
+    """``n`` blocks of ``SEQUENCE_LENGTH`` tokens from a random sparse Markov chain (each token has 4
+    likely successors), as Hugging Face-style examples: learnable structure without a download."""
     import numpy as np
     import torch
-    from torch.utils.data import TensorDataset
+
+    from lightning_tda.demo_language import TokenBlocks
 
     rng = np.random.default_rng(seed)
-    successors = rng.integers(0, VOCABULARY, size=(VOCABULARY, 4))  # each token has 4 likely successors
-    tokens = np.empty((n, SEQUENCE_LENGTH + 1), dtype=np.int64)
+    successors = rng.integers(0, VOCABULARY, size=(VOCABULARY, 4))
+    tokens = np.empty((n, SEQUENCE_LENGTH), dtype=np.int64)
     tokens[:, 0] = rng.integers(0, VOCABULARY, size=n)
-    for t in range(1, SEQUENCE_LENGTH + 1):
+    for t in range(1, SEQUENCE_LENGTH):
         choice = successors[tokens[:, t - 1], rng.integers(0, 4, size=n)]
-        noise = rng.integers(0, VOCABULARY, size=n)
-        tokens[:, t] = np.where(rng.random(n) < 0.9, choice, noise)
-    x = torch.from_numpy(tokens)
-    return TensorDataset(x[:, :-1], x[:, 1:])
-
-
-def language_model(kind: str):
-    """A Lightning module around a Hugging Face causal LM built from a config (no download); its
-    training loss is the batch mean of each sequence's summed next-token loss (the task's convention)."""
-    import lightning as L
-    import torch
-    import torch.nn.functional as F
-
-    class CausalLM(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            if kind == "gpt2":
-                from transformers import GPT2Config, GPT2LMHeadModel
-
-                config = GPT2Config(
-                    n_layer=4, n_embd=256, n_head=4, vocab_size=VOCABULARY, n_positions=SEQUENCE_LENGTH,
-                    bos_token_id=0, eos_token_id=0,
-                )  # fmt: skip
-                self.lm = GPT2LMHeadModel(config)
-            else:
-                from transformers import LlamaConfig, LlamaForCausalLM
-
-                config = LlamaConfig(
-                    hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=VOCABULARY, max_position_embeddings=SEQUENCE_LENGTH,
-                    bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                )  # fmt: skip
-                self.lm = LlamaForCausalLM(config)
-
-        def forward(self, input_ids):
-            return self.lm(input_ids=input_ids).logits
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            logits = self(x)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum") / len(x)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    return CausalLM()
+        tokens[:, t] = np.where(rng.random(n) < 0.9, choice, rng.integers(0, VOCABULARY, size=n))
+    return TokenBlocks(torch.from_numpy(tokens))
 
 
 def build(model_name: str, n: int):
     """``(model, train dataloader or data module, task)`` for one case."""
     from torch.utils.data import DataLoader
 
-    from lightning_tda import ClassificationTask
+    from lightning_tda import LanguageModelingTask
     from lightning_tda.demo import DigitsDataModule, MLPClassifier, ResNet, SmallCNN, SyntheticImageDataModule
 
     batch = MODELS[model_name][2]
@@ -133,8 +98,10 @@ def build(model_name: str, n: int):
     if model_name in ("resnet", "resnet16"):
         data = SyntheticImageDataModule(batch_size=batch, num_examples=round(n / 0.8), test_fraction=0.2)
         return ResNet(width=32 if model_name == "resnet" else 16), data, None
-    loader = DataLoader(token_data(n), batch_size=batch, shuffle=True)
-    return language_model(model_name), loader, ClassificationTask()
+    from lightning_tda.demo_language import CausalLanguageModel
+
+    model = CausalLanguageModel(model_name, VOCABULARY, width=256, layers=4, heads=4, context=SEQUENCE_LENGTH)
+    return model, DataLoader(token_blocks(n), batch_size=batch, shuffle=True), LanguageModelingTask()
 
 
 def child(model_name: str, config: str, epochs: int, n: int) -> None:

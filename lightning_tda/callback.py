@@ -421,8 +421,8 @@ class TDACallback(L.Callback):
     def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
         self.stats.stage_gradients(layer.name, rows, self._grad_scale)
 
-    def _on_layer_inputs(self, layer: TrackedLayer, inputs: Tensor) -> None:
-        self.stats.stage_inputs(layer, inputs)
+    def _on_layer_inputs(self, layer: TrackedLayer, inputs: Tensor, row_mask: Tensor | None) -> None:
+        self.stats.stage_inputs(layer, inputs, row_mask)
 
     def _keep_model_output(self, module: Any, args: tuple, output: Any) -> None:
         if self._capturing and torch.is_grad_enabled():

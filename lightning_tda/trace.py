@@ -409,7 +409,8 @@ class TraceWriter:
             pre_group = group.create_group("preconditioner")
             for layer, (v_mean, count) in preconditioner.items():
                 g = pre_group.create_group(layer)
-                g.create_dataset("v_mean", data=v_mean.detach().cpu().double().numpy())
+                v_dtype = (dtypes or {}).get(layer, (torch.float64, torch.float64))[0]  # as wide layers' factors
+                g.create_dataset("v_mean", data=v_mean.detach().to(device="cpu", dtype=v_dtype).numpy())
                 g.attrs["count"] = count
 
     @_write_guarded

@@ -140,7 +140,9 @@ def test_true_fisher_from_the_training_graph_equals_the_one_from_a_second_forwar
     for direct in (False, True):
         L.seed_everything(0, verbose=False)
         model = Regressor(direct)
-        tda = TDACallback(tmp_path / f"{direct}.h5", task=RegressionTask(), segments=2, every_n_steps=1)
+        tda = TDACallback(
+            tmp_path / f"{direct}.h5", task=RegressionTask(), segments=2, every_n_steps=1, loss_check_steps=0
+        )
         quiet_trainer(max_epochs=2, callbacks=[tda]).fit(model, DataLoader(data, batch_size=16))
         assert model.forwards == (16 if direct else 8)  # 8 steps: a second forward only when needed
         traces[direct] = Trace.open(tmp_path / f"{direct}.h5")
@@ -216,3 +218,24 @@ def test_bf16_autocast_keeps_the_statistics_in_float64(tmp_path):
     for key, exact in sums["32-true"].items():
         assert torch.isfinite(sums["bf16-mixed"][key]).all()
         torch.testing.assert_close(sums["bf16-mixed"][key], exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+
+
+def test_a_version_1_trace_still_reads(tmp_path):
+    """Schema v1: float64 sums of every factor, no recorded-factor attributes, an integer cadence."""
+    path = tmp_path / "trace.h5"
+    L.seed_everything(0, verbose=False)
+    tda = TDACallback(path, task=ClassificationTask(), every_n_steps=2, factor_dtype="float64")
+    quiet_trainer(max_epochs=1, callbacks=[tda]).fit(MLPClassifier(sizes=[64, 16, 10]), loader())
+    expected = Trace.open(path).covariances(0, "net.0")
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 1
+        for key in ("factor_dtype", "max_factor_ratio"):
+            del f["meta"].attrs[key]
+        for name in ("net.0", "net.2"):
+            for key in ("A_recorded", "S_recorded"):
+                del f["layers"][name].attrs[key]
+    trace = Trace.open(path)
+    assert trace.schema_version == 1 and all(layer.A_recorded and layer.S_recorded for layer in trace.layers)
+    for got, want in zip(trace.covariances(0, "net.0"), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "statistics every 2 step(s), float64 factors" in trace.summary()
