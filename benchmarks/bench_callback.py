@@ -261,12 +261,15 @@ def main() -> None:
         if args.cases:
             cases = [(m, int(n), int(e)) for m, n, e in (c.split(":") for c in args.cases.split(","))]
         configs = ["without callback", "defaults"]
-        results = measure(cases, configs, repeats)
-        text, ratios = table(results, cases, configs)
+    else:
+        cases = [("mlp", 0, epochs), ("cnn", 0, epochs)]
+        configs = list(CONFIGS)[:2] if args.defaults_only else list(CONFIGS)
+    text, ratios = table(measure(cases, configs, repeats), cases, configs)
+    if args.suite == "real":
         body = (
             f"Target: at most 1.10x the wall time of training without the callback, at the callback's defaults "
             f"(true Fisher, every_n_steps='auto' within a 5% overhead budget, at least 4 statistics steps per "
-            f"segment, 3 segments, 2 checkpoints per segment, float32 factors): {verdict(ratios)}.\n\n"
+            f"segment, 3 segments, 2 checkpoints per segment, factor_dtype='auto'): {verdict(ratios)}.\n\n"
             f"Median of {repeats} interleaved repeats, each in a fresh process with one torch thread; the ratio "
             f"is the median of each repeat's ratio to the run without the callback just before it. Trace MB is "
             f"the whole file; checkpoints are the initial state plus float32 trainable parameters and buffers.\n\n"
@@ -274,10 +277,6 @@ def main() -> None:
         )
         name, title = "callback-overhead-real-models", "Training overhead of TDACallback on real models"
     else:
-        configs = list(CONFIGS)[:2] if args.defaults_only else list(CONFIGS)
-        cases = [("mlp", 0, epochs), ("cnn", 0, epochs)]
-        results = measure(cases, configs, repeats)
-        text, ratios = table(results, cases, configs)
         body = (
             f"Target: at most 1.10x the wall time of training without the callback, with the defaults: "
             f"{verdict(ratios)}.\n\n{epochs} epochs of digits (1,438 training examples, batch 64, 23 steps/epoch, "
