@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_tda.trace import OBJECT_OVERHEAD, to_json, writing
 from lightning_tda.trace_checks import TraceError, TraceReader, expect_str
+from lightning_tda.trace_probe import parse_in_child
 
 KINDS = ("pairwise", "self")
 
@@ -167,6 +168,7 @@ class Scores:
 
 @contextmanager
 def _reading(path: str | os.PathLike) -> Iterator[TraceReader]:
+    parse_in_child(path)
     try:
         file = h5py.File(path, "r")
     except (OSError, RuntimeError, ValueError) as err:

@@ -53,6 +53,7 @@ from lightning_tda.trace import (
 )
 from lightning_tda.trace_checks import TraceReader
 from lightning_tda.trace_lock import TraceLock
+from lightning_tda.trace_probe import mark_parsed, parse_in_child
 
 CACHE_FORMAT = "lightning_tda.cache"
 CACHE_LOCATIONS = ("sidecar", "trace", "none")
@@ -162,9 +163,10 @@ class FitCache:
         """``"missing"``, ``"current"`` (this run's), ``"stale"`` (a cache of another run) or ``"foreign"``."""
         if not self.path.exists():
             return "missing"
-        if not h5py.is_hdf5(self.path):
+        if not self.path.is_file() or not h5py.is_hdf5(self.path):
             return "foreign"
         try:
+            parse_in_child(self.path)
             with h5py.File(self.path, "r") as f:
                 reader = TraceReader(f, self.path)
                 if reader.attribute("", "format") != CACHE_FORMAT or not isinstance(reader.node("cache"), h5py.Group):
@@ -255,6 +257,7 @@ class FitCache:
                                 old.copy(reader.node(f"cache/{name}"), cache, name=name)
                 _put_entry(TraceReader(new, temporary), slot, key, arrays, description)
             os.replace(temporary, self.path)
+            mark_parsed(self.path)  # written here
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -334,6 +337,7 @@ def clean(trace_path: str | os.PathLike, results: bool = False) -> str:
                     else:
                         old.copy(old[name], new, name=name)
             os.replace(temporary, path)
+            mark_parsed(path)  # rewritten here from a trace Trace.open parsed
     except OSError as err:
         raise TraceError(f"Could not compact {path}: {err}. It is unchanged; free disk space and retry.") from err
     finally:

@@ -70,6 +70,7 @@ from lightning_tda.trace_checks import (
     expect_str,
 )
 from lightning_tda.trace_lock import TraceLock, writer_of
+from lightning_tda.trace_probe import is_parsed, mark_parsed, parse_in_child
 
 FORMAT = "lightning_tda.trace"
 SCHEMA_VERSION = 2
@@ -225,6 +226,7 @@ def writing(path: str | os.PathLike, estimate: int) -> Iterator[h5py.File]:
     An I/O error, including one from HDF5 closing a damaged file, raises :class:`TraceWriteError`."""
     path = Path(path)
     with TraceLock(path, timeout=WRITE_LOCK_TIMEOUT):
+        known = is_parsed(path) or not path.exists()  # a file we parsed or create: still known after our write
         try:
             file = h5py.File(path, "a", libver=LIBVER)
         except (OSError, RuntimeError) as err:
@@ -236,6 +238,8 @@ def writing(path: str | os.PathLike, estimate: int) -> Iterator[h5py.File]:
             file.flush()
             release_reserve(file)
             file.close()
+            if known:
+                mark_parsed(path)
         except TraceError:
             close_after_failure(file)
             raise
@@ -499,6 +503,7 @@ class TraceWriter:
             self.flush()
             release_reserve(self.file)
             self.file.close()
+        mark_parsed(self.path)  # written here (or, when appending, parsed before)
         self.lock.release()
 
     def abandon(self) -> bool:
@@ -658,6 +663,7 @@ class Trace:
             raise TraceError(
                 f"{path} is not an HDF5 file (truncated, or not a trace). Record a trace with TDACallback."
             )
+        parse_in_child(path)  # a file from elsewhere: HDF5 hanging or crashing on it must not take us along
         return cls(path)
 
     @contextmanager

@@ -27,7 +27,7 @@ from hostile_traces import exercise, mutate, record_base_trace
 SEED = 13
 CASES = 200
 MEMORY_MB = 2000
-SECONDS_PER_CASE = 20
+SECONDS_PER_CASE = 30
 BUDGET_SECONDS = 300  # a hard stop far above a normal run (about 25 s of CPU time in all)
 SCRIPT = Path(__file__).parent / "hostile_traces.py"
 

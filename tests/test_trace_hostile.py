@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 from hostile_traces import attribute, model, record_base_trace
 
+import lightning_tda.trace_probe
 from lightning_tda import Trace, TraceError
 from lightning_tda.cli import main
 from lightning_tda.scores import Scores
@@ -38,8 +40,10 @@ def hostile(base, tmp_path) -> Callable[[Callable[[h5py.File], None]], Path]:
     def make(edit: Callable[[h5py.File], None]) -> Path:
         path = tmp_path / f"hostile{len(list(tmp_path.glob('hostile*.h5')))}.h5"
         shutil.copy(base, path)
-        with h5py.File(path, "a") as f:
-            edit(f)
+        f = h5py.File(path, "a")
+        edit(f)
+        if f.id.valid:  # an edit of the raw bytes closes the file itself
+            f.close()
         return path
 
     return make
@@ -427,3 +431,39 @@ def test_a_fifo_where_the_trace_or_its_lock_file_goes_does_not_block(base, tmp_p
     assert Trace.open(trace).num_steps == 8  # no writer can hold a lock there
     with pytest.raises(TraceError, match=r"Cannot take the writer lock .* is not a regular file"):
         Scores.load(base, "source").save(trace)
+
+
+# ------------------------------------------------------------------ the HDF5 library itself
+def heap_object_too_long(f: h5py.File) -> None:
+    """Found by the fuzzer (one flipped bit): a string in the global heap that claims 2 KiB more than its
+    collection holds. Reading any string attribute then makes HDF5 loop forever."""
+    path = Path(f.filename)
+    f.close()
+    raw = bytearray(path.read_bytes())
+    collection = raw.index(b"GCOL")
+    position = collection + 16  # "GCOL", version, reserved, collection size
+    for _ in range(9):  # skip to the 10th object: index (2 bytes), references (2), reserved (4), size (8), data
+        size = int.from_bytes(raw[position + 8 : position + 16], "little")
+        position += 16 + -(-size // 8) * 8
+    raw[position + 9] |= 0x08  # its size + 2048
+    path.write_bytes(bytes(raw))
+
+
+def test_a_file_that_makes_hdf5_hang_is_refused_without_hanging(hostile, monkeypatch):
+    monkeypatch.setattr(lightning_tda.trace_probe, "PARSE_SECONDS", 3)
+    path = hostile(heap_object_too_long)
+    with pytest.raises(
+        TraceError, match=r"the HDF5 library hung \(stopped after 3 s\) parsing this file, in a separate"
+    ):
+        Trace.open(path)
+    with pytest.raises(TraceError, match=r"the HDF5 library hung"):
+        Scores.available(path)
+
+
+def test_a_file_that_makes_hdf5_crash_is_refused_and_this_process_lives(hostile, monkeypatch):
+    def crash(path: Path) -> None:  # what a segmentation fault in HDF5's parser does to the process parsing
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    monkeypatch.setattr(lightning_tda.trace_probe, "_touch_everything", crash)
+    with pytest.raises(TraceError, match=rf"the HDF5 library crashed \(signal {int(signal.SIGSEGV)}\) parsing this"):
+        Trace.open(hostile(lambda f: None))
