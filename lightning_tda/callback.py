@@ -706,7 +706,8 @@ class TDACallback(L.Callback):
     def _flush_rows(self) -> None:
         if self.writer is not None and self._rows:
             columns = {key: np.asarray(values) for key, values in self._rows.items() if key != "loss"}
-            columns["loss"] = torch.stack(self._rows["loss"]).double().cpu().numpy()  # one device sync per block
+            losses = [loss.reshape(()).double() for loss in self._rows["loss"]]
+            columns["loss"] = torch.stack(losses).cpu().numpy()  # one device sync per block
             self.writer.append_steps(columns)
         self._rows = {}
 
@@ -883,12 +884,12 @@ class TDACallback(L.Callback):
 
 
 def _loss_value(outputs: Any, device: torch.device) -> Tensor:
-    """The training loss of a batch from ``training_step``'s output (tensor, dict or None), as a 0-d float32
-    tensor left on its device (read once per block of rows, not once per step)."""
+    """The training loss of a batch from ``training_step``'s output (tensor, dict or None), as a tensor left on
+    its device (read once per block of rows, not once per step)."""
     if isinstance(outputs, Mapping):
         outputs = outputs.get("loss")
     if isinstance(outputs, Tensor):
-        return outputs.detach().float().reshape(())
+        return outputs.detach()
     return torch.full((), float("nan"), device=device)
 
 

@@ -303,7 +303,7 @@ class TraceWriter:
         except BaseException:
             self.lock.release()
             raise
-        self._step_datasets: dict[str, h5py.Dataset] | None = None
+        self._step_datasets: dict[str, tuple[h5py.Dataset, int, int]] | None = None
 
     # --- skeleton -------------------------------------------------------------------------------
     @_write_guarded
@@ -369,16 +369,18 @@ class TraceWriter:
         n = len(rows["step"])
         if n == 0:
             return
-        if self._step_datasets is None:  # looking datasets up by name costs as much as writing a block
-            self._step_datasets = {column: self.file["steps"][column] for column in (*STEP_COLUMNS, "lr")}
-        start = self._step_datasets["step"].shape[0]
+        if self._step_datasets is None:  # looking datasets and their layout up costs as much as writing a block
+            self._step_datasets = {}
+            for column in (*STEP_COLUMNS, "lr"):
+                dataset = self.file["steps"][column]
+                chunk_bytes = math.prod(dataset.chunks) * dataset.dtype.itemsize
+                self._step_datasets[column] = (dataset, dataset.chunks[0], chunk_bytes)
+        start = self._step_datasets["step"][0].shape[0]
         new_chunks = 0
-        for dataset in self._step_datasets.values():
-            rows_per_chunk = dataset.chunks[0]
-            chunks = -(-(start + n) // rows_per_chunk) - (-(-start // rows_per_chunk))
-            new_chunks += chunks * math.prod(dataset.chunks) * dataset.dtype.itemsize
+        for _, rows_per_chunk, chunk_bytes in self._step_datasets.values():
+            new_chunks += (-(-(start + n) // rows_per_chunk) - (-(-start // rows_per_chunk))) * chunk_bytes
         reserve_space(self.file, new_chunks)
-        for column, dataset in self._step_datasets.items():
+        for column, (dataset, _, _) in self._step_datasets.items():
             dataset.resize(start + n, axis=0)
             dataset[start:] = np.asarray(rows[column])
 
