@@ -195,8 +195,8 @@ class TDACallback(L.Callback):
         self._warned: set[str] = set()
         self._stopped = False  # a write failed (disk full): recording stopped, training goes on
         self._capture: LayerCapture | None = None
-        self._model_hook: Any = None
-        self._model_calls: list[tuple[tuple, Any]] = []
+        self._model_hooks: list[Any] = []
+        self._model_calls: list[tuple[tuple, dict[str, Any], Any]] = []
         self._fisher_done = False
         self._generator: torch.Generator | None = None
         self._trainer_for_state: L.Trainer | None = None
@@ -292,7 +292,10 @@ class TDACallback(L.Callback):
             on_inputs=self._on_layer_inputs,
         ).__enter__()
         if self.fisher == "true":
-            self._model_hook = pl_module.register_forward_hook(self._keep_model_output)
+            self._model_hooks = [
+                module.register_forward_hook(self._keep_model_output, with_kwargs=True)
+                for module in _model_roots(pl_module)
+            ]
 
     def _layer_groups(self, optimizer: Any) -> dict[str, int]:
         """Index of the optimizer param group holding each tracked layer's weight."""
@@ -424,22 +427,27 @@ class TDACallback(L.Callback):
     def _on_layer_inputs(self, layer: TrackedLayer, inputs: Tensor, row_mask: Tensor | None) -> None:
         self.stats.stage_inputs(layer, inputs, row_mask)
 
-    def _keep_model_output(self, module: Any, args: tuple, output: Any) -> None:
+    def _keep_model_output(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         if self._capturing and torch.is_grad_enabled():
-            self._model_calls.append((args, output))
+            self._model_calls.append((args, kwargs, output))
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        """True Fisher from the training graph: when ``training_step`` called the model once on the task's
-        inputs (``self(x)``), its output is what :meth:`Task.forward` would compute, so the sampled
-        targets' gradients come from one more backward through that graph (kept for training)."""
+        """True Fisher from the training graph: when ``training_step`` called the model (the LightningModule,
+        or a Hugging Face model inside it) on the batch's own inputs, and :meth:`Task.outputs_of_call` says
+        that call is what :meth:`Task.forward` computes (``self(x)``, ``self.model(**batch)``), the sampled
+        targets' gradients come from one more backward through that graph (kept for training): no second
+        forward pass."""
         if not (self._stats_step and self.fisher == "true" and self._capturing):
             return
         calls, self._model_calls = self._model_calls, []
-        if len(calls) != 1 or type(self.task).forward is not Task.forward:
+        found = {}
+        for args, kwargs, output in calls:
+            outputs = self.task.outputs_of_call(self._batch, args, kwargs, output)
+            if outputs is not None:
+                found[id(outputs)] = outputs  # nested calls of one forward give the same tensor
+        if len(found) != 1:
             return
-        args, outputs = calls[0]
-        if not args or args[0] is not self.task.inputs(self._batch) or not isinstance(outputs, Tensor):
-            return
+        (outputs,) = found.values()
         for layer, rows in self._true_fisher_rows(self._capture, outputs, retain_graph=True).items():
             self.stats.stage_gradients(layer, rows)
         self._fisher_done = True
@@ -755,9 +763,9 @@ class TDACallback(L.Callback):
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
             self._capture = None
-        if self._model_hook is not None:
-            self._model_hook.remove()
-            self._model_hook = None
+        for hook in self._model_hooks:
+            hook.remove()
+        self._model_hooks = []
         self._model_calls = []
 
     # ------------------------------------------------------------------------ state for resume
@@ -881,6 +889,20 @@ class TDACallback(L.Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _model_roots(pl_module: L.LightningModule) -> list[torch.nn.Module]:
+    """The LightningModule and the outermost Hugging Face models inside it (modules with
+    ``get_input_embeddings``): the calls a ``training_step`` makes to produce the task's outputs."""
+    roots: list[str] = []
+    modules = [pl_module]
+    for name, module in pl_module.named_modules():
+        if module is pl_module or any(name.startswith(f"{root}.") for root in roots):
+            continue
+        if callable(getattr(module, "get_input_embeddings", None)):
+            roots.append(name)
+            modules.append(module)
+    return modules
 
 
 def _loss_value(outputs: Any, device: torch.device) -> Tensor:

@@ -239,3 +239,31 @@ def test_a_version_1_trace_still_reads(tmp_path):
     for got, want in zip(trace.covariances(0, "net.0"), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert "statistics every 2 step(s), float64 factors" in trace.summary()
+
+
+def test_a_hugging_face_training_call_is_reused_for_the_true_fisher(tmp_path):
+    """``training_step`` returning ``self.model(**batch).loss`` (the Hugging Face way): the model's logits are
+    the task's outputs, so no second forward runs, and the statistics equal those of a second forward."""
+    from lightning_tda import LanguageModelingTask
+    from lightning_tda.demo_language import CausalLanguageModel, SyntheticTextDataModule
+
+    class SecondForward(LanguageModelingTask):  # never recognises a training call
+        def outputs_of_call(self, batch, args, kwargs, output):
+            return None
+
+    traces, forwards = {}, {}
+    for task in (LanguageModelingTask(), SecondForward()):
+        L.seed_everything(0, verbose=False)
+        data = SyntheticTextDataModule(train_blocks=16, test_blocks=2, batch_size=8)
+        model = CausalLanguageModel(architecture="gpt2")
+        calls = []
+        model.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        path = tmp_path / f"{type(task).__name__}.h5"
+        tda = TDACallback(path, task=task, segments=1, every_n_steps=1, loss_check_steps=0)
+        quiet_trainer(max_epochs=1, callbacks=[tda]).fit(model, data)
+        traces[type(task)], forwards[type(task)] = Trace.open(path), len(calls)
+    assert forwards == {LanguageModelingTask: 2, SecondForward: 4}  # 2 steps
+    reused, second = traces[LanguageModelingTask], traces[SecondForward]
+    for layer in reused.layer_names:
+        for key, value in reused.kfac_sums(0, layer).items():
+            torch.testing.assert_close(value, second.kfac_sums(0, layer)[key], rtol=1e-6, atol=1e-9)
