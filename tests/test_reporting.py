@@ -40,6 +40,8 @@ from lightning_tda.reporting.wandb_report import SELF_COLUMNS, table_columns
 K = 4
 QUERY_IDS = [3, 1, 4, 15, 9]
 SELF_TOP = 20
+UNIT = "cosine similarity of the pixels, negated across labels"
+WARNING = "similarity is not attribution; prefer SOURCE or TracInCP"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,8 @@ def report_case(digits_run, tmp_path_factory):
     x_query, y_query = test.tensors[0][QUERY_IDS], test.tensors[1][QUERY_IDS]
     same_label = (y_query[:, None] == y_train[None, :]).float() * 2 - 1
     values = (F.normalize(x_query, dim=1) @ F.normalize(x_train, dim=1).T) * same_label
-    pairwise = Scores(values, torch.arange(len(train)), torch.tensor(QUERY_IDS), "similarity", {"kind": "cosine"})
+    config = {"kind": "cosine", "unit": UNIT, "warnings": [WARNING]}
+    pairwise = Scores(values, torch.arange(len(train)), torch.tensor(QUERY_IDS), "similarity", config)
     model = digits_run["final_model"].eval()
     with torch.no_grad():
         losses = F.cross_entropy(model(x_train), y_train, reduction="none")
@@ -177,6 +180,7 @@ def test_wandb_run_holds_tables_histograms_and_trace_artifact(report_case, tmp_p
     assert artifact["files"]["trace.h5"].size == trace.stat().st_size
     assert artifact["metadata"]["methods"] == ["similarity"]
     assert run.summary["tda/similarity/mean_score"] == pytest.approx(float(pairwise.values.mean()), rel=1e-5)
+    assert run.summary["tda/similarity/unit"] == UNIT and run.summary["tda/similarity/warnings"] == WARNING
 
 
 def test_wandb_report_goes_into_the_wandb_logger_run(report_case, tmp_path):
@@ -290,6 +294,7 @@ def test_html_report_names_every_query_with_k_proponents_and_opponents(report_ca
     assert parser.figures == len(QUERY_IDS) + 2  # one per query, the score and self-influence histograms
     assert len(re.findall(r'class="self-row"', html)) == SELF_TOP
     assert html.count('<span class="noisy">') >= 0.8 * SELF_TOP
+    assert f"Unit: {UNIT}." in html and html.count(f'<p class="warning">⚠ {WARNING}</p>') == 1
 
 
 def test_tabular_regression_report_shows_feature_rows(tmp_path):

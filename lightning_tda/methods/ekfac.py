@@ -6,6 +6,10 @@ training loss. Removing ``z_m`` moves the parameters by ``+(1/N)(H + λI)⁻¹ g
 the query measurement by ``τ/N``: the scores are ``τ/N`` (the library's unit: the predicted change
 of the query's measurement when the example is removed), and positive means it helped the query.
 
+Influence functions assume training reached an optimum; :mod:`~lightning_tda.methods.convergence`
+checks the trace for the cases where it visibly did not (stopped early, or curvature training never
+settled into) and the scores' config carries its ``warnings`` (also issued as a Python warning).
+
 Computed query-side: the (few) query gradients are preconditioned once, then training examples are
 streamed in batches and only dot products are kept, so per-example gradients of the training set
 never exist all at once.
@@ -13,6 +17,7 @@ never exist all at once.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +26,7 @@ from torch import Tensor
 from lightning_tda.batches import Data
 from lightning_tda.curvature import COVARIANCE_SOURCES, CURVATURES, Curvature, PassData, fit_curvature
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
+from lightning_tda.methods.convergence import ConvergenceCheck, check_convergence
 from lightning_tda.scores import Scores
 from lightning_tda.storage import cache_location
 from lightning_tda.tasks import Task
@@ -104,19 +110,28 @@ class EKFACInfluence(AttributionMethod):
         self.cache = cache_location(cache)
         self.curvature: Curvature | None = None
         self.dampings: dict[str, float] = {}
+        self.convergence: ConvergenceCheck | None = None
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {
-            "damping": self.damping,
-            "damping_scale": self.damping_scale,
-            "curvature": self.curvature_kind,
-            "covariances": self.covariances,
-            "fisher": self.fisher or self.trace.fisher,
-            "samples": self.samples,
-            "correction_examples": self.correction_examples,
-            "seed": self.seed,
-            "checkpoint": self.trace.final_checkpoint.index,
-        }
+        return (
+            super().config()
+            | {
+                "damping": self.damping,
+                "damping_scale": self.damping_scale,
+                "curvature": self.curvature_kind,
+                "covariances": self.covariances,
+                "fisher": self.fisher or self.trace.fisher,
+                "samples": self.samples,
+                "correction_examples": self.correction_examples,
+                "seed": self.seed,
+                "checkpoint": self.trace.final_checkpoint.index,
+            }
+            | (
+                {"convergence": self.convergence.as_config(), "warnings": list(self.convergence.warnings)}
+                if self.convergence is not None
+                else {}
+            )
+        )
 
     # --- fitting ----------------------------------------------------------------------------------
     def fit(self, train: Data) -> Curvature:
@@ -150,6 +165,10 @@ class EKFACInfluence(AttributionMethod):
             cache=self.cache,
         )
         self.dampings = {name: self._layer_damping(name, c.mean_eigenvalue) for name, c in self.curvature.items()}
+        means = {name: c.mean_eigenvalue for name, c in self.curvature.items()}
+        self.convergence = check_convergence(self.trace, means, len(self.loader(train, "train").dataset))
+        if self.convergence.warnings:
+            warnings.warn("EK-FAC IF: " + " ".join(self.convergence.warnings), stacklevel=3)
         return self.curvature
 
     def _layer_damping(self, name: str, mean_eigenvalue: float) -> float:

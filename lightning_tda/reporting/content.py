@@ -58,8 +58,24 @@ class QueryView:
     harmful: list[ExampleView]
 
 
+class _MethodNotes:
+    """What a section says about its scores beyond the numbers, read from the method's config."""
+
+    config: dict[str, Any]
+
+    @property
+    def unit(self) -> str:
+        """What one unit of score means (the method's ``config["unit"]``), empty if it did not say."""
+        return str(self.config.get("unit", ""))
+
+    @property
+    def warnings(self) -> list[str]:
+        """The method's warnings about its own assumptions (``config["warnings"]``)."""
+        return [str(w) for w in self.config.get("warnings", [])]
+
+
 @dataclass
-class MethodSection:
+class MethodSection(_MethodNotes):
     """One method's pairwise scores: ``values`` is the ``(Q, N)`` matrix, ``queries`` its views."""
 
     method: str
@@ -69,7 +85,7 @@ class MethodSection:
 
 
 @dataclass
-class SelfInfluenceSection:
+class SelfInfluenceSection(_MethodNotes):
     """One method's self-influence: ``values`` ``(N,)``, ``ranking`` highest first."""
 
     method: str
@@ -77,6 +93,7 @@ class SelfInfluenceSection:
     ranking: list[ExampleView]
     noisy_in_top: int | None = None
     noisy_total: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +104,17 @@ class ReportContent:
     self_influence: list[SelfInfluenceSection] = field(default_factory=list)
     trace_path: Path | None = None
     images: bool = False
+
+    def notes(self) -> dict[str, str]:
+        """Text every tracker with a summary can hold: each method's unit and warnings (keys
+        ``tda/<method>/unit``, ``tda/<method>/warnings``)."""
+        out: dict[str, str] = {}
+        for section in [*self.methods, *self.self_influence]:
+            if section.unit:
+                out.setdefault(f"tda/{section.method}/unit", section.unit)
+            if section.warnings:
+                out[f"tda/{section.method}/warnings"] = " ".join(section.warnings)
+        return out
 
     def scalars(self) -> dict[str, float]:
         """Summary numbers every tracker can hold (keys ``tda/<method>/<what>``)."""
@@ -290,7 +318,7 @@ def build_report(
         else:
             top_values, top_ids = ranked[i]
             ranking = scored(top_ids, top_values)
-            section = SelfInfluenceSection(s.method, s.values.numpy(), ranking)
+            section = SelfInfluenceSection(s.method, s.values.numpy(), ranking, config=dict(s.config))
             if noisy is not None:
                 section.noisy_in_top = sum(bool(v.noisy) for v in ranking)
                 section.noisy_total = int(noisy.sum())

@@ -34,6 +34,7 @@ li img, td img, h3 img { vertical-align: middle; margin-right: 0.4rem; border: 1
 .helpful h4 { color: #1a7f37; } .harmful h4 { color: #cf222e; } h4 { margin: 0.3rem 0; font-size: 0.95rem; }
 .score { font-family: ui-monospace, monospace; }
 .noisy { background: #fff8c5; padding: 0 0.25rem; border-radius: 3px; }
+.warning { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 0.5rem 0.8rem; }
 table { border-collapse: collapse; font-size: 0.88rem; }
 th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: left; }
 img.figure { max-width: 100%; height: auto; }
@@ -64,11 +65,18 @@ def _example_html(example: ExampleView, css_class: str) -> str:
     )
 
 
+def _notes_html(section: MethodSection | SelfInfluenceSection) -> str:
+    """The unit of the scores and any warning the method raised about its own assumptions."""
+    unit = f'<p class="meta unit">Unit: {escape(section.unit)}.</p>' if section.unit else ""
+    return unit + "".join(f'<p class="warning">⚠ {escape(w)}</p>' for w in section.warnings)
+
+
 def _method_html(section: MethodSection) -> str:
     parts = [
         f'<h2 id="method-{escape(section.method)}">{escape(section.method)}: {len(section.queries)} queries</h2>',
         f'<p class="meta">Scores matrix {section.values.shape[0]} queries × {section.values.shape[1]} training '
         f"examples; {np.mean(section.values > 0):.1%} positive.</p>",
+        _notes_html(section),
         f'<img class="figure" alt="{escape(section.method)} score histogram" '
         f'src="{_data_uri(png_bytes(histogram_figure(section.values, section.method)))}">',
         f"<details><summary>hyper-parameters</summary><pre>{escape(json.dumps(section.config, indent=1))}</pre>"
@@ -115,7 +123,8 @@ def _self_html(section: SelfInfluenceSection) -> str:
         f'<h2 id="self-{escape(section.method)}">{escape(section.method)}: self-influence ranking</h2>'
         f'<p class="meta">Training examples with the highest self-influence first: those the model could '
         f"least explain from the rest of the data (mislabeled or atypical).{found}</p>"
-        f'<img class="figure" alt="{escape(section.method)} self-influence histogram" '
+        + _notes_html(section)
+        + f'<img class="figure" alt="{escape(section.method)} self-influence histogram" '
         f'src="{_data_uri(png_bytes(histogram_figure(section.values, section.method, "self-influence")))}">'
         "<table><thead><tr><th>rank</th><th>id</th><th>example</th><th>label</th><th>prediction</th>"
         "<th>self-influence</th><th>noisy label</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"

@@ -1,9 +1,10 @@
 """Reports for the Lightning loggers other than W&B: each gets what it can hold.
 
-* TensorBoard: tables as Markdown text, per-query figures and histograms as images, scalars.
-* CSV: scalars through ``log_metrics``; tables as CSV files and figures as PNG files in
-  ``<log_dir>/tda/``.
-* MLflow: tables as CSV artifacts, figures as PNG artifacts, scalars as metrics.
+* TensorBoard: tables as Markdown text, per-query figures and histograms as images, scalars; each
+  method's unit and warnings (:meth:`ReportContent.notes`) as text.
+* CSV: scalars through ``log_metrics``; tables as CSV files, figures as PNG files and the notes as
+  ``notes.txt`` in ``<log_dir>/tda/``.
+* MLflow: tables as CSV artifacts, figures as PNG artifacts, notes as text, scalars as metrics.
 * Any other logger: the scalars through ``log_metrics``.
 """
 
@@ -93,11 +94,13 @@ def log_to_logger(content: ReportContent, logger: Any, max_figures: int | None =
     """Log the report into a non-W&B Lightning logger; returns a one-line description of where."""
     from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
-    scalars = content.scalars()
+    scalars, notes = content.scalars(), content.notes()
     if isinstance(logger, TensorBoardLogger):
         writer = logger.experiment
         for name, (columns, rows) in tables(content).items():
             writer.add_text(f"tda/{name}", markdown_table(columns, rows))
+        for key, text in notes.items():
+            writer.add_text(key, text)
         for section in content.methods:
             writer.add_histogram(f"tda/{section.method}/scores", section.values.reshape(-1))
         for section in content.self_influence:
@@ -115,6 +118,8 @@ def log_to_logger(content: ReportContent, logger: Any, max_figures: int | None =
         directory.mkdir(parents=True, exist_ok=True)
         for name, (columns, rows) in tables(content).items():
             (directory / f"{name}.csv").write_text(csv_text(columns, rows), encoding="utf-8")
+        if notes:
+            (directory / "notes.txt").write_text("".join(f"{k}: {v}\n" for k, v in notes.items()), encoding="utf-8")
         for name, fig in figures(content, max_figures):
             fig.savefig(directory / f"{name.replace('/', '_')}.png")
         return f"CSV: {directory}"
@@ -124,6 +129,8 @@ def log_to_logger(content: ReportContent, logger: Any, max_figures: int | None =
             client.log_text(run_id, csv_text(columns, rows), f"tda/{name}.csv")
         for name, fig in figures(content, max_figures):
             client.log_figure(run_id, fig, f"tda/{name}.png")
+        for key, text in notes.items():
+            client.log_text(run_id, text, f"{key}.txt")
         for key, value in scalars.items():
             client.log_metric(run_id, key, value)
         return f"MLflow run {run_id}"

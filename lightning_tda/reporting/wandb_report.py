@@ -135,6 +135,7 @@ class WandbReporter:
             data[f"tda/{section.method}/self_influence_scores"] = wandb.Histogram(section.values, num_bins=64)
         run.log(data)
         run.summary.update(content.scalars())
+        run.summary.update(content.notes())  # each method's unit and warnings
         if self.log_trace and content.trace_path is not None:
             artifact = wandb.Artifact(
                 name=f"tda-trace-{run.id}",
