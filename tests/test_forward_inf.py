@@ -309,20 +309,20 @@ def test_diverging_queries_back_off_alone_and_the_scores_name_the_alpha_used(dig
 
 
 def test_a_first_alpha_that_overflows_everywhere_still_returns_finite_scores(digits):
-    """α = 1000 for 20 steps overflows every query, the joint set and every self-influence step."""
-    queries, train = digits["queries"], TensorDataset(*digits["train"][:40])
-    fi = method(digits, steps=20, lr=1e3)
+    """α = 10⁴ for 5 steps overflows every query, the joint set and (nearly) every self-influence step."""
+    queries, train = digits["queries"], TensorDataset(*digits["train"][:16])
+    fi = method(digits, steps=5, lr=1e4)
     with pytest.warns(UserWarning, match="diverged"):
         scores = fi.attribute(queries, train)
     assert torch.isfinite(scores.values).all() and (scores.values != 0).any()
-    assert sorted(scores.config["backed_off"]) == list(range(6)) and max(scores.config["lr_per_query"]) < 1e3
+    assert sorted(scores.config["backed_off"]) == list(range(6)) and max(scores.config["lr_per_query"]) < 1e4
     with pytest.warns(UserWarning, match="diverged"):
         joint = fi.attribute(queries, train, joint=True)
-    assert torch.isfinite(joint.values).all() and joint.config["backed_off"][-1] < 1e3
+    assert torch.isfinite(joint.values).all() and joint.config["backed_off"][-1] < 1e4
     with pytest.warns(UserWarning, match="diverged"):
         own = fi.self_influence(train)
-    assert torch.isfinite(own.values).all() and len(own.config["backed_off"]) >= 35  # a few barely move at all
-    assert fi.lr == 1e3  # the method's own α is untouched
+    assert torch.isfinite(own.values).all() and len(own.config["backed_off"]) >= 12  # a few barely move at all
+    assert fi.lr == 1e4  # the method's own α is untouched
 
 
 def test_empty_or_shuffled_sets_are_refused(digits):

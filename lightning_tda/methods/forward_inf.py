@@ -7,10 +7,16 @@ the *query* and watches how every training example's loss moves (Algorithm 1 of 
     score(z_i) = ℓ(z_i, θ_K) − ℓ(z_i, θ̂)                                (two forward passes)
 
 A training example whose loss rises most under ascent on the query is the most aligned with it,
-i.e. the most helpful: a positive score, the library's convention. To first order the score is
-``K·α·⟨∇ℓ(z_i), ∇f(z_q)⟩``, a one-checkpoint TracIn (eq. 8 of the paper). With
+i.e. the most helpful: a positive score, the library's convention. To first order the loss change
+is ``K·α·⟨∇ℓ(z_i), ∇f(z_q)⟩``, a one-checkpoint TracIn (eq. 8 of the paper). With
 ``direction="descent"`` the parameters move down the query loss and the difference is negated,
-so positive still means helpful.
+so positive still means helpful. The scores are these loss changes in the library's unit (see
+:class:`ForwardINF`: one positive factor per query).
+
+By default the step is not the paper's ``α ∇f``, whose size follows the query's gradient (a
+well-fit query barely moves, a poorly fit one runs away: ascent feeds on its own growing gradient),
+but one step of ``0.1·‖θ̂‖`` along the unit gradient, chosen by LDS across 12 settings. A query
+whose steps still diverge is stepped again with a smaller α, on its own; the call never fails for it.
 
 Backward passes touch only the queries (K per query). The training set is read with forward
 passes only: once under θ̂ (shared by all queries) and once per *query batch*, evaluating each
@@ -210,7 +216,6 @@ class ForwardINF(AttributionMethod):
         self.normalize = normalize
         self.backoff = backoff
         self.vectorize = vectorize
-        self._current_ids: Tensor | None = None
         self._factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self.checkpoint = trace.final_checkpoint.index
         self.load_checkpoint(self.checkpoint)
@@ -358,7 +363,7 @@ class ForwardINF(AttributionMethod):
         than ``explosion`` times ``1 + |f(θ̂)|``."""
         return ~torch.isfinite(values) | ((values - start).abs() > self.explosion * (1.0 + start.abs()))
 
-    def _trajectory(self, batch: Any, alphas: Tensor, keep: Sequence[int]) -> _Ascent:
+    def _trajectory(self, batch: Any, query_ids: Tensor, alphas: Tensor, keep: Sequence[int]) -> _Ascent:
         """K steps from θ̂ for each query of the batch with its own ``alphas (P,)``; ``healthy`` says
         whether each trajectory stayed finite and did not explode."""
         size = len(alphas)
@@ -370,7 +375,7 @@ class ForwardINF(AttributionMethod):
             params, values, finite, effective = self._step(params, batch, alphas)
             if start is None:
                 start = values
-                self._check_start(start)
+                self._check_start(start, query_ids)
             healthy &= finite & ~self._diverged(start, values)
             reach += effective
             if step in keep:
@@ -378,12 +383,11 @@ class ForwardINF(AttributionMethod):
         healthy &= ~self._diverged(start, self._query_values(params, batch))
         return _Ascent(params, snapshots, alphas, reach, healthy)
 
-    def _check_start(self, values: Tensor, query_ids: Tensor | None = None) -> None:
+    def _check_start(self, values: Tensor, query_ids: Tensor) -> None:
         """Stop when a query's measurement is NaN/inf at θ̂ already: no step size can fix that."""
         bad = ~torch.isfinite(values.reshape(-1))
         if bad.any():
-            ids = self._current_ids if query_ids is None else query_ids
-            who = "the joint query set" if ids is None else f"query id(s) {ids[bad.cpu()].tolist()[:10]}"
+            who = f"query id(s) {query_ids[bad.cpu()].tolist()[:10]}"
             raise FloatingPointError(
                 f"Forward-INF: the query loss is NaN/inf at the trained parameters θ̂ for {who}; no step size can "
                 f"fix that. Check those queries (their inputs, targets, and the task's measurement)."
@@ -399,13 +403,15 @@ class ForwardINF(AttributionMethod):
         device = next(iter(self.original.values())).device
         if alphas is None:
             alphas = torch.full((len(query_ids),), self.lr, dtype=torch.float64, device=device)
-        self._current_ids = query_ids
-        ascent = self._trajectory(batch, alphas.clone(), keep)
+        ascent = self._trajectory(batch, query_ids, alphas.clone(), keep)
         for _ in range(self.max_backoffs if self.backoff else 0):
             if ascent.healthy.all():
                 break
             redo = torch.nonzero(~ascent.healthy).reshape(-1)
-            ascent.merge(redo, self._trajectory(_rows(batch, redo), ascent.alphas[redo] / self.backoff_factor, keep))
+            again = self._trajectory(
+                _rows(batch, redo), query_ids[redo.cpu()], ascent.alphas[redo] / self.backoff_factor, keep
+            )
+            ascent.merge(redo, again)
         if not ascent.healthy.all():
             ids = query_ids[~ascent.healthy.cpu()].tolist()
             raise FloatingPointError(
