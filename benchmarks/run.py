@@ -57,6 +57,7 @@ from lightning_tda.demo import (  # noqa: E402
     headless_trainer,
 )
 from lightning_tda.evaluation import (  # noqa: E402
+    GroundTruth,
     LightningTrainFn,
     bootstrap_mean,
     lds,
@@ -397,6 +398,23 @@ def progress_every(step: int, label: str) -> Callable[[int, int], None]:
 
 
 # --- experiments --------------------------------------------------------------------------------
+def ground_truth(setting: Setting, train: Any, queries: Any, cfg: Config) -> GroundTruth:
+    """The LDS ground truth of ``setting`` (α = 0.5, ``cfg.subsets`` × ``cfg.seeds``), read from the cache if there."""
+    return lds_ground_truth(
+        LightningTrainFn(setting.module_factory, train, max_epochs=setting.epochs, batch_size=setting.batch_size),
+        setting.task,
+        queries,
+        len(train),
+        num_subsets=cfg.subsets,
+        num_seeds=cfg.seeds,
+        fraction=0.5,
+        cache=cfg.workdir / "ground_truth.h5",
+        tag=setting.recipe(),
+        workers=cfg.workers,
+        progress=progress_every(25, setting.name),
+    )
+
+
 def lds_experiment(setting: Setting, cfg: Config, results: dict[str, Any]) -> dict[str, MethodRun]:
     train, test, _ = setting.datasets(cfg.max_train)
     queries = TensorDataset(*test[: cfg.queries])
@@ -410,19 +428,7 @@ def lds_experiment(setting: Setting, cfg: Config, results: dict[str, Any]) -> di
             log(f"{setting.name}: {name} {runs[name].status} {runs[name].seconds:.1f}s")
     log(f"{setting.name}: ground truth, {cfg.subsets} subsets x {cfg.seeds} seeds")
     start = time.perf_counter()
-    truth = lds_ground_truth(
-        LightningTrainFn(setting.module_factory, train, max_epochs=setting.epochs, batch_size=setting.batch_size),
-        setting.task,
-        queries,
-        len(train),
-        num_subsets=cfg.subsets,
-        num_seeds=cfg.seeds,
-        fraction=0.5,
-        cache=cfg.workdir / "ground_truth.h5",
-        tag=setting.recipe(),
-        workers=cfg.workers,
-        progress=progress_every(25, setting.name),
-    )
+    truth = ground_truth(setting, train, queries, cfg)
     gt_seconds = time.perf_counter() - start
     scores = {name: lds(run.scores, truth) for name, run in runs.items() if run.scores is not None}
     results["lds"][setting.name] = {

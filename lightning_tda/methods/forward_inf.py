@@ -164,8 +164,9 @@ class ForwardINF(AttributionMethod):
 
     Defaults (K = 1 normalized step of 0.1 ‖θ̂‖) were chosen by LDS across 12 settings (6 data sets
     and models, each converged and not) among plain, normalized, parameter-relative and
-    loss-targeted step rules; the old default (K = 5 plain steps of the last learning rate) diverged
-    on 10 of the 12 and ranked lower on average (BENCHMARKS.md, "Defaults across settings").
+    loss-targeted step rules; the old default (K = 5 plain steps of the last learning rate) failed the
+    call on 11 of the 12 (15 of 16 with the held-out ones) and, with back-off, ranked lower on average
+    (BENCHMARKS.md, "Defaults across settings").
 
     Unit (:attr:`unit`): the predicted change of the query's measurement when the training example
     is removed. A query's row of loss changes is divided by its reach ``Σ_j α_j`` (the steps as
@@ -223,7 +224,7 @@ class ForwardINF(AttributionMethod):
         self.moving_names = self._select_moving()
         named = dict(self.model.named_parameters())
         self.original: Params = {n: named[n].detach() for n in self.moving_names}
-        self.lr_rule = "given" if lr is not None else "relative" if normalize else "last learning rate"
+        self.lr_rule = "given" if lr is not None else "relative" if normalize else "last learning rate"  # config
         self.lr = self._check_lr(self._default_lr() if lr is None else lr)
         self.fixed: Params = {n: p.detach() for n, p in named.items() if n not in self.original}
         self.fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
@@ -754,7 +755,7 @@ class ForwardINF(AttributionMethod):
         result = TuneResult(best[0], best[1], top1, top5, sorted(diverged), planted.tolist())
         log.info("Forward-INF tune on %d planted duplicates:\n%s", n_planted, result.table())
         if apply:
-            self.steps, self.lr = result.steps, result.lr
+            self.steps, self.lr, self.lr_rule = result.steps, result.lr, "tune"
         return result
 
     def _planted_ranks(self, queries: DataLoader, planted: Tensor, train: Data, base: Tensor, ks: list[int]) -> Tensor:
