@@ -860,10 +860,11 @@ class TDACallback(L.Callback):
 
     # ------------------------------------------------------------------------------ loss check
     def _start_loss_check(self, trainer: L.Trainer, restored: dict[str, Any] | None) -> None:
-        """On global rank 0 (the rank that writes), check the first ``loss_check_steps`` steps of this fit;
-        a resumed fit continues the check it saved."""
+        """Check the first ``loss_check_steps`` steps of this fit; a resumed fit continues the check it saved.
+        Every rank replays its own batches (a replayed forward may hold collectives: SyncBatchNorm, FSDP);
+        rank 0 warns and records."""
         self._loss_check = None
-        if not trainer.is_global_zero or self.loss_check_steps == 0:
+        if self.loss_check_steps == 0:
             return
         tolerance = 1e-2 if "16" in str(trainer.precision) else 1e-4  # half precision rounds losses to ~3 digits
         self._loss_check = TrainingLossCheck(self.task, self.loss_check_steps, tolerance, first_step=self.step + 1)

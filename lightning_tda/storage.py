@@ -175,10 +175,20 @@ class FitCache:
         except (OSError, TraceError):
             return "foreign"
 
+    def _usable_sidecar(self) -> str:
+        """The sidecar's state; a file there that is not a cache is refused before anything is fitted."""
+        state = self._sidecar_state()
+        if state == "foreign":
+            raise TraceError(
+                f"{self.path} (where the cache of {self.trace.path} goes) is not a lightning_tda cache; it is left "
+                f"alone. Move it away, or pass cache='trace' or cache='none'."
+            )
+        return state
+
     def load(self, slot: str, key: str, expected: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor] | None:
         """The cached tensors of ``slot`` if its key is ``key`` and its datasets are exactly ``expected``
         (name -> shape, float64); otherwise None (a mismatching entry is warned about, then refitted)."""
-        if not self.enabled or (self.location == "sidecar" and self._sidecar_state() != "current"):
+        if not self.enabled or (self.location == "sidecar" and self._usable_sidecar() != "current"):
             return None
         with h5py.File(self.path, "r") as f:
             reader, where = TraceReader(f, self.path), f"cache/{slot}"
@@ -222,12 +232,7 @@ class FitCache:
             with writing(self.path, estimate) as f:
                 _put_entry(TraceReader(f, self.path), slot, key, arrays, description)
             return
-        state = self._sidecar_state()
-        if state == "foreign":
-            raise TraceError(
-                f"{self.path} (where the cache of {self.trace.path} goes) is not a lightning_tda cache; it is left "
-                f"alone. Move it away, or pass cache='trace' or cache='none'."
-            )
+        state = self._usable_sidecar()
         if state == "current":
             with writing(self.path, estimate) as f:
                 reader = TraceReader(f, self.path)
