@@ -9,13 +9,16 @@ inputs), so its ``Q_A`` is the identity and is never formed (``q_a=None``):
 * EK-FAC: ``Λ*_{ij} = E_n[(Q_Sᵀ G_n Q_A)_{ij}²]``, one pass of per-example pseudo-gradients ``G_n``
   rotated into the eigenbasis (George et al. 2018), averaged over the checkpoints passed in.
 
-The pseudo-gradients of the true Fisher are, by default, the **exact expectation** over the model's
-predictive distribution: each square-root factor of the output Hessian (``task.fisher_factors``) is
-back-propagated (K factors for K outputs, in one vmapped backward pass), so ``Σ_k vec(G_{n,k}) vec(G_{n,k})ᵀ``
-is the example's Gauss-Newton matrix and the correction has no sampling noise. ``samples=m`` draws ``m`` targets per
-example instead (kronfluence draws one); sequence outputs always use samples, because the factors
-of a sum over positions cannot be back-propagated jointly without cross-position terms. An
-``"empirical"`` trace is corrected with the real-label gradients.
+The pseudo-gradients of the true Fisher are, where affordable, the **exact expectation** over the
+model's predictive distribution: each square-root factor of the output Hessian (``task.fisher_factors``)
+is back-propagated (K factors for K outputs, in one vmapped backward pass), so
+``Σ_k vec(G_{n,k}) vec(G_{n,k})ᵀ`` is the example's Gauss-Newton matrix and the correction has no
+sampling noise. That multiplies the passes' backward and per-factor work by K, so larger models
+(K × tracked parameters above ``EXACT_BUDGET``) draw ``DEFAULT_SAMPLES`` targets per example instead
+(:class:`FisherOptions`; ``samples=m`` or ``samples="exact"`` choose; kronfluence draws one).
+Sequence outputs always use samples, because the factors of a sum over positions cannot be
+back-propagated jointly without cross-position terms. An ``"empirical"`` trace is corrected with the
+real-label gradients.
 
 Any matrix function ``φ`` of the curvature is applied to a gradient-shaped ``V`` as
 ``Q_S [φ(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ`` (:meth:`LayerEigenbasis.apply`); the numerically stable
@@ -32,8 +35,9 @@ imports Lightning.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,15 +46,16 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_tda.batches import Data, as_loader, move_to, progress_bar
 from lightning_tda.capture import LayerCapture, TrackedLayer
-from lightning_tda.statistics import outer_sum
+from lightning_tda.gradients import LayerGradients, compute_dtype
 from lightning_tda.storage import FitCache
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError, to_json
 
 CURVATURES = ("ekfac", "kfac", "gauss-newton")
 COVARIANCE_SOURCES = ("stream", "recompute")
-DEFAULT_SAMPLES = 4  # targets per example when the exact expectation is not available
+DEFAULT_SAMPLES = 4  # targets per example when the exact expectation is not affordable
 MAX_EXACT_FACTORS = 64  # back-propagate every output-Hessian factor up to this many outputs
+EXACT_BUDGET = 2**24  # ... and while (outputs) × (tracked parameters) stays below this
 MAX_DENSE_BLOCK = 20_000  # largest per-layer parameter count for the dense Gauss-Newton block
 
 
@@ -93,12 +98,21 @@ class LayerEigenbasis:
             ``A``: embeddings, where a dense ``(vocabulary, vocabulary)`` basis would be wasted).
         q_s: ``(out, out)`` float64 eigenvectors of ``S``.
         eigenvalues: ``(out, a_dim)`` float64, EK-FAC corrected ``Λ*`` or ``outer(Λ_S, Λ_A)`` for K-FAC.
+
+    Inputs that were always zero (a 3×3 kernel's padding taps on a 1×1 feature map: 8 of 9 input
+    columns of the widest ResNet convolutions) have unit eigenvectors in ``q_a``
+    (:func:`symmetric_eigh`); products with ``q_a`` then copy those columns and multiply only the
+    rest, which is exact and makes the rotations of such layers up to ``(a_dim / active)²`` cheaper.
     """
 
     name: str
     q_a: Tensor | None
     q_s: Tensor
     eigenvalues: Tensor
+    _input_split: InputSplit | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._input_split = None if self.q_a is None else InputSplit.of(self.q_a)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,19 +122,28 @@ class LayerEigenbasis:
     def mean_eigenvalue(self) -> float:
         return float(self.eigenvalues.mean())
 
+    def rotate_inputs(self, x: Tensor) -> Tensor:
+        """``X Q_A`` over the last dimension (input rows or gradient matrices), in the basis' dtype."""
+        x = x.to(self.q_s.dtype)
+        if self.q_a is None:
+            return x
+        return x @ self.q_a if self._input_split is None else self._input_split.times(x)
+
     def rotate(self, v: Tensor) -> Tensor:
-        """``(..., out, a_dim) -> Q_Sᵀ V Q_A`` (float64)."""
-        rotated = self.q_s.T @ v.to(self.q_s.dtype)
-        return rotated if self.q_a is None else rotated @ self.q_a
+        """``(..., out, a_dim) -> Q_Sᵀ V Q_A`` (in the basis' dtype, float64 unless cast)."""
+        return self.rotate_inputs(self.q_s.T @ v.to(self.q_s.dtype))
 
     def unrotate(self, v: Tensor) -> Tensor:
         """Inverse of :meth:`rotate`: ``Q_S V Q_Aᵀ``."""
-        unrotated = self.q_s @ v.to(self.q_s.dtype)
-        return unrotated if self.q_a is None else unrotated @ self.q_a.T
+        v = v.to(self.q_s.dtype)
+        if self.q_a is not None:
+            v = v @ self.q_a.T if self._input_split is None else self._input_split.times_transpose(v)
+        return self.q_s @ v
 
     def apply(self, v: Tensor, values: Tensor) -> Tensor:
-        """``Q_S [values ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ`` for ``v`` of shape ``(..., out, a_dim)``; float64."""
-        return self.unrotate(values * self.rotate(v))
+        """``Q_S [values ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ`` for ``v`` of shape ``(..., out, a_dim)``, in the eigenvectors' dtype."""
+        rotated = self.rotate(v)
+        return self.unrotate(values.to(rotated.dtype) * rotated)
 
     def damped_inverse(self, v: Tensor, damping: float) -> Tensor:
         """``(H + damping·I)⁻¹ V`` with this layer's curvature ``H``."""
@@ -130,9 +153,55 @@ class LayerEigenbasis:
         basis = {} if self.q_a is None else {"q_a": self.q_a}
         return basis | {"q_s": self.q_s, "eigenvalues": self.eigenvalues}
 
-    def to(self, device: torch.device | str) -> LayerEigenbasis:
-        q_a = None if self.q_a is None else self.q_a.to(device)
-        return LayerEigenbasis(self.name, q_a, self.q_s.to(device), self.eigenvalues.to(device))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LayerEigenbasis:
+        """A copy on ``device``, with the eigenvectors in ``dtype`` if given (eigenvalues stay float64).
+
+        Methods apply the curvature in the model's dtype: the decomposition is float64, the products
+        with gradients (which are only as precise as the model) need not be."""
+        q_a = None if self.q_a is None else self.q_a.to(device, dtype)
+        return LayerEigenbasis(self.name, q_a, self.q_s.to(device, dtype), self.eigenvalues.to(device))
+
+
+@dataclass
+class InputSplit:
+    """``Q_A`` with (signed) unit columns: ``Q_A[unit_rows, unit_columns] = diag(signs)`` and the rest of it
+    ``block = Q_A[rest_rows][:, rest_columns]``, so ``X Q_A`` copies ``unit_rows`` and multiplies ``block``."""
+
+    unit_rows: Tensor
+    unit_columns: Tensor
+    signs: Tensor
+    rest_rows: Tensor
+    rest_columns: Tensor
+    block: Tensor
+
+    @staticmethod
+    def of(q: Tensor) -> InputSplit | None:
+        """The split of an orthogonal ``q``, or ``None`` if it has no unit columns."""
+        nonzero = q != 0
+        unit = (nonzero.sum(dim=0) == 1) & (q.abs().amax(dim=0) == 1)
+        if not unit.any():
+            return None
+        unit_columns, rest_columns = unit.nonzero().flatten(), (~unit).nonzero().flatten()
+        unit_rows = nonzero[:, unit_columns].to(torch.int8).argmax(dim=0)
+        rest = torch.ones(len(q), dtype=torch.bool, device=q.device)
+        rest[unit_rows] = False
+        rest_rows = rest.nonzero().flatten()
+        signs = q[unit_rows, unit_columns]
+        return InputSplit(unit_rows, unit_columns, signs, rest_rows, rest_columns, q[rest_rows][:, rest_columns])
+
+    def times(self, x: Tensor) -> Tensor:
+        """``X Q`` over the last dimension."""
+        out = torch.empty_like(x)
+        out[..., self.unit_columns] = x[..., self.unit_rows] * self.signs
+        out[..., self.rest_columns] = x[..., self.rest_rows] @ self.block
+        return out
+
+    def times_transpose(self, x: Tensor) -> Tensor:
+        """``X Qᵀ`` over the last dimension."""
+        out = torch.empty_like(x)
+        out[..., self.unit_rows] = x[..., self.unit_columns] * self.signs
+        out[..., self.rest_rows] = x[..., self.rest_columns] @ self.block.T
+        return out
 
 
 @dataclass
@@ -190,7 +259,8 @@ class DenseLayerCurvature:
     def tensors(self) -> dict[str, Tensor]:
         return {"matrix": self.matrix}
 
-    def to(self, device: torch.device | str) -> DenseLayerCurvature:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DenseLayerCurvature:
+        """A copy on ``device``; the exact reference stays float64 whatever ``dtype`` is asked."""
         return DenseLayerCurvature(self.name, self.shape, self.matrix.to(device))
 
 
@@ -199,17 +269,100 @@ Curvature = dict[str, LayerCurvature]  # keyed by layer name, in the trace's lay
 
 
 def eigenbases_from_covariances(covariances: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, LayerEigenbasis]:
-    """K-FAC eigenbases from per-layer ``(A, S)`` (float64); eigenvalues ``outer(Λ_S, Λ_A)``.
+    """K-FAC eigenbases from per-layer ``(A, S)``; eigenvalues ``outer(Λ_S, Λ_A)``, float64.
 
-    A 1-D ``A`` is a diagonal input factor (embeddings): its eigenvalues are the diagonal and its basis
-    the identity (``q_a=None``). Tiny negative eigenvalues from round-off are clamped to zero.
+    Each factor goes through :func:`symmetric_eigh`, which does not fail on ill-conditioned or
+    rank-deficient factors. A 1-D ``A`` is a diagonal input factor (embeddings): its eigenvalues are the
+    diagonal and its basis the identity (``q_a=None``). Tiny negative eigenvalues from round-off are
+    clamped to zero.
     """
     bases = {}
     for name, (a, s) in covariances.items():
-        lam_a, q_a = (a.double(), None) if a.dim() == 1 else torch.linalg.eigh(a.double())
-        lam_s, q_s = torch.linalg.eigh(s.double())
+        lam_a, q_a = (a.double(), None) if a.dim() == 1 else symmetric_eigh(a, f"{name} (input factor A)")
+        lam_s, q_s = symmetric_eigh(s, f"{name} (output-gradient factor S)")
         bases[name] = LayerEigenbasis(name, q_a, q_s, torch.outer(lam_s.clamp(min=0), lam_a.clamp(min=0)))
     return bases
+
+
+EIGH_JITTERS = (1e-12, 1e-9, 1e-6)  # relative to the mean diagonal, tried in turn when LAPACK does not converge
+_warned_layers: set[str] = set()
+
+
+def symmetric_eigh(matrix: Tensor, name: str = "matrix") -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric (covariance) factor that does not fail: ``(values (n,), vectors (n, n))``,
+    float64, eigenvalues ascending, vectors orthonormal columns with ``matrix ≈ vectors · diag(values) · vectorsᵀ``.
+
+    The factor is converted to float64 and symmetrized. Rows and columns that are exactly zero
+    (inputs that are always zero, such as a 3×3 kernel's padding taps on a 1×1 feature map) have unit
+    eigenvectors with eigenvalue 0 and are split off, so only the rest is decomposed. If LAPACK does
+    not converge (ill-conditioned factors with many repeated eigenvalues, e.g. a 2,304-wide factor
+    estimated from fewer rows than its width), it is retried with a jitter ``ε · mean diagonal`` on
+    the diagonal for ε in ``EIGH_JITTERS`` (and the eigenvalues shifted back), then decomposed by an
+    SVD instead; a warning names the factor once.
+
+    Raises:
+        ValueError: the factor holds NaN or infinite values (nothing can be decomposed).
+    """
+    matrix = matrix.to(torch.float64)
+    matrix = (matrix + matrix.T) / 2
+    if not torch.isfinite(matrix).all():
+        raise ValueError(
+            f"The curvature factor of {name} holds NaN or infinite values, so it has no eigendecomposition. The "
+            f"statistics diverged; fit the curvature again (covariances='recompute') or leave the layer out."
+        )
+    size, device = matrix.shape[0], matrix.device
+    active = (matrix != 0).any(dim=0).nonzero().flatten()
+    if len(active) == size:
+        values, vectors = _robust_eigh(matrix, name)
+        return values, vectors.contiguous()
+    inactive = (matrix == 0).all(dim=0).nonzero().flatten()
+    values = torch.zeros(size, dtype=torch.float64, device=device)
+    vectors = torch.zeros(size, size, dtype=torch.float64, device=device)
+    vectors[inactive, torch.arange(len(inactive), device=device)] = 1.0
+    if len(active):
+        block_values, block_vectors = _robust_eigh(matrix[active][:, active], name)
+        columns = len(inactive) + torch.arange(len(active), device=device)
+        values[columns] = block_values
+        vectors[active[:, None], columns[None, :]] = block_vectors
+    return _ascending(values, vectors)
+
+
+def _ascending(values: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    order = torch.argsort(values)
+    return values[order].contiguous(), vectors[:, order].contiguous()
+
+
+def _robust_eigh(matrix: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a symmetric float64 matrix, with jittered retries and an SVD fallback."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        pass
+    scale = float(torch.diagonal(matrix).abs().mean()) or 1.0
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    for jitter in EIGH_JITTERS:
+        try:
+            values, vectors = torch.linalg.eigh(matrix + jitter * scale * eye)
+        except torch.linalg.LinAlgError:
+            continue
+        _warn_once(name, f"succeeded after adding {jitter:g} x its mean diagonal to the diagonal")
+        return values - jitter * scale, vectors
+    vectors, _, _ = torch.linalg.svd(matrix + EIGH_JITTERS[-1] * scale * eye)
+    values = torch.einsum("ij,ik,kj->j", vectors, matrix, vectors)  # Rayleigh quotients keep the signs
+    _warn_once(name, "fell back to an SVD")
+    return _ascending(values, vectors)
+
+
+def _warn_once(name: str, what: str) -> None:
+    if name not in _warned_layers:
+        _warned_layers.add(name)
+        warnings.warn(
+            f"The eigendecomposition of the curvature factor of {name} did not converge (ill-conditioned, many "
+            f"repeated eigenvalues) and {what}. The basis is valid; the layer's curvature is as accurate as its "
+            f"statistics.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 # ------------------------------------------------------------------------------ pseudo-gradients
@@ -219,21 +372,50 @@ def eigenbases_from_covariances(covariances: Mapping[str, tuple[Tensor, Tensor]]
 class FisherOptions:
     """Which per-example pseudo-gradients a curvature pass uses.
 
-    ``kind="true"``: ``samples=None`` back-propagates every output-Hessian factor (exact expectation;
-    used when outputs are ``(B,)`` or ``(B, K)`` with ``K <= MAX_EXACT_FACTORS``, otherwise
-    ``DEFAULT_SAMPLES`` targets are drawn); ``samples=m`` draws ``m`` targets per example.
+    ``kind="true"``: ``samples="exact"`` back-propagates every output-Hessian factor (the exact
+    expectation over the predictive distribution; outputs ``(B,)`` or ``(B, K)``), ``samples=m`` draws
+    ``m`` targets per example, and ``samples=None`` (the default) takes the exact expectation where
+    it is affordable (see :meth:`exact_expectation`) and draws ``DEFAULT_SAMPLES`` targets otherwise.
     ``kind="empirical"``: the real-label training gradient.
     """
 
     kind: str = "true"
-    samples: int | None = None
+    samples: int | str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("true", "empirical"):
             raise ValueError(f"fisher={self.kind!r}: use 'true' or 'empirical'.")
-        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
-            raise ValueError(f"samples={self.samples!r}: use None (exact expectation) or a positive integer.")
+        number = isinstance(self.samples, int) and not isinstance(self.samples, bool) and self.samples >= 1
+        if self.samples not in (None, "exact") and not number:
+            raise ValueError(
+                f"samples={self.samples!r}: use None (exact expectation where affordable), 'exact' or a positive "
+                f"integer (sampled targets per example)."
+            )
+
+    def exact_expectation(self, outputs: Tensor, layers: Sequence[TrackedLayer]) -> bool:
+        """Whether the true-Fisher passes back-propagate all ``K`` output-Hessian factors of ``outputs``.
+
+        With ``samples=None``: when outputs are ``(B,)`` or ``(B, K)`` with ``K <= MAX_EXACT_FACTORS`` and
+        ``K`` × the tracked parameters ``<= EXACT_BUDGET``. The exact expectation multiplies the backward
+        pass and the per-factor work of the passes by ``K``: on the digits MLP (10 × 26k) it is cheap and
+        removes the sampling noise that costs influence accuracy there; on a ResNet-18 at half width
+        (10 × 2.8M) it took 1.8x the CPU time of 4 sampled targets, whose scores correlate 0.985 with it
+        (BENCHMARKS.md).
+        """
+        flat = outputs.dim() <= 2
+        if self.samples == "exact":
+            if not flat:
+                raise ValueError(
+                    f"samples='exact' back-propagates the output-Hessian factors of (B,) or (B, K) outputs; these "
+                    f"are {tuple(outputs.shape)} (a sequence). Pass samples=<number of sampled targets> instead."
+                )
+            return True
+        if self.samples is not None or not flat:
+            return False
+        factors = outputs.reshape(len(outputs), -1).shape[1]
+        parameters = sum(layer.out_features * layer.a_dim for layer in layers)
+        return factors <= MAX_EXACT_FACTORS and factors * parameters <= EXACT_BUDGET
 
 
 def pseudo_gradient_rows(
@@ -249,12 +431,7 @@ def pseudo_gradient_rows(
     if fisher.kind == "empirical":
         yield capture.output_gradient_rows(task.loss(outputs, targets).sum()), 1.0
         return
-    exact = (
-        fisher.samples is None
-        and outputs.dim() <= 2
-        and outputs.reshape(len(outputs), -1).shape[1] <= MAX_EXACT_FACTORS
-    )
-    if exact:
+    if fisher.exact_expectation(outputs, capture.layers):
         factors = task.fisher_factors(outputs)
         try:
             yield from ((rows, 1.0) for rows in _batched_output_gradient_rows(capture, outputs, factors))
@@ -301,6 +478,7 @@ class PassData:
     batch_size: int = 128
     device: torch.device = torch.device("cpu")
     examples: int | None = None  # random subset of this many training examples (seeded)
+    part: tuple[int, int] = (0, 1)  # (index, count): the index-th of count disjoint random shares (seeded)
     seed: int = 0
     shard: tuple[int, int] = (0, 1)  # (rank, world size): this process takes every world-th batch
     reduce: Callable[[Tensor], Tensor] | None = None  # sums a partial result across processes
@@ -310,13 +488,22 @@ class PassData:
     def loader(self, task: Task) -> DataLoader:
         loader = as_loader(self.train, self.batch_size, "train")
         n = len(loader.dataset)
-        if self.examples is None or self.examples >= n:
-            return loader
-        if self.examples < 1:
+        if self.examples is not None and self.examples < 1:
             raise ValueError(f"correction_examples={self.examples}: use a positive number of examples (or None).")
+        index, count = self.part
+        if (self.examples is None or self.examples >= n) and count == 1:
+            return loader
         chosen = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.examples]
+        if count > 1:
+            shares = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(self.seed + 1))
+            chosen = chosen[shares[index::count]]
         subset = Subset(loader.dataset, sorted(chosen.tolist()))
         return DataLoader(subset, batch_size=loader.batch_size or self.batch_size, collate_fn=loader.collate_fn)
+
+    def size(self) -> int:
+        """Number of examples the pass reads before any split into parts."""
+        n = len(as_loader(self.train, self.batch_size, "train").dataset)
+        return n if self.examples is None else min(n, self.examples)
 
     def batches(self, task: Task, desc: str) -> Iterator[Any]:
         loader = self.loader(task)
@@ -389,14 +576,15 @@ def correct_eigenvalues(
     """EK-FAC corrected eigenvalues at the model's current parameters: ``{layer: (out, a_dim)}`` float64.
 
     ``Λ*_{ij} = mean_n Σ_k w_k (Q_Sᵀ G_{n,k} Q_A)_{ij}²`` over the pass's examples, with the
-    pseudo-gradients ``G_{n,k}`` of :func:`pseudo_gradient_rows`. For one row per example
-    (``R = 1``) of a dense layer the square factorises, ``(Q_Sᵀ δ_k)_i² (Q_Aᵀ a)_j²``, so the pass costs
-    one ``(out, B) × (B, a_dim)`` product per batch after summing ``(Q_Sᵀ δ_k)²`` over the factors.
+    pseudo-gradients ``G_{n,k}`` of :func:`pseudo_gradient_rows` (see :func:`squared_rotated_sum` for
+    how each batch is computed). Products are taken in the model's dtype (at least float32) and
+    summed in float64; everything stays on the pass's device.
     """
     layers = [layer for layer in layers if layer.name in curvature]
-    sums = {layer.name: torch.zeros_like(curvature[layer.name].eigenvalues) for layer in layers}
-    count = torch.zeros((), dtype=torch.float64)
+    sums = {layer.name: torch.zeros_like(curvature[layer.name].eigenvalues, device=data.device) for layer in layers}
+    count = torch.zeros((), dtype=torch.float64, device=data.device)
     generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
+    cast: dict[str, LayerEigenbasis] = {}  # the eigenvectors in the compute dtype, cast once per pass
     was_training = model.training
     model.eval()
     try:
@@ -405,17 +593,15 @@ def correct_eigenvalues(
                 outputs = _evaluate(model, task, batch)
                 targets = task.targets(batch)
                 weighted = list(pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator))
-                weights = torch.tensor([w for _, w in weighted], dtype=torch.float64, device=outputs.device)
+                weights = [w for _, w in weighted]
                 for layer in layers:
-                    basis, act = curvature[layer.name], capture.activations[layer.name]
-                    deltas = torch.stack([rows[layer.name] for rows, _ in weighted]).double()  # (K, B, R, out)
-                    total = sums[layer.name]
-                    if deltas.shape[2] == 1 and act.shape[1] == 1 and basis.q_a is not None:
-                        squared = torch.einsum("k,kbo->bo", weights, (deltas[:, :, 0] @ basis.q_s) ** 2)
-                        total += squared.T @ (act[:, 0].double() @ basis.q_a) ** 2  # Σ_k w_k (Q_Sᵀ δ_k)² per example
-                    else:
-                        for delta, weight in zip(deltas, weights):
-                            total += weight * _rotated_gradients(basis, layer, delta, act).pow(2).sum(0)
+                    act = capture.activations[layer.name]  # (B, R, a_dim) rows, or an embedding's token ids
+                    dtype = compute_dtype(weighted[0][0][layer.name].dtype)
+                    if layer.name not in cast:
+                        cast[layer.name] = curvature[layer.name].to(data.device, dtype)
+                    deltas = torch.stack([rows[layer.name] for rows, _ in weighted]).to(dtype)  # (K, B, R, out)
+                    act = act.to(dtype) if act.is_floating_point() else act
+                    sums[layer.name] += squared_rotated_sum(layer, deltas, weights, act, cast[layer.name])
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
@@ -425,20 +611,43 @@ def correct_eigenvalues(
     return {name: data.total(total) / count for name, total in sums.items()}
 
 
-def _rotated_gradients(basis: LayerEigenbasis, layer: TrackedLayer, delta: Tensor, act: Tensor) -> Tensor:
-    """Per-example gradients in the eigenbasis, ``Q_Sᵀ G_n Q_A = Σ_r (Q_Sᵀ δ_r)(Q_Aᵀ a_r)ᵀ``: ``(B, out, a_dim)``
-    float64 for float64 rows ``delta`` ``(B, R, out)``.
+def squared_rotated_sum(
+    layer: TrackedLayer, deltas: Tensor, weights: Sequence[float], activations: Tensor, basis: LayerEigenbasis
+) -> Tensor:
+    """``Σ_b Σ_k w_k (Q_Sᵀ G_{b,k} Q_A)²`` elementwise, ``G_{b,k} = Σ_r δ_{k,b,r} a_{b,r}ᵀ``: ``(out, a_dim)`` float64.
 
-    Rotates the ``R`` rows first when that is cheaper than rotating the ``out × a_dim`` matrices (sequences
-    shorter than the layer is wide: ``R (out² + a_dim²) < out·a_dim (out + a_dim)``), and always for an
-    embedding, whose ``Q_A`` is the identity.
+    Args:
+        layer: the tracked layer.
+        deltas: ``(K, B, R, out)`` output-gradient rows of the ``K`` pseudo-gradients.
+        weights: the ``K`` weights.
+        activations: ``(B, R, a_dim)`` input rows (same dtype as ``deltas``), or an embedding's token ids ``(B, R)``.
+        basis: the layer's eigenbasis, its eigenvectors in that dtype too.
+
+    For one row per example the square factorises, ``(Q_Sᵀ δ_k)_i² (Q_Aᵀ a)_j²``: one
+    ``(out, B) × (B, a_dim)`` product. Otherwise the rows are rotated first (``Q_Aᵀ a_r`` once,
+    ``Q_Sᵀ δ_r`` per factor) and the rotated per-example matrices formed from them, or, when that is
+    dearer (many rows of a small layer), the per-example matrices are formed and rotated; dense
+    matrices exist for a chunk of examples at a time. An embedding's ``Q_A`` is the identity: its rows
+    are always rotated first.
     """
-    out, a_dim = basis.shape
-    if basis.q_a is None:
-        return layer.gradient_matrices(delta @ basis.q_s, act)
-    if delta.shape[1] * (out * out + a_dim * a_dim) < out * a_dim * (out + a_dim):
-        return torch.einsum("bro,bri->boi", delta @ basis.q_s, act.double() @ basis.q_a)
-    return basis.rotate(layer.gradient_matrices(delta, act))
+    factors, _, rows, out = deltas.shape
+    a_dim = layer.a_dim
+    if rows == 1 and basis.q_a is not None:
+        squared = sum(w * (d[:, 0] @ basis.q_s) ** 2 for d, w in zip(deltas, weights))  # (B, out)
+        return (squared.T @ basis.rotate_inputs(activations[:, 0]) ** 2).double()
+    total = torch.zeros(out, a_dim, dtype=torch.float64, device=deltas.device)
+    rows_first = rows * a_dim**2 + factors * rows * (out**2 + out * a_dim)
+    matrices_first = factors * (rows * out * a_dim + out**2 * a_dim + out * a_dim**2)
+    if rows_first <= matrices_first or basis.q_a is None:
+        rotated_inputs = activations if basis.q_a is None else basis.rotate_inputs(activations)
+        for delta, weight in zip(deltas, weights):
+            for _, rotated in LayerGradients(layer, delta @ basis.q_s, rotated_inputs).chunks():
+                total += weight * rotated.pow(2).sum(0).double()
+    else:
+        for delta, weight in zip(deltas, weights):
+            for _, dense in LayerGradients(layer, delta, activations).chunks():
+                total += weight * basis.rotate(dense).pow(2).sum(0).double()
+    return total
 
 
 def covariances_at(
@@ -446,16 +655,17 @@ def covariances_at(
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC factors ``(A, S)`` recomputed at the model's current parameters over the pass's data
     (``A`` per row, ``S`` per example, as the callback streams them; ``A`` is 1-D, the diagonal, for an
-    embedding); float64."""
+    embedding); float64, on the pass's device. Each batch's outer products are taken in the model's dtype
+    (at least float32) and summed in float64."""
     sums = {
         layer.name: [
-            torch.zeros(layer.input_factor_shape, dtype=torch.float64),
-            torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64),
+            torch.zeros(layer.input_factor_shape, dtype=torch.float64, device=data.device),
+            torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=data.device),
         ]
         for layer in layers
     }
-    rows_count = {name: torch.zeros((), dtype=torch.float64) for name in sums}
-    count = torch.zeros((), dtype=torch.float64)
+    rows_count = {name: torch.zeros((), dtype=torch.float64, device=data.device) for name in sums}
+    count = torch.zeros((), dtype=torch.float64, device=data.device)
     generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
     was_training = model.training
     model.eval()
@@ -464,12 +674,13 @@ def covariances_at(
             with torch.enable_grad(), _capture(layers, task, batch) as capture:
                 outputs = _evaluate(model, task, batch)
                 for layer in layers:
-                    sums[layer.name][0] += layer.input_sum(capture.activations[layer.name]).cpu()
-                    rows_count[layer.name] += capture.row_counts[layer.name].cpu()
+                    act = capture.activations[layer.name]
+                    sums[layer.name][0] += layer.input_sum(act) if layer.diagonal_input else _gram(act)
+                    rows_count[layer.name] += capture.row_counts[layer.name]
                 targets = task.targets(batch)
                 for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
                     for name in sums:
-                        sums[name][1] += weight * outer_sum(rows[name]).cpu()
+                        sums[name][1] += weight * _gram(rows[name])
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
@@ -477,6 +688,14 @@ def covariances_at(
     return {
         name: (data.total(a) / data.total(rows_count[name]), data.total(s) / count) for name, (a, s) in sums.items()
     }
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """``Σ_r x_r x_rᵀ`` over the rows of a ``(..., d)`` tensor: ``(d, d)`` float64, multiplied in the rows' dtype
+    (at least float32)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    flat = flat.to(compute_dtype(flat.dtype))
+    return (flat.T @ flat).double()
 
 
 def gauss_newton_blocks(
@@ -491,8 +710,8 @@ def gauss_newton_blocks(
                 f"curvature='gauss-newton' needs a dense {size}x{size} block for layer {layer.name!r} (more than "
                 f"{MAX_DENSE_BLOCK} parameters); use curvature='ekfac' for models this large."
             )
-    sums = {layer.name: _zeros_like_block(layer) for layer in layers}
-    count = torch.zeros((), dtype=torch.float64)
+    sums = {layer.name: _zeros_like_block(layer, data.device) for layer in layers}
+    count = torch.zeros((), dtype=torch.float64, device=data.device)
     generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
     was_training = model.training
     model.eval()
@@ -516,9 +735,9 @@ def gauss_newton_blocks(
     return blocks
 
 
-def _zeros_like_block(layer: TrackedLayer) -> Tensor:
+def _zeros_like_block(layer: TrackedLayer, device: torch.device) -> Tensor:
     out, a_dim = layer.shape
-    return torch.zeros(out, out, a_dim, a_dim, dtype=torch.float64)
+    return torch.zeros(out, out, a_dim, a_dim, dtype=torch.float64, device=device)
 
 
 def _accumulate_block(total: Tensor, layer: TrackedLayer, weighted_rows: Sequence[Tensor], act: Tensor) -> None:
@@ -532,9 +751,9 @@ def _accumulate_block(total: Tensor, layer: TrackedLayer, weighted_rows: Sequenc
         deltas = torch.stack([rows[:, 0] for rows in weighted_rows], dim=1)  # (B, K, out)
         s_n = torch.einsum("bko,bkp->bop", deltas, deltas).reshape(len(act), -1)
         a_n = torch.einsum("bi,bj->bij", act[:, 0].double(), act[:, 0].double()).reshape(len(act), -1)
-        total += (s_n.T.cpu() @ a_n.cpu()).reshape(out, out, a_dim, a_dim)
+        total += (s_n.T @ a_n).reshape(out, out, a_dim, a_dim)
         return
-    flat = torch.cat([layer.gradient_matrices(rows, act).flatten(1) for rows in weighted_rows]).cpu()
+    flat = torch.cat([layer.gradient_matrices(rows, act).flatten(1) for rows in weighted_rows])
     total += (flat.T @ flat).reshape(out, a_dim, out, a_dim).permute(0, 2, 1, 3)
 
 
@@ -553,7 +772,8 @@ def fit_curvature(
     curvature: str = "ekfac",
     covariances: str = "stream",
     fisher: str | None = None,
-    samples: int | None = None,
+    samples: int | str | None = None,
+    split_examples: bool = False,
     cache: str | bool = "sidecar",
 ) -> Curvature:
     """Fit per-layer curvature averaged over ``checkpoints``; cached (see :mod:`lightning_tda.storage`).
@@ -571,8 +791,13 @@ def fit_curvature(
         covariances: ``"stream"`` (the segment's recorded ``A, S``) or ``"recompute"`` (recompute
             them at the checkpoints over ``data``, what kronfluence does post hoc).
         fisher: ``"true"`` or ``"empirical"``; default: what the trace recorded.
-        samples: ``None`` for the exact expectation over the predictive distribution, or sampled
-            targets per example (true Fisher only).
+        samples: sampled targets per example in the true-Fisher passes, ``"exact"`` for the exact
+            expectation over the predictive distribution, ``None`` for the exact expectation where it
+            is affordable (:class:`FisherOptions`).
+        split_examples: with several checkpoints, give each checkpoint's passes (correction,
+            recomputed covariances) a disjoint random share of the examples, so the average over
+            checkpoints sees every example once instead of once per checkpoint (C times cheaper).
+            The exact Gauss-Newton blocks are never split.
         cache: where the fit is cached: ``"sidecar"`` (a file next to the trace), ``"trace"`` (inside it)
             or ``"none"``; written by the first process only. ``"gauss-newton"`` fits are never cached
             (dense blocks can be gigabytes).
@@ -601,6 +826,7 @@ def fit_curvature(
         "samples": options.samples,
         "seed": data.seed,
         "examples": data.examples,
+        "split_examples": split_examples,
         "layers": [layer.name for layer in layers],
         "data": data.fingerprint(task) if (curvature != "kfac" or covariances == "recompute") else None,
     }
@@ -613,7 +839,7 @@ def fit_curvature(
 
     if curvature == "gauss-newton":
         fitted = _average_over_checkpoints(
-            trace, model, checkpoints, lambda: gauss_newton_blocks(model, layers, task, data, options)
+            trace, model, checkpoints, data, False, lambda part: gauss_newton_blocks(model, layers, task, part, options)
         )
         result: Curvature = {
             layer.name: DenseLayerCurvature(layer.name, layer.shape, fitted[layer.name]) for layer in layers
@@ -623,7 +849,12 @@ def fit_curvature(
             factors = {layer.name: trace.covariances(segment, layer.name) for layer in layers}
         else:
             recomputed = _average_over_checkpoints(
-                trace, model, checkpoints, lambda: _flatten_pairs(covariances_at(model, layers, task, data, options))
+                trace,
+                model,
+                checkpoints,
+                data,
+                split_examples,
+                lambda part: _flatten_pairs(covariances_at(model, layers, task, part, options)),
             )
             factors = {layer.name: (recomputed[f"{layer.name}/A"], recomputed[f"{layer.name}/S"]) for layer in layers}
         bases = eigenbases_from_covariances(factors)
@@ -632,7 +863,9 @@ def fit_curvature(
                 trace,
                 model,
                 checkpoints,
-                lambda: correct_eigenvalues(bases, model, layers, task, data, options),
+                data,
+                split_examples,
+                lambda part: correct_eigenvalues(bases, model, layers, task, part, options),
             )
             for name, basis in bases.items():
                 basis.eigenvalues = corrected[name]
@@ -662,12 +895,20 @@ def _flatten_pairs(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tens
 
 
 def _average_over_checkpoints(
-    trace: Trace, model: nn.Module, checkpoints: Sequence[int], compute: Callable[[], dict[str, Tensor]]
+    trace: Trace,
+    model: nn.Module,
+    checkpoints: Sequence[int],
+    data: PassData,
+    split_examples: bool,
+    compute: Callable[[PassData], dict[str, Tensor]],
 ) -> dict[str, Tensor]:
+    """Mean over ``checkpoints`` of ``compute(data)`` at each; with ``split_examples`` checkpoint ``i`` of
+    ``C`` passes the ``i``-th of ``C`` disjoint random shares of the data (when it has ``C`` examples)."""
     total: dict[str, Tensor] = {}
-    for index in checkpoints:
+    parts = len(checkpoints) if split_examples and data.size() >= len(checkpoints) else 1
+    for position, index in enumerate(checkpoints):
         trace.load_checkpoint(model, index)
-        for name, value in compute().items():
+        for name, value in compute(replace(data, part=(position % parts, parts))).items():
             total[name] = total[name] + value if name in total else value.clone()
     return {name: value / len(checkpoints) for name, value in total.items()}
 

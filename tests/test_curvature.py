@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import quiet_trainer
@@ -69,12 +71,15 @@ def test_apply_matches_dense_kronecker():
 
 
 def test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis(small_run):
-    """With the exact expectation, Λ* = diag(Qᵀ H Q) for the exact per-layer GN block H (George et al.)."""
+    """With the exact expectation, Λ* = diag(Qᵀ H Q) for the exact per-layer GN block H (George et al.).
+
+    In float64 (model and data), so the identity holds to round-off; a float32 model computes in float32."""
     trace = Trace.open(small_run["path"])
-    model, task = MLPClassifier(sizes=[64, 12, 10]), ClassificationTask()
+    model, task = MLPClassifier(sizes=[64, 12, 10]).double(), ClassificationTask()
     layers = trace.tracked_layers(model)
     final = trace.final_checkpoint
-    data = PassData(small_run["train"], batch_size=100)
+    x, y = small_run["train"].dataset[small_run["train"].indices]
+    data = PassData((x.double(), y), batch_size=100)
     ekfac = fit_curvature(trace, model, task, layers, [final.index], data, segment=final.segment, cache=False)
     exact = fit_curvature(trace, model, task, layers, [final.index], data, curvature="gauss-newton", cache=False)
     for name, basis in ekfac.items():
@@ -208,3 +213,33 @@ def test_bad_options(small_run):
     with pytest.raises(ValueError, match="gauss-newton"):
         big = find_layers(nn.Sequential(nn.Linear(200, 200))).layers
         gauss_newton_blocks(nn.Sequential(nn.Linear(200, 200)), big, task, data, FisherOptions())
+
+
+def test_exact_expectation_where_affordable_and_sampled_targets_beyond():
+    from lightning_tda.capture import TrackedLayer
+
+    def layers(width: int) -> list[TrackedLayer]:
+        return [TrackedLayer("fc", nn.Identity(), "linear", width, 10, True)]
+
+    logits = torch.zeros(4, 10)
+    assert FisherOptions().exact_expectation(logits, layers(2_000))  # 10 x 20k parameters
+    assert not FisherOptions().exact_expectation(logits, layers(300_000))  # 10 x 3M: sampled
+    assert FisherOptions(samples="exact").exact_expectation(logits, layers(300_000))
+    assert not FisherOptions(samples=2).exact_expectation(logits, layers(10))
+    assert not FisherOptions().exact_expectation(torch.zeros(4, 100), layers(10))  # more than 64 outputs
+    with pytest.raises(ValueError, match="sequence"):
+        FisherOptions(samples="exact").exact_expectation(torch.zeros(4, 3, 10), layers(10))
+    with pytest.raises(ValueError, match="samples='all'"):
+        FisherOptions(samples="all")
+
+
+def test_split_examples_gives_each_checkpoint_a_disjoint_share():
+    x = torch.arange(10.0)[:, None]
+    data = PassData((x, torch.zeros(10)), batch_size=4, examples=9, seed=3)
+    task = RegressionTask()
+    shares = [
+        {int(v) for v in torch.cat([b[0][:, 0] for b in replace(data, part=(i, 3)).batches(task, "")])}
+        for i in range(3)
+    ]
+    assert [len(s) for s in shares] == [3, 3, 3] and len(set.union(*shares)) == 9  # disjoint, the same 9 examples
+    assert set.union(*shares) == {int(v) for v in torch.cat([b[0][:, 0] for b in data.batches(task, "")])}

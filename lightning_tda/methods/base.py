@@ -3,7 +3,8 @@
 A method is constructed from a :class:`~lightning_tda.trace.Trace`, an instance of the trained
 architecture and a :class:`~lightning_tda.tasks.Task`; ``attribute(queries, train)`` returns a
 :class:`~lightning_tda.scores.Scores` of shape ``(n_queries, n_train)``. Training data is streamed
-in batches; per-example gradients exist for one batch at a time only.
+in batches; per-example gradients exist for one batch at a time only, factored per layer
+(:class:`~lightning_tda.gradients.LayerGradients`), and are never concatenated across layers.
 
 Units: every method reports, per unit of score, the *predicted change of the query's measurement
 (the loss unless the task says otherwise, in its own units) when the training example is removed
@@ -21,7 +22,7 @@ partial sums over training examples), so each process ends with the full result.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_tda.batches import Data, as_loader, batches_with_ids, move_to, progress_bar
-from lightning_tda.capture import TrackedLayer, per_example_gradients
+from lightning_tda.capture import TrackedLayer
+from lightning_tda.gradients import Gradients, compute_dtype, per_example_rows
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace
@@ -109,6 +111,11 @@ class AttributionMethod:
         model: an instance of the trained architecture; checkpoints are loaded into it.
         task: how to get per-example losses and measurements from a batch.
         options: the shared :class:`MethodOptions` (layers, batch sizes, device, progress, Fabric).
+
+    Attributes:
+        device: where everything is computed (``options.device`` or the model's).
+        dtype: the dtype of gradient products (the model's, at least float32); their results are
+            accumulated in float64.
     """
 
     name = "base"
@@ -120,6 +127,7 @@ class AttributionMethod:
         self.device = torch.device(options.device) if options.device is not None else model_device(model)
         self.trace = trace
         self.model = model.to(self.device)
+        self.dtype = compute_dtype(next(iter(model.parameters()), torch.empty(0)).dtype)
         self.task = task
         self.batch_size = options.batch_size
         self.query_batch_size = options.query_batch_size
@@ -179,24 +187,43 @@ class AttributionMethod:
             return tensor
         return self.fabric.all_reduce(tensor.to(self.fabric.device), reduce_op="sum").to(tensor.device)
 
-    def gradients(self, batch: Any, role: str) -> dict[str, Tensor]:
-        """Per-example gradients of the batch: ``{layer: (B, out, a_dim)}``.
+    def gradient_rows(self, batch: Any, role: str) -> Gradients:
+        """Per-example gradients of the batch, factored per layer: ``{layer: LayerGradients}``.
 
         ``role="train"`` differentiates the training loss, ``role="query"`` the task's measurement.
+        Products with them (:mod:`lightning_tda.gradients`) are computed one layer at a time, so
+        memory stays bounded by the largest layer.
         """
         values = self.task.measurement if role == "query" else self.task.train_loss
         try:
-            return per_example_gradients(self.model, self.layers, lambda m: values(m, batch))
+            return per_example_rows(self.model, self.layers, lambda m: values(m, batch))
         except RuntimeError as err:
             raise ValueError(
                 f"The model could not be evaluated on a {role} batch ({str(err).splitlines()[0]}). Check that "
                 f"the {role} examples have the shape and type the model was trained on."
             ) from err
 
-    @staticmethod
-    def flatten(grads: dict[str, Tensor]) -> Tensor:
-        """Concatenate per-layer per-example gradients into ``(B, D)``."""
-        return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    def gradients(self, batch: Any, role: str) -> dict[str, Tensor]:
+        """Dense per-example gradients of the batch: ``{layer: (B, out, a_dim)}`` in the model's dtype
+        (at least float32). For the few query examples; stream training batches with :meth:`gradient_rows`."""
+        return {name: g.dense() for name, g in self.gradient_rows(batch, role).items()}
+
+    def query_matrices(
+        self,
+        queries: Data,
+        desc: str = "query gradients",
+        transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """Every query's gradient per layer, ``{layer: (Q, out, a_dim)}`` in :attr:`dtype`.
+
+        ``transform`` maps each query batch's dense gradients first (e.g. preconditions them in float64).
+        """
+        parts: dict[str, list[Tensor]] = {}
+        for _, batch in self.batches(queries, "query", desc):
+            grads = self.gradients(batch, "query")
+            for name, g in (transform(grads) if transform is not None else grads).items():
+                parts.setdefault(name, []).append(g.to(self.dtype))
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
     def scores(self, values: Tensor, n_queries: int | None, n_train: int, kind: str = "pairwise") -> Scores:
         query_ids = None if kind == "self" else torch.arange(n_queries)

@@ -53,12 +53,13 @@ from torch import Tensor, nn
 
 from lightning_tda.batches import Data
 from lightning_tda.capture import LORA_PATTERNS, TrackedLayer, UnsupportedModelError, find_layers
+from lightning_tda.gradients import LayerGradients
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace
 
-Gradients = dict[str, Tensor]  # layer name -> (B, d_l) float64
+Gradients = dict[str, Tensor]  # layer name -> (Q, d_l) float64 query-side rows
 
 
 def select_modules(
@@ -80,6 +81,11 @@ def select_modules(
             f"modules={modules!r} matches none of the trace's tracked layers {[la.name for la in layers]}; {hint}."
         )
     return chosen
+
+
+def _flat(gradients: LayerGradients) -> Tensor:
+    """Dense per-example gradients flattened, ``(B, d_l)`` float64 (small layers: explicit ``d_l × d_l`` matrices)."""
+    return gradients.dense().flatten(1).double()
 
 
 class LayerwiseInfluence(AttributionMethod):
@@ -146,11 +152,15 @@ class LayerwiseInfluence(AttributionMethod):
         n_train = len(self.loader(train, "train").dataset)
         self.load_checkpoint(self.trace.final_checkpoint.index)
         inverses = self.inverse_matrices(train)
-        values = torch.zeros(n_train, dtype=torch.float64)
+        values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for ids, grads in self.train_gradients(train, f"{self.name}: self-influence"):
+            ids = ids.to(self.device)
             for name, g in grads.items():
-                applied = g if inverses[name] is None else g @ inverses[name]
-                values[ids] += (applied * g).sum(1).cpu()
+                if inverses[name] is None:
+                    values[ids] += g.squared_norms()
+                else:
+                    flat = _flat(g)
+                    values[ids] += ((flat @ inverses[name]) * flat).sum(1)
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, None, n_train, kind="self")
 
@@ -165,21 +175,18 @@ class LayerwiseInfluence(AttributionMethod):
         raise NotImplementedError
 
     # --- shared passes --------------------------------------------------------------------------
-    def layer_gradients(self, batch: Any, role: str) -> Gradients:
-        """Per-example gradients of a batch flattened per layer: ``{layer: (B, d_l) float64}``."""
-        return {name: g.reshape(g.shape[0], -1).double() for name, g in self.gradients(batch, role).items()}
-
-    def train_gradients(self, train: Data, desc: str) -> Iterator[tuple[Tensor, Gradients]]:
+    def train_gradients(self, train: Data, desc: str) -> Iterator[tuple[Tensor, dict[str, LayerGradients]]]:
         """``(ids, per-layer gradients)`` for this process's training batches, one batch at a time."""
         for ids, batch in self.train_batches(train, desc):
-            yield ids, self.layer_gradients(batch, "train")
+            yield ids, self.gradient_rows(batch, "train")
 
     def query_gradients(self, queries: Data) -> Gradients:
         """``{layer: (Q, d_l)}`` query gradients, or their mean ``(1, d_l)`` with ``mean_query``."""
         rows: dict[str, list[Tensor]] = {la.name: [] for la in self.layers}
         count = 0
         for _, batch in self.batches(queries, "query", f"{self.name}: query gradients"):
-            for name, g in self.layer_gradients(batch, "query").items():
+            for name, g in self.gradients(batch, "query").items():
+                g = g.reshape(len(g), -1).double()
                 rows[name].append(g.sum(0, keepdim=True) if self.mean_query else g)
             count += self.task.batch_size(batch)
         if self.mean_query:
@@ -190,8 +197,10 @@ class LayerwiseInfluence(AttributionMethod):
         """:meth:`sum_across_processes` of every tensor of a dict."""
         return {name: self.sum_across_processes(t) for name, t in tensors.items()}
 
-    def train_sum(self, train: Data, desc: str, term: Callable[[str, Tensor], Tensor]) -> tuple[dict[str, Tensor], int]:
-        """One pass: ``({layer: Σ_i term(layer, g_i-batch)}, n)`` summed over all training examples."""
+    def train_sum(
+        self, train: Data, desc: str, term: Callable[[str, LayerGradients], Tensor]
+    ) -> tuple[dict[str, Tensor], int]:
+        """One pass: ``({layer: Σ_batches term(layer, batch gradients)}, n)`` over all training examples."""
         sums: dict[str, Tensor] = {}
         count = 0
         for ids, grads in self.train_gradients(train, desc):
@@ -211,15 +220,19 @@ class LayerwiseInfluence(AttributionMethod):
         query_grads = self.query_gradients(queries)
         products = self.inverse_products(query_grads, train)
         rows = next(iter(products.values())).shape[0]
-        values = torch.zeros(len(self.layers) if per_layer else 1, rows, n_train, dtype=torch.float64)
+        cast = {name: r.to(self.dtype) for name, r in products.items()}  # the dot products run in the model's dtype
+        values = torch.zeros(
+            len(self.layers) if per_layer else 1, rows, n_train, dtype=torch.float64, device=self.device
+        )
         curvature_products = {name: torch.zeros_like(r) for name, r in products.items()} if self.rescaled else None
         count = 0
         for ids, grads in self.train_gradients(train, f"{self.name}: scores"):
+            ids = ids.to(self.device)
             for j, la in enumerate(self.layers):
-                dots = products[la.name] @ grads[la.name].T  # (rows, B)
-                values[j if per_layer else 0][:, ids] += dots.cpu()
+                dots = grads[la.name].dot(cast[la.name])  # (rows, B) float64
+                values[j if per_layer else 0][:, ids] += dots
                 if curvature_products is not None:  # Σ_i (r·g_i) g_i: G r, from the same dot products
-                    curvature_products[la.name] += dots @ grads[la.name]
+                    curvature_products[la.name] += grads[la.name].weighted_sum(dots).flatten(1)
             count += len(ids)
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
         if curvature_products is not None:
@@ -227,7 +240,7 @@ class LayerwiseInfluence(AttributionMethod):
             curvature = {name: t / n for name, t in self.sum_dict(curvature_products).items()}
             factors = self.curvature_rescale(query_grads, products, curvature)
             self.rescale_factors = factors.tolist()
-            values *= factors.cpu()[None, :, None]
+            values *= factors.to(values.device)[None, :, None]
         return values, n_queries
 
     def curvature_rescale(self, query_grads: Gradients, products: Gradients, curvature: Gradients) -> Tensor:
@@ -244,7 +257,9 @@ class LayerwiseInfluence(AttributionMethod):
 
     def _as_scores(self, values: Tensor, n_queries: int) -> Scores:
         if self.mean_query:
-            return Scores(values.float(), torch.arange(values.shape[1]), torch.tensor([-1]), self.name, self.config())
+            return Scores(
+                values.float().cpu(), torch.arange(values.shape[1]), torch.tensor([-1]), self.name, self.config()
+            )
         return self.scores(values, n_queries, values.shape[1])
 
 
@@ -314,7 +329,7 @@ class DampedInfluence(LayerwiseInfluence):
         """A pass summing squared gradient norms (skipped with a fixed ``damping``)."""
         if self.damping is not None:
             return self.set_lambdas(None, 0)
-        sums, n = self.train_sum(train, f"{self.name}: damping", lambda _, g: (g * g).sum())
+        sums, n = self.train_sum(train, f"{self.name}: damping", lambda _, g: g.squared_norms().sum())
         return self.set_lambdas(sums, n)
 
     # --- self-influence through an explicit d×d inverse (small layers) ---------------------------
@@ -366,9 +381,11 @@ class DataInf(DampedInfluence):
     def inverse_products(self, query_grads: Gradients, train: Data) -> Gradients:
         lambdas = self.fit_lambdas(train)
 
-        def shrink(name: str, g: Tensor) -> Tensor:  # Σ_i c_{q,i} g_i with c = v·g / (λ + ‖g‖²)
-            c = (query_grads[name] @ g.T) / (lambdas[name] + (g * g).sum(1))
-            return c @ g
+        queries = {name: v.to(self.dtype) for name, v in query_grads.items()}
+
+        def shrink(name: str, g: LayerGradients) -> Tensor:  # Σ_i c_{q,i} g_i with c = v·g / (λ + ‖g‖²)
+            c = g.dot(queries[name]) / (lambdas[name] + g.squared_norms())
+            return g.weighted_sum(c).flatten(1)
 
         sums, n = self.train_sum(train, "datainf: r", shrink)
         return {name: (v - sums[name] / n) / lambdas[name] for name, v in query_grads.items()}
@@ -376,8 +393,9 @@ class DataInf(DampedInfluence):
     def inverse_matrices(self, train: Data) -> dict[str, Tensor]:
         lambdas = self.fit_lambdas(train)
 
-        def weighted_outer(name: str, g: Tensor) -> Tensor:  # Σ_i g_i g_iᵀ / (λ + ‖g_i‖²)
-            return (g / (lambdas[name] + (g * g).sum(1))[:, None]).T @ g
+        def weighted_outer(name: str, g: LayerGradients) -> Tensor:  # Σ_i g_i g_iᵀ / (λ + ‖g_i‖²)
+            flat = _flat(g)
+            return (flat / (lambdas[name] + (flat * flat).sum(1))[:, None]).T @ flat
 
         sums, n = self.train_sum(train, "datainf: inverse", weighted_outer)
         eye = {name: torch.eye(self.dims[name], dtype=torch.float64, device=s.device) for name, s in sums.items()}
@@ -430,7 +448,7 @@ class ExactInfluence(DampedInfluence):
 
     def damped_curvature(self, train: Data) -> dict[str, Tensor]:
         """``{layer: G_l + λ_l I}`` (float64) from one pass; sets ``lambdas``."""
-        sums, n = self.train_sum(train, "exact: G", lambda _, g: g.T @ g)
+        sums, n = self.train_sum(train, "exact: G", lambda _, g: _flat(g).T @ _flat(g))
         lambdas = self.set_lambdas({name: torch.trace(s) for name, s in sums.items()}, n)
         eye = {name: torch.eye(self.dims[name], dtype=torch.float64, device=s.device) for name, s in sums.items()}
         return {name: s / n + lambdas[name] * eye[name] for name, s in sums.items()}
@@ -538,9 +556,9 @@ class _CurvatureProduct:
     def __init__(self, rows: Gradients, with_norms: bool) -> None:
         self.rows, self.with_norms = rows, with_norms
 
-    def __call__(self, name: str, g: Tensor) -> Tensor:
-        product = ((self.rows[name] @ g.T) @ g).flatten()
-        return torch.cat([product, (g * g).sum()[None]]) if self.with_norms else product
+    def __call__(self, name: str, g: LayerGradients) -> Tensor:
+        product = g.weighted_sum(g.dot(self.rows[name])).flatten()
+        return torch.cat([product, g.squared_norms().sum()[None]]) if self.with_norms else product
 
 
 class HessianFree(LayerwiseInfluence):

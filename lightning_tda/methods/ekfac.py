@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lightning_tda.batches import Data
 from lightning_tda.curvature import COVARIANCE_SOURCES, CURVATURES, Curvature, PassData, fit_curvature
+from lightning_tda.gradients import total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.methods.convergence import ConvergenceCheck, check_convergence
 from lightning_tda.scores import Scores
@@ -53,8 +54,10 @@ class EKFACInfluence(AttributionMethod):
             cheap as the correction pass (BENCHMARKS.md, ``bench_ekfac.py``). SOURCE, which needs
             the curvature along training, uses the streamed covariances.
         fisher: ``"true"`` or ``"empirical"`` for the fitting passes; default: what the trace recorded.
-        samples: ``None`` = exact expectation over the predictive distribution in the true-Fisher
-            passes (few outputs); an integer = that many sampled targets per example.
+        samples: targets per example in the true-Fisher passes: ``None`` = the exact expectation over
+            the predictive distribution where affordable (few outputs and a model small enough, see
+            ``curvature.FisherOptions``), else 4 sampled targets; ``"exact"`` forces the expectation;
+            an integer = that many sampled targets.
         correction_examples: fit on a random subset of this many training examples (seeded).
         seed: seed of the subset and of sampled targets.
         cache: where the fitted curvature is reused from and stored: ``"sidecar"`` (a file next to the
@@ -76,7 +79,7 @@ class EKFACInfluence(AttributionMethod):
         curvature: str = "ekfac",
         covariances: str = "recompute",
         fisher: str | None = None,
-        samples: int | None = None,
+        samples: int | str | None = None,
         correction_examples: int | None = None,
         seed: int = 0,
         cache: str | bool = "sidecar",
@@ -164,6 +167,7 @@ class EKFACInfluence(AttributionMethod):
             samples=self.samples,
             cache=self.cache,
         )
+        self.curvature = {name: c.to(self.device, self.dtype) for name, c in self.curvature.items()}
         self.dampings = {name: self._layer_damping(name, c.mean_eigenvalue) for name, c in self.curvature.items()}
         means = {name: c.mean_eigenvalue for name, c in self.curvature.items()}
         self.convergence = check_convergence(self.trace, means, len(self.loader(train, "train").dataset))
@@ -186,7 +190,8 @@ class EKFACInfluence(AttributionMethod):
         return self.damping_scale * mean_eigenvalue
 
     def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``(H_l + λ_l I)⁻¹ G_l`` per layer for gradients ``{layer: (B, out, a_dim)}``; float64."""
+        """``(H_l + λ_l I)⁻¹ G_l`` per layer for gradients ``{layer: (B, out, a_dim)}``, in the model's dtype
+        (float64 with exact Gauss-Newton blocks)."""
         return {name: self.curvature[name].damped_inverse(g, self.dampings[name]) for name, g in grads.items()}
 
     # --- scores -----------------------------------------------------------------------------------
@@ -194,18 +199,13 @@ class EKFACInfluence(AttributionMethod):
         """Influence scores ``(n_queries, n_train)`` (float32); positive = the example helped the query."""
         self.fit(train)
         self.load_checkpoint(self.trace.final_checkpoint.index)
-        preconditioned = []
-        for _, batch in self.batches(queries, "query", "query gradients"):
-            grads = self.precondition(self.gradients(batch, "query"))
-            preconditioned.append(torch.cat([g.flatten(1) for g in grads.values()], dim=1))
-        query_matrix = torch.cat(preconditioned)  # (Q, D) float64
-        n_train = len(self.loader(train, "train").dataset)
-        values = torch.zeros(len(query_matrix), n_train, dtype=torch.float64, device=self.device)
+        query_matrices = self.query_matrices(queries, transform=self.precondition)  # (Q, out, a_dim) per layer
+        n_queries, n_train = len(next(iter(query_matrices.values()))), len(self.loader(train, "train").dataset)
+        values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
         for ids, batch in self.train_batches(train, "influence"):
-            grads = self.flatten(self.gradients(batch, "train")).double()
-            values[:, ids.to(self.device)] = query_matrix @ grads.T
+            values[:, ids.to(self.device)] = total_dot(self.gradient_rows(batch, "train"), query_matrices)
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
-        return self.scores(values, len(query_matrix), n_train)
+        return self.scores(values, n_queries, n_train)
 
     def self_influence(self, train: Data) -> Scores:
         """``⟨g(z), (H + λI)⁻¹ g(z)⟩/N`` for every training example, shape ``(N,)``, without the N×N matrix:
@@ -215,10 +215,11 @@ class EKFACInfluence(AttributionMethod):
         n_train = len(self.loader(train, "train").dataset)
         values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for ids, batch in self.train_batches(train, "self-influence"):
-            grads = self.gradients(batch, "train")
-            preconditioned = self.precondition(grads)
-            values[ids.to(self.device)] = sum(
-                (g.double() * preconditioned[name]).flatten(1).sum(1) for name, g in grads.items()
-            )
+            total = torch.zeros(len(ids), dtype=torch.float64, device=self.device)
+            for name, g in self.gradient_rows(batch, "train").items():
+                for chunk, dense in g.chunks():
+                    preconditioned = self.curvature[name].damped_inverse(dense, self.dampings[name])
+                    total[chunk] += (preconditioned * dense.double()).sum(dim=(1, 2))
+            values[ids.to(self.device)] = total
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, None, n_train, kind="self")

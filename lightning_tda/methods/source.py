@@ -47,6 +47,7 @@ from lightning_tda.curvature import (
     fit_curvature,
     gauss_newton_blocks,
 )
+from lightning_tda.gradients import LayerGradients, total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.storage import FitCache, cache_location
@@ -125,8 +126,9 @@ def curvature_diagonal(curvature: LayerEigenbasis | DenseLayerCurvature) -> Tens
     """
     if isinstance(curvature, DenseLayerCurvature):
         return torch.diagonal(curvature.matrix).reshape(curvature.shape).clamp(min=0)
-    diagonal = (curvature.q_s**2) @ curvature.eigenvalues.clamp(min=0)
-    return diagonal if curvature.q_a is None else diagonal @ (curvature.q_a**2).T
+    q_s = curvature.q_s.double()
+    diagonal = (q_s**2) @ curvature.eigenvalues.clamp(min=0)
+    return diagonal if curvature.q_a is None else diagonal @ (curvature.q_a.double() ** 2).T
 
 
 class SegmentOperators:
@@ -218,8 +220,13 @@ class SOURCE(AttributionMethod):
             (exact dense per-layer blocks, small models only; the reference in tests).
         correction_examples: use a random subset of this many training examples for the EK-FAC
             correction pass (default: all).
+        split_correction: each of a segment's C checkpoints corrects the eigenvalues on a disjoint
+            random 1/C of the examples, so the segment's correction (an average over checkpoints and
+            examples) reads every example once rather than C times; ``False`` reads all of them at
+            every checkpoint (C times the cost; BENCHMARKS.md compares the two).
         samples: targets drawn per example for the true-Fisher correction; ``None`` uses the exact
-            expectation over the predictive distribution where affordable.
+            expectation over the predictive distribution where affordable (else 4 sampled targets),
+            ``"exact"`` forces it (see ``curvature.FisherOptions``).
         seed: seed of the correction subset and of sampled targets.
         cache: where fitted curvature is reused from and stored: ``"sidecar"`` (a file next to the trace,
             default), ``"trace"`` (inside it) or ``"none"``; see :mod:`lightning_tda.storage`.
@@ -244,7 +251,8 @@ class SOURCE(AttributionMethod):
         fast: bool = False,
         curvature: str = "ekfac",
         correction_examples: int | None = None,
-        samples: int | None = None,
+        split_correction: bool = True,
+        samples: int | str | None = None,
         seed: int = 0,
         cache: str | bool = "sidecar",
         options: MethodOptions | None = None,
@@ -261,6 +269,7 @@ class SOURCE(AttributionMethod):
         self.fast = fast
         self.curvature_kind = curvature
         self.correction_examples = correction_examples
+        self.split_correction = split_correction
         self.samples = samples
         self.seed = seed
         self.cache = cache_location(cache)
@@ -295,6 +304,7 @@ class SOURCE(AttributionMethod):
             "fast": self.fast,
             "curvature": self.curvature_kind,
             "correction_examples": self.correction_examples,
+            "split_correction": self.split_correction,
             "samples": self.samples,
             "seed": self.seed,
             "optimizer": self.optimizer,
@@ -334,6 +344,7 @@ class SOURCE(AttributionMethod):
                 segment=segment,
                 curvature=self.curvature_kind,
                 samples=self.samples,
+                split_examples=self.split_correction,
                 cache=self.cache,
             )
         return self._fit_at_average(segment, data)
@@ -379,7 +390,7 @@ class SOURCE(AttributionMethod):
         """:class:`SegmentOperators` of every segment the attribution needs, keyed by segment index."""
         result = {}
         for s in self.needed:
-            curvature = self.segment_curvature(s, train)
+            curvature = {name: c.to(self.device, self.dtype) for name, c in self.segment_curvature(s, train).items()}
             dynamics = {la.name: layer_dynamics(self.trace, s, la.name) for la in self.layers}
             result[s] = SegmentOperators(curvature, dynamics)
         return result
@@ -387,8 +398,9 @@ class SOURCE(AttributionMethod):
     def query_vectors(
         self, gradients: Mapping[str, Tensor], operators: Mapping[int, SegmentOperators]
     ) -> dict[int, dict[str, Tensor]]:
-        """``u_ℓ = R_ℓᵀ S̄_{ℓ+1} ··· S̄_L ∇f`` for every attributed segment ℓ; float64 ``(Q, out, a_dim)``."""
-        v = {name: g.double() for name, g in gradients.items()}
+        """``u_ℓ = R_ℓᵀ S̄_{ℓ+1} ··· S̄_L ∇f`` for every attributed segment ℓ: ``(Q, out, a_dim)`` in the dtype of
+        the operators' eigenvectors (the model's; float64 for exact Gauss-Newton blocks)."""
+        v = dict(gradients)
         result = {}
         for s in reversed(self.needed):
             if s in self.segments:
@@ -430,21 +442,19 @@ class SOURCE(AttributionMethod):
         n_train = len(self.loader(train, "train").dataset)
         operators = self.operators(train)
         self.load_checkpoint(self.trace.final_checkpoint.index)
-        parts: dict[str, list[Tensor]] = {}
-        for _, batch in self.batches(queries, "query", "query gradients"):
-            for name, g in self.gradients(batch, "query").items():
-                parts.setdefault(name, []).append(g)
-        query_gradients = {name: torch.cat(chunks) for name, chunks in parts.items()}
-        n_queries = next(iter(query_gradients.values())).shape[0]
-        vectors = {s: self.flatten(u) for s, u in self.query_vectors(query_gradients, operators).items()}
+        query_gradients = self.query_matrices(queries)
+        n_queries = len(next(iter(query_gradients.values())))
+        vectors = {
+            s: {name: u.to(self.dtype) for name, u in per_layer.items()}
+            for s, per_layer in self.query_vectors(query_gradients, operators).items()
+        }
         del query_gradients
         values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
         for s in self.segments:
             for state, weight in self._gradient_states(s):
                 self._set_state(state)
                 for ids, batch in self.train_batches(train, f"SOURCE segment {s}"):
-                    grads = self.flatten(self.gradients(batch, "train")).double()
-                    values[:, ids.to(self.device)] += weight * (vectors[s] @ grads.T)
+                    values[:, ids.to(self.device)] += weight * total_dot(self.gradient_rows(batch, "train"), vectors[s])
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, n_queries, n_train)
 
@@ -452,23 +462,27 @@ class SOURCE(AttributionMethod):
         """``τ(z, z)/N`` for every training example, shape ``(N,)``, without forming the ``N × N`` matrix.
 
         The query measurement is the example's own training loss at the final parameters. The
-        segments' model states are held in memory (one copy per checkpoint) and swapped per batch.
+        segments' model states are held in memory (one copy per checkpoint) and swapped per batch;
+        the query vectors ``u_ℓ`` exist for one layer and one chunk of examples at a time.
         """
         n_train = len(self.loader(train, "train").dataset)
         operators = self.operators(train)
         final = self.trace.checkpoint_state(self.trace.final_checkpoint.index, like=self.model.state_dict())
-        states = {s: list(self._gradient_states(s)) for s in self.segments}
+        states = [(s, state, weight) for s in self.segments for state, weight in self._gradient_states(s)]
         values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for ids, batch in self.train_batches(train, "SOURCE self-influence"):
             self._set_state(final)
-            vectors = self.query_vectors(self.gradients(batch, "train"), operators)
+            own = self.gradient_rows(batch, "train")
+            along: list[tuple[int, float, dict[str, LayerGradients]]] = []
+            for s, state, weight in states:
+                self._set_state(state)
+                along.append((s, weight, self.gradient_rows(batch, "train")))
             total = torch.zeros(len(ids), dtype=torch.float64, device=self.device)
-            for s in self.segments:
-                u = self.flatten(vectors[s])
-                for state, weight in states[s]:
-                    self._set_state(state)
-                    grads = self.flatten(self.gradients(batch, "train")).double()
-                    total += weight * (u * grads).sum(dim=1)
+            for name, g in own.items():
+                for chunk, dense in g.chunks():
+                    vectors = self.query_vectors({name: dense}, operators)
+                    for s, weight, grads in along:
+                        total[chunk] += weight * grads[name][chunk].self_dot(vectors[s][name])
             values[ids.to(self.device)] = total
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, None, n_train, kind="self")

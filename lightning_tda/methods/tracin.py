@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_tda.batches import Data
+from lightning_tda.gradients import total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
@@ -94,27 +95,22 @@ class TracInCP(AttributionMethod):
         """``T/(C·N)``: the optimizer steps each checkpoint stands for, per training example."""
         return len(self.trace.steps()) / (len(self.checkpoints) * self.training_set_size(n_train))
 
-    def _scaled_flat(self, grads: dict[str, Tensor], checkpoint: int) -> Tensor:
-        rates = self.learning_rates[checkpoint]
-        return torch.cat([rates[name] * g.double().flatten(1) for name, g in grads.items()], dim=1)
-
     def attribute(self, queries: Data, train: Data) -> Scores:
         """TracInCP scores ``(n_queries, n_train)`` (float32); positive = the example helped the query."""
         n_train = len(self.loader(train, "train").dataset)
         values: Tensor | None = None
         for checkpoint in self.checkpoints:
             self.load_checkpoint(checkpoint)
-            query_matrix = torch.cat(
-                [
-                    self._scaled_flat(self.gradients(batch, "query"), checkpoint)
-                    for _, batch in self.batches(queries, "query", f"query gradients @ checkpoint {checkpoint}")
-                ]
-            )
+            rates = self.learning_rates[checkpoint]
+            query_matrices = {
+                name: rates[name] * g
+                for name, g in self.query_matrices(queries, f"query gradients @ checkpoint {checkpoint}").items()
+            }
             if values is None:
-                values = torch.zeros(len(query_matrix), n_train, dtype=torch.float64, device=self.device)
+                n_queries = len(next(iter(query_matrices.values())))
+                values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
             for ids, batch in self.train_batches(train, f"TracIn @ checkpoint {checkpoint}"):
-                grads = self.flatten(self.gradients(batch, "train")).double()
-                values[:, ids.to(self.device)] += query_matrix @ grads.T
+                values[:, ids.to(self.device)] += total_dot(self.gradient_rows(batch, "train"), query_matrices)
         values = self.sum_across_processes(values) * self._per_example_steps(n_train)
         return self.scores(values, len(values), n_train)
 
@@ -124,8 +120,9 @@ class TracInCP(AttributionMethod):
         values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for checkpoint in self.checkpoints:
             self.load_checkpoint(checkpoint)
+            rates = self.learning_rates[checkpoint]
             for ids, batch in self.train_batches(train, f"TracIn self-influence @ checkpoint {checkpoint}"):
-                grads = self.gradients(batch, "train")
-                values[ids.to(self.device)] += (self._scaled_flat(grads, checkpoint) * self.flatten(grads)).sum(1)
+                grads = self.gradient_rows(batch, "train")
+                values[ids.to(self.device)] += sum(rates[name] * g.squared_norms() for name, g in grads.items())
         values = self.sum_across_processes(values) * self._per_example_steps(n_train)
         return self.scores(values, None, n_train, kind="self")
