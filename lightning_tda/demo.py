@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_tda.models import resnet
+
 
 class ArrayDataModule(L.LightningDataModule):
     """Train/test split of in-memory arrays; optional label noise on the training split.
@@ -291,40 +293,21 @@ class SyntheticImageDataModule(ArrayDataModule):
         return x, y.astype(np.int64)
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3×3 convolutions with batch norm, and a 1×1 projection shortcut when
-    the shape changes."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
 class ResNet(_Supervised):
-    """A ResNet of basic blocks for small images (no torchvision needed).
+    """A ResNet of basic blocks for small images (no torchvision needed; :func:`lightning_tda.models.resnet`).
 
     The defaults give ResNet-18 at half width (stages of 32, 64, 128, 256 channels, two blocks each;
     2.8M parameters) with the 3×3 stride-1 stem usual for 32×32 inputs: 20 Conv2d, 20 BatchNorm2d
-    and one Linear head.
+    and one Linear head. ``stem="imagenet"`` is torchvision's layout (7×7 stride-2 convolution and a
+    max pool), 16× cheaper per image. Attribution tracks the convolutions and the head, not the
+    BatchNorm layers (they keep their trained values in every method, as in kronfluence).
 
     Args:
         width: channels of the first stage; each later stage doubles them.
         blocks: basic blocks per stage (``[2, 2, 2, 2]`` is ResNet-18).
         in_channels: image channels.
         num_classes: output classes.
+        stem: ``"cifar"`` or ``"imagenet"``.
     """
 
     def __init__(
@@ -333,6 +316,7 @@ class ResNet(_Supervised):
         blocks: list[int] | None = None,
         in_channels: int = 3,
         num_classes: int = 10,
+        stem: str = "cifar",
         lr: float = 0.05,
         optimizer: str = "sgd",
         momentum: float = 0.9,
@@ -341,19 +325,7 @@ class ResNet(_Supervised):
     ) -> None:
         super().__init__(lr, optimizer, momentum, weight_decay, cosine)
         self.save_hyperparameters()
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-        ]
-        channels = width
-        for stage, count in enumerate(blocks or [2, 2, 2, 2]):
-            out = width * 2**stage
-            for index in range(count):
-                layers.append(BasicBlock(channels, out, stride=2 if stage > 0 and index == 0 else 1))
-                channels = out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
-        self.net = nn.Sequential(*layers)
+        self.net = resnet(width, blocks or [2, 2, 2, 2], in_channels, num_classes, stem)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y)
