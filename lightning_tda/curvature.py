@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_tda.batches import Data, as_loader, move_to, progress_bar
 from lightning_tda.capture import LayerCapture, TrackedLayer
 from lightning_tda.gradients import LayerGradients, compute_dtype
+from lightning_tda.statistics import KFACStatistics
 from lightning_tda.storage import FitCache
 from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError, to_json
@@ -655,47 +656,41 @@ def covariances_at(
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC factors ``(A, S)`` recomputed at the model's current parameters over the pass's data
     (``A`` per row, ``S`` per example, as the callback streams them; ``A`` is 1-D, the diagonal, for an
-    embedding); float64, on the pass's device. Each batch's outer products are taken in the model's dtype
-    (at least float32) and summed in float64."""
-    sums = {
-        layer.name: [
-            torch.zeros(layer.input_factor_shape, dtype=torch.float64, device=data.device),
-            torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=data.device),
-        ]
-        for layer in layers
-    }
-    rows_count = {name: torch.zeros((), dtype=torch.float64, device=data.device) for name in sums}
+    embedding); float64, on the pass's device.
+
+    Accumulated by the callback's :class:`~lightning_tda.statistics.KFACStatistics`: products in float32
+    for factors at least 256 wide (float64 below), sums in float64, a stride-1 convolution's ``A`` from
+    shifted products of its input rather than unfolded rows, batches with non-finite values left out.
+    """
+    statistics = KFACStatistics(layers, device=data.device)
     count = torch.zeros((), dtype=torch.float64, device=data.device)
     generator = torch.Generator(device=data.device).manual_seed(fisher.seed)
     was_training = model.training
     model.eval()
     try:
         for batch in data.batches(task, "K-FAC covariances"):
-            with torch.enable_grad(), _capture(layers, task, batch) as capture:
+            capture = LayerCapture(
+                layers,
+                row_mask=task.row_mask(batch),
+                batch_size=task.batch_size(batch),
+                on_inputs=statistics.stage_inputs,
+            )
+            with torch.enable_grad(), capture:
                 outputs = _evaluate(model, task, batch)
-                for layer in layers:
-                    act = capture.activations[layer.name]
-                    sums[layer.name][0] += layer.input_sum(act) if layer.diagonal_input else _gram(act)
-                    rows_count[layer.name] += capture.row_counts[layer.name]
                 targets = task.targets(batch)
-                for rows, weight in pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator):
-                    for name in sums:
-                        sums[name][1] += weight * _gram(rows[name])
+                weighted = list(pseudo_gradient_rows(capture, outputs, targets, task, fisher, generator))
+                for layer in layers:  # Σ_k w_k δ_k δ_kᵀ per example: the weighted rows of every k together
+                    rows = torch.cat([weight**0.5 * rows[layer.name] for rows, weight in weighted], dim=1)
+                    statistics.stage_gradients(layer.name, rows)
+            statistics.commit()
             count += task.batch_size(batch)
     finally:
         model.train(was_training)
-    count = data.total(count)
-    return {
-        name: (data.total(a) / data.total(rows_count[name]), data.total(s) / count) for name, (a, s) in sums.items()
-    }
-
-
-def _gram(rows: Tensor) -> Tensor:
-    """``Σ_r x_r x_rᵀ`` over the rows of a ``(..., d)`` tensor: ``(d, d)`` float64, multiplied in the rows' dtype
-    (at least float32)."""
-    flat = rows.reshape(-1, rows.shape[-1])
-    flat = flat.to(compute_dtype(flat.dtype))
-    return (flat.T @ flat).double()
+    for total in statistics.flat_tensors():
+        total.copy_(data.total(total))
+    if data.total(count) == 0:
+        raise ValueError("The K-FAC covariance pass saw no training examples; pass a non-empty training set.")
+    return {layer.name: statistics.factors(layer.name) for layer in layers}
 
 
 def gauss_newton_blocks(
