@@ -31,7 +31,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 
-class DigitsTask(Task):
+class ClassificationTask(Task):
+    """Summed cross-entropy; with ``sample`` the labels are drawn from the model's predictions (true Fisher)."""
+
     def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
         inputs, labels = batch
         logits = model(inputs)
@@ -45,6 +47,46 @@ class DigitsTask(Task):
         return F.cross_entropy(model(inputs), labels, reduction="sum")
 
 
+def ekfac_scores(
+    net: nn.Module,
+    train: TensorDataset,
+    queries: TensorDataset,
+    output_dir: Path,
+    batch_size: int = 256,
+    factor_args: FactorArguments | None = None,
+) -> torch.Tensor:
+    """kronfluence's EK-FAC influence of ``train`` on ``queries`` (queries × train, float64): factors fitted
+    with ``factor_args`` (default: its EK-FAC defaults), scores with its heuristic damping."""
+    task = ClassificationTask()
+    analyzer = Analyzer(
+        analysis_name="influence",
+        model=prepare_model(net, task),
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(output_dir),
+        log_level=logging.WARNING,
+    )
+    analyzer.fit_all_factors(
+        factors_name="ekfac",
+        dataset=train,
+        per_device_batch_size=batch_size,
+        factor_args=factor_args or FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
+    analyzer.compute_pairwise_scores(
+        scores_name="pairwise",
+        factors_name="ekfac",
+        query_dataset=queries,
+        train_dataset=train,
+        per_device_query_batch_size=len(queries),
+        per_device_train_batch_size=batch_size,
+        score_args=ScoreArguments(damping_factor=None),
+        overwrite_output_dir=True,
+    )
+    return analyzer.load_pairwise_scores("pairwise")["all_modules"].double()
+
+
 def main() -> None:
     workdir = Path(sys.argv[1])
     torch.manual_seed(0)
@@ -54,37 +96,9 @@ def main() -> None:
     data = torch.load(workdir / "data.pt")
     train, queries = TensorDataset(*data["train"]), TensorDataset(*data["query"])
     start = time.perf_counter()
-    task = DigitsTask()
-    model = prepare_model(net, task)
-    analyzer = Analyzer(
-        analysis_name="digits",
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        output_dir=str(workdir / "kronfluence"),
-        log_level=logging.WARNING,
-    )
-    analyzer.fit_all_factors(
-        factors_name="ekfac",
-        dataset=train,
-        per_device_batch_size=256,
-        factor_args=FactorArguments(strategy="ekfac"),
-        overwrite_output_dir=True,
-    )
-    analyzer.compute_pairwise_scores(
-        scores_name="pairwise",
-        factors_name="ekfac",
-        query_dataset=queries,
-        train_dataset=train,
-        per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=256,
-        score_args=ScoreArguments(damping_factor=None),
-        overwrite_output_dir=True,
-    )
-    scores = analyzer.load_pairwise_scores("pairwise")
+    scores = ekfac_scores(net, train, queries, workdir / "kronfluence")
     seconds = time.perf_counter() - start
-    np.save(workdir / "kronfluence_scores.npy", scores["all_modules"].double().numpy())
+    np.save(workdir / "kronfluence_scores.npy", scores.numpy())
     print(json.dumps({"version": version("kronfluence"), "seconds": seconds}))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import resource
 import sys
 import time
@@ -28,28 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments, ScoreArguments
-from kronfluence.task import Task
+from kronfluence.arguments import FactorArguments
 from torch import nn
 from torch.utils.data import TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kronfluence_digits import ekfac_scores  # noqa: E402  (the same analysis, one venv, no package)
+
 MODELS = Path(__file__).resolve().parent.parent / "lightning_tda" / "models.py"
-
-
-class ClassificationTask(Task):
-    def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        inputs, labels = batch
-        logits = model(inputs)
-        if sample:
-            with torch.no_grad():
-                labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), num_samples=1).flatten()
-        return F.cross_entropy(logits, labels, reduction="sum")
-
-    def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
-        inputs, labels = batch
-        return F.cross_entropy(model(inputs), labels, reduction="sum")
 
 
 def load_resnet(saved: dict) -> nn.Module:
@@ -69,52 +54,17 @@ def main() -> None:
     data = torch.load(workdir / "data.pt")
     train, queries = TensorDataset(*data["train"]), TensorDataset(*data["query"])
     start, cpu = time.perf_counter(), time.process_time()
-    task = ClassificationTask()
-    model = prepare_model(net, task)
-    analyzer = Analyzer(
-        analysis_name="resnet",
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        output_dir=str(workdir / "output"),
-        log_level=logging.WARNING,
-    )
     covariance_dtype = "float32 (its default)"
     try:
-        analyzer.fit_all_factors(
-            factors_name="ekfac",
-            dataset=train,
-            per_device_batch_size=128,
-            factor_args=FactorArguments(strategy="ekfac"),
-            overwrite_output_dir=True,
-        )
+        scores = ekfac_scores(net, train, queries, workdir / "output", batch_size=128)
     except RuntimeError as err:  # torch.linalg.eigh did not converge on float32 covariances
         covariance_dtype = f"float64 (float32 failed: {str(err).splitlines()[0][:80]})"
-        analyzer.fit_all_factors(
-            factors_name="ekfac",
-            dataset=train,
-            per_device_batch_size=128,
-            factor_args=FactorArguments(
-                strategy="ekfac",
-                activation_covariance_dtype=torch.float64,
-                gradient_covariance_dtype=torch.float64,
-            ),
-            overwrite_output_dir=True,
+        double = FactorArguments(
+            strategy="ekfac", activation_covariance_dtype=torch.float64, gradient_covariance_dtype=torch.float64
         )
-    analyzer.compute_pairwise_scores(
-        scores_name="pairwise",
-        factors_name="ekfac",
-        query_dataset=queries,
-        train_dataset=train,
-        per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=128,
-        score_args=ScoreArguments(damping_factor=None),
-        overwrite_output_dir=True,
-    )
-    scores = analyzer.load_pairwise_scores("pairwise")
+        scores = ekfac_scores(net, train, queries, workdir / "output", batch_size=128, factor_args=double)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    np.save(workdir / "scores.npy", scores["all_modules"].double().numpy())
+    np.save(workdir / "scores.npy", scores.numpy())
     print(
         json.dumps(
             {

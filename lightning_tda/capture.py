@@ -465,26 +465,3 @@ def check_batch(layer: TrackedLayer, rows_batch: int, batch_size: int | None) ->
             f"for a batch of {batch_size} examples: its input is shared by the batch (e.g. a position embedding fed "
             f"(1, T) positions), so it has no per-example gradients. Leave it out: exclude=[{layer.name!r}]."
         )
-
-
-def per_example_gradients(
-    model: nn.Module,
-    layers: Sequence[TrackedLayer],
-    per_example_values: Callable[[nn.Module], Tensor],
-) -> dict[str, Tensor]:
-    """Per-example gradients of ``per_example_values(model)`` (shape ``(B,)``) for tracked layers.
-
-    Examples must be independent in the forward pass (no batch norm in train mode), so that the
-    gradient of the sum gives each example's own gradient.
-
-    Returns:
-        ``{layer name: tensor (B, out, a_dim)}`` in the model's dtype.
-    """
-    with LayerCapture(layers) as capture:
-        values = per_example_values(model)
-        for layer in layers:
-            check_batch(layer, capture.activations[layer.name].shape[0], values.shape[0])
-        rows = capture.output_gradient_rows(values.sum())
-        return {
-            layer.name: layer.gradient_matrices(rows[layer.name], capture.activations[layer.name]) for layer in layers
-        }

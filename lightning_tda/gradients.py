@@ -203,6 +203,14 @@ def per_example_rows(
         }
 
 
+def per_example_gradients(
+    model: nn.Module, layers: Sequence[TrackedLayer], per_example_values: Callable[[nn.Module], Tensor]
+) -> dict[str, Tensor]:
+    """Dense per-example gradients of ``per_example_values(model)``: ``{layer name: (B, out, a_dim)}`` in the
+    model's dtype (at least float32); for a few examples, or as a reference (see :func:`per_example_rows`)."""
+    return {name: grads.dense() for name, grads in per_example_rows(model, layers, per_example_values).items()}
+
+
 def total_dot(gradients: Mapping[str, LayerGradients], matrices: Mapping[str, Tensor]) -> Tensor:
     """``Σ_l ⟨M_{l,q}, G_{l,b}⟩`` over the layers of ``matrices``: ``(Q, B)`` float64."""
     return sum(gradients[name].dot(m) for name, m in matrices.items())

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tda import LanguageModelingTask, TDACallback, Trace
-from lightning_tda.capture import UnsupportedModelError, find_layers, per_example_gradients
+from lightning_tda.capture import UnsupportedModelError, find_layers
+from lightning_tda.gradients import per_example_gradients
 from lightning_tda.tasks import logits_of
 
 transformers = pytest.importorskip("transformers")
