@@ -5,7 +5,7 @@ its own; repeats are interleaved across configurations (A B A B ...) so slow pha
 machine hit all of them alike, and the reported ratio is the median over repeats of each repeat's
 ratio to training without the callback.
 
-Two suites, each writing its own section of BENCHMARKS.md:
+Three suites, each writing its own section of BENCHMARKS.md:
 
 * ``digits`` (the default): the digits MLP and SmallCNN for ``--epochs`` epochs, the defaults against
   statistics on every step;
@@ -13,10 +13,13 @@ Two suites, each writing its own section of BENCHMARKS.md:
   synthetic 32×32×3 images at n = 8,000 and 2,000, a width-16 ResNet-18 on 1,024 images, a
   Llama-style and a GPT-2 language model (4 layers, width 256, vocabulary 1,000, 64-token blocks;
   the demo ``CausalLanguageModel`` trained on the Hugging Face loss, ``LanguageModelingTask``), and the
-  digits MLP for 10 epochs.
+  digits MLP for 10 epochs;
+* ``sizes``: the trace's size at the defaults against every factor, and every factor in float64, for the
+  ResNet and a LoRA-adapted GPT-2.
 
     python benchmarks/bench_callback.py                          # digits, 20 epochs, 5 repeats
-    python benchmarks/bench_callback.py --suite real --repeats 3 # the real models (about an hour)
+    python benchmarks/bench_callback.py --suite real --repeats 3 # the real models (hours on a busy machine)
+    python benchmarks/bench_callback.py --suite sizes            # trace sizes (minutes)
     python benchmarks/bench_callback.py --quick                  # digits, 3 epochs, 1 repeat
 """
 
@@ -41,7 +44,10 @@ CONFIGS = {
     "defaults": {},
     "empirical Fisher, every step": {"fisher": "empirical", "every_n_steps": 1},
     "true Fisher, every step": {"fisher": "true", "every_n_steps": 1},
+    "every factor (max_factor_ratio=None)": {"max_factor_ratio": None},
+    "every factor in float64 (as schema v1 stored)": {"max_factor_ratio": None, "factor_dtype": "float64"},
 }
+SIZE_CONFIGS = ["defaults", "every factor (max_factor_ratio=None)", "every factor in float64 (as schema v1 stored)"]
 
 # name: (description, default training examples (None: the data set's own), batch size)
 MODELS = {
@@ -51,8 +57,15 @@ MODELS = {
     "resnet16": ("ResNet-18, width 16 (0.7M parameters), 32x32x3 synthetic images", 1_024, 64),
     "llama": ("Llama-style LM (CausalLanguageModel), 4 layers, width 256, vocabulary 1,000, 64 tokens", 1_024, 16),
     "gpt2": ("GPT-2 LM (CausalLanguageModel), 4 layers, width 256, vocabulary 1,000, 64 tokens", 1_024, 16),
+    "gpt2-lora": (
+        "GPT-2 LM, 4 layers, width 256, vocabulary 1,000, LoRA rank 8 on c_attn/c_proj/c_fc (layers='lora')",
+        256,
+        16,
+    ),
 }
 
+# (model, training examples, epochs) of the trace-size suite: sizes depend on segments and checkpoints, not steps
+SIZE_CASES = [("resnet", 640, 1), ("gpt2-lora", 256, 1)]
 # (model, training examples, epochs) of the real-models suite
 REAL_CASES = [
     ("resnet", 8_000, 2),
@@ -85,7 +98,7 @@ def token_blocks(n: int, seed: int = 0):
 
 
 def build(model_name: str, n: int):
-    """``(model, train dataloader or data module, task)`` for one case."""
+    """``(model, train dataloader or data module, task, callback arguments)`` for one case."""
     from torch.utils.data import DataLoader
 
     from lightning_tda import LanguageModelingTask
@@ -94,14 +107,18 @@ def build(model_name: str, n: int):
     batch = MODELS[model_name][2]
     if model_name in ("mlp", "cnn"):
         images = model_name == "cnn"
-        return SmallCNN() if images else MLPClassifier(), DigitsDataModule(batch_size=batch, images=images), None
+        return SmallCNN() if images else MLPClassifier(), DigitsDataModule(batch_size=batch, images=images), None, {}
     if model_name in ("resnet", "resnet16"):
         data = SyntheticImageDataModule(batch_size=batch, num_examples=round(n / 0.8), test_fraction=0.2)
-        return ResNet(width=32 if model_name == "resnet" else 16), data, None
+        return ResNet(width=32 if model_name == "resnet" else 16), data, None, {}
     from lightning_tda.demo_language import CausalLanguageModel
 
-    model = CausalLanguageModel(model_name, VOCABULARY, width=256, layers=4, heads=4, context=SEQUENCE_LENGTH)
-    return model, DataLoader(token_blocks(n), batch_size=batch, shuffle=True), LanguageModelingTask()
+    lora = model_name == "gpt2-lora"
+    model = CausalLanguageModel(
+        "gpt2" if lora else model_name, VOCABULARY, 256, 4, 4, SEQUENCE_LENGTH, lora_rank=8 if lora else 0
+    )
+    loader = DataLoader(token_blocks(n), batch_size=batch, shuffle=True)
+    return model, loader, LanguageModelingTask(), {"layers": "lora"} if lora else {}
 
 
 def child(model_name: str, config: str, epochs: int, n: int) -> None:
@@ -114,13 +131,13 @@ def child(model_name: str, config: str, epochs: int, n: int) -> None:
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    model, data, task = build(model_name, n)
+    model, data, task, options = build(model_name, n)
     kwargs = CONFIGS[config]
     callbacks = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.h5"
         if kwargs is not None:
-            callbacks.append(TDACallback(path, task=task or ClassificationTask(), **kwargs))
+            callbacks.append(TDACallback(path, task=task or ClassificationTask(), **options, **kwargs))
         trainer = headless_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks)
         start = time.perf_counter()
         trainer.fit(model, data)
@@ -134,6 +151,7 @@ def child(model_name: str, config: str, epochs: int, n: int) -> None:
             result["segment_steps"] = [s.num_steps for s in trace.segments]
             result["statistics_mb"] = callbacks[0].stats.nbytes() / 1e6
             result["checkpoint_mb"] = _checkpoint_bytes(path) / 1e6
+            result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(json.dumps(result))
 
 
@@ -227,6 +245,40 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
     return markdown_table(header, rows), ratios
 
 
+def sizes_section() -> str:
+    """Trace size at the defaults against recording every factor, and every factor in float64 (what schema v1
+    stored), for the ResNet and a LoRA-adapted GPT-2 (one run each: sizes do not vary)."""
+    from benchmarks.report import markdown_table
+
+    rows = []
+    for model_name, n, epochs in SIZE_CASES:
+        for config in SIZE_CONFIGS:
+            result = run_child(model_name, config, epochs, n)
+            parameters = result["trainable_parameters"]
+            rows.append(
+                [
+                    MODELS[model_name][0],
+                    config,
+                    f"{parameters:,}",
+                    f"{result['trace_mb']:.1f}",
+                    f"{result['checkpoint_mb']:.1f}",
+                    f"{result['trace_mb'] / result['checkpoint_mb']:.1f}x",
+                    f"{result['statistics_mb']:.1f}",
+                ]
+            )
+    header = ["model", "configuration", "trainable parameters", "trace MB", "of which checkpoints MB",
+              "trace / checkpoints", "statistics in memory MB (float64)"]  # fmt: skip
+    return (
+        "Each trace: 3 segments, 2 checkpoints per segment (7 stored model states with the initial one); the size "
+        "depends on these, not on the number of steps. `factor_dtype='auto'` (the default) stores factors at "
+        "least 256 wide in float32; `max_factor_ratio=16` (the default) leaves out a factor with more than 16 "
+        "times as many entries as its layer has parameters (and more than 2^18 entries): for the LoRA adapters "
+        "of GPT-2 the `d x d` factor of each adapter's wide side. The ResNet-18 trace at the defaults of the "
+        "first version of the callback (float64, every factor) was 614 MB at n = 2,000.\n\n"
+        + markdown_table(header, rows)
+    )
+
+
 def verdict(ratios: dict) -> str:
     return ", ".join(
         f"{describe_case(*case).split(',')[0]}{f' n={case[1]:,}' if case[1] else ''} {case[2]} epochs: "
@@ -237,7 +289,7 @@ def verdict(ratios: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=("digits", "real"), default="digits")
+    parser.add_argument("--suite", choices=("digits", "real", "sizes"), default="digits")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -255,6 +307,13 @@ def main() -> None:
         return
     repeats = args.repeats or (1 if args.quick else 5 if args.suite == "digits" else 3)
     from benchmarks.report import write_section
+
+    if args.suite == "sizes":
+        body = sizes_section()
+        if not args.no_write:
+            write_section("trace-size", "Trace size: factor precision and factors left out", body)
+        print(body)
+        return
 
     if args.suite == "real":
         cases = REAL_CASES
