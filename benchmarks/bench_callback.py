@@ -311,7 +311,7 @@ def main() -> None:
     if args.suite == "sizes":
         body = sizes_section()
         if not args.no_write:
-            write_section("trace-size", "Trace size: factor precision and factors left out", body)
+            write_section("callback-trace-size", "Trace size: factor precision and factors left out", body)
         print(body)
         return
 
