@@ -5,15 +5,17 @@ and learning rate are treated as stationary, which turns the unrolled derivative
 parameters into matrix functions of the segment-mean (EK-FAC) Gauss-Newton Hessian H̄_ℓ
 (``ALGORITHMS.md`` §2)::
 
-    τ(q, z) = Σ_ℓ ⟨ u_ℓ(q), ḡ_ℓ(z) ⟩,   u_ℓ = φ_r(H̄_ℓ) S̄_{ℓ+1} ··· S̄_L ∇f(q, θ_T)
+    τ(q, z) = Σ_ℓ Σ_{c∈ℓ} (1/C_ℓ) ⟨ u_c(q), ∇ℓ(z, θ_c) ⟩,   u_c = φ_r(H̄_ℓ) S̄_{ℓ+1} ··· S̄_L ∇f(q, θ_c)
     S̄_ℓ = φ_S(H̄_ℓ) = exp(−η̄_ℓ K_ℓ H̄_ℓ),   φ_r(σ) = (1 − exp(−η̄_ℓ K_ℓ σ)) / σ
 
-with ḡ_ℓ(z) the mean training gradient over the segment's checkpoints and K_ℓ its number of
-optimizer steps. Everything is block-diagonal over layers and every segment has its own eigenbasis
+over the C_ℓ checkpoints θ_c of segment ℓ, with K_ℓ its number of optimizer steps. By default the
+query gradient is taken at the same checkpoint as the training gradient it meets
+(``query_gradients="checkpoints"``, measured better against re-training far from convergence,
+``docs/source.md``); ``query_gradients="final"`` takes it at θ_T, the paper's estimator
+``Σ_ℓ ⟨u_ℓ(q), ḡ_ℓ(z)⟩`` of one run's unrolled derivative. Everything is block-diagonal over layers and every segment has its own eigenbasis
 per layer, so each S̄ and φ_r is applied by rotating into that segment's basis and back.
 
-The query side is computed once; training examples are then streamed checkpoint by checkpoint and
-only dot products are accumulated, so no per-example training gradients outlive their batch.
+Training examples are streamed checkpoint by checkpoint and only dot products are accumulated, so no per-example training gradients outlive their batch.
 Optimizers: SGD (effective rate η(1 − dampening)/(1 − β) with momentum β, Nesterov alike), Adam and
 AdamW through the recorded diagonal preconditioner P̄ = 1/(√v̂ + eps) (``docs/source.md``).
 Weight decay enters the exponentials as the curvature it adds. Sign: positive = helped the query.
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_tda.batches import Data
 from lightning_tda.curvature import (
+    COVARIANCE_SOURCES,
     CURVATURES,
     Curvature,
     DenseLayerCurvature,
@@ -41,6 +44,7 @@ from lightning_tda.curvature import (
     cache_key,
     cached_curvature,
     correct_eigenvalues,
+    covariances_at,
     decay_response,
     eigenbases_from_covariances,
     exp_decay,
@@ -55,6 +59,7 @@ from lightning_tda.tasks import Task
 from lightning_tda.trace import Trace, TraceError, to_json
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+QUERY_GRADIENTS = ("checkpoints", "final")
 _SUPPORTED_TEXT = "SGD (plain, with momentum or Nesterov), Adam and AdamW"
 
 
@@ -249,7 +254,9 @@ class SOURCE(AttributionMethod):
         *,
         segments: Sequence[int] | None = None,
         fast: bool = False,
+        query_gradients: str = "checkpoints",
         curvature: str = "ekfac",
+        covariances: str = "stream",
         correction_examples: int | None = None,
         split_correction: bool = True,
         samples: int | str | None = None,
@@ -265,8 +272,19 @@ class SOURCE(AttributionMethod):
         )
         if curvature not in CURVATURES:
             raise ValueError(f"SOURCE(curvature={curvature!r}): use one of {', '.join(map(repr, CURVATURES))}.")
+        if query_gradients not in QUERY_GRADIENTS:
+            raise ValueError(
+                f"SOURCE(query_gradients={query_gradients!r}): use 'checkpoints' (at the checkpoints the training "
+                f"gradients are taken at) or 'final' (at the final parameters, the paper's estimator)."
+            )
+        if covariances not in COVARIANCE_SOURCES:
+            raise ValueError(
+                f"SOURCE(covariances={covariances!r}): use 'stream' (recorded in training) or 'recompute'."
+            )
         self.optimizer = optimizer_kind(trace)
         self.fast = fast
+        self.query_gradients = query_gradients
+        self.covariances = covariances
         self.curvature_kind = curvature
         self.correction_examples = correction_examples
         self.split_correction = split_correction
@@ -302,7 +320,9 @@ class SOURCE(AttributionMethod):
             **super().config(),
             "segments": list(self.segments),
             "fast": self.fast,
+            "query_gradients": self.query_gradients,
             "curvature": self.curvature_kind,
+            "covariances": self.covariances,
             "correction_examples": self.correction_examples,
             "split_correction": self.split_correction,
             "samples": self.samples,
@@ -343,6 +363,7 @@ class SOURCE(AttributionMethod):
                 data,
                 segment=segment,
                 curvature=self.curvature_kind,
+                covariances=self.covariances,
                 samples=self.samples,
                 split_examples=self.split_correction,
                 cache=self.cache,
@@ -358,6 +379,7 @@ class SOURCE(AttributionMethod):
             "segment": segment,
             "checkpoints": list(checkpoints),
             "curvature": self.curvature_kind,
+            "covariances": self.covariances,
             "samples": self.samples,
             "seed": self.seed,
             "examples": self.correction_examples,
@@ -375,9 +397,11 @@ class SOURCE(AttributionMethod):
             blocks = gauss_newton_blocks(self.model, self.layers, self.task, data, options)
             fitted: Curvature = {la.name: DenseLayerCurvature(la.name, la.shape, blocks[la.name]) for la in self.layers}
         else:
-            bases = eigenbases_from_covariances(
-                {la.name: self.trace.covariances(segment, la.name) for la in self.layers}
-            )
+            if self.covariances == "recompute":
+                factors = covariances_at(self.model, self.layers, self.task, data, options)
+            else:
+                factors = {la.name: self.trace.covariances(segment, la.name) for la in self.layers}
+            bases = eigenbases_from_covariances(factors)
             if self.curvature_kind == "ekfac":
                 corrected = correct_eigenvalues(bases, self.model, self.layers, self.task, data, options)
                 for name, basis in bases.items():
@@ -409,6 +433,17 @@ class SOURCE(AttributionMethod):
                 v = operators[s].propagate(v)
         return result
 
+    def segment_query_vectors(
+        self, gradients: Mapping[str, Tensor], operators: Mapping[int, SegmentOperators], segment: int
+    ) -> dict[str, Tensor]:
+        """``u_ℓ = R_ℓᵀ S̄_{ℓ+1} ··· S̄_L ∇f`` of one segment ℓ for query gradients ``(Q, out, a_dim)`` taken
+        in that segment (the checkpoint pairing), in the dtype of the operators' eigenvectors."""
+        v = dict(gradients)
+        for s in reversed(self.needed):
+            if s > segment:
+                v = operators[s].propagate(v)
+        return operators[segment].respond(v)
+
     # --- states the training gradients are taken at ---------------------------------------------
     def _averaged_state(self, segment: int) -> dict[str, Tensor]:
         states = [
@@ -437,33 +472,47 @@ class SOURCE(AttributionMethod):
         self.model.eval()
 
     # --- attribution ----------------------------------------------------------------------------
-    def attribute(self, queries: Data, train: Data) -> Scores:
-        """Scores ``(n_queries, n_train)``: ``τ(q, z) = Σ_ℓ ⟨u_ℓ(q), ḡ_ℓ(z)⟩``; positive = helped."""
-        n_train = len(self.loader(train, "train").dataset)
-        operators = self.operators(train)
-        self.load_checkpoint(self.trace.final_checkpoint.index)
-        query_gradients = self.query_matrices(queries)
-        n_queries = len(next(iter(query_gradients.values())))
-        vectors = {
-            s: {name: u.to(self.dtype) for name, u in per_layer.items()}
-            for s, per_layer in self.query_vectors(query_gradients, operators).items()
-        }
-        del query_gradients
-        values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
+    def _pairs(
+        self, queries: Data, operators: Mapping[int, SegmentOperators]
+    ) -> Iterator[tuple[int, Mapping[str, Tensor], float, dict[str, Tensor]]]:
+        """``(segment, state, weight, u)``: the query vectors ``u`` (``{layer: (Q, out, a_dim)}`` in :attr:`dtype`)
+        to pair with the training gradients at ``state``. With ``query_gradients="final"`` they are taken once at
+        the final parameters and shared by every state of a segment; with ``"checkpoints"`` the query gradients
+        are taken at ``state`` itself (one pass over the queries per checkpoint)."""
+        if self.query_gradients == "final":
+            self.load_checkpoint(self.trace.final_checkpoint.index)
+            final = self.query_vectors(self.query_matrices(queries), operators)
+            for s in self.segments:
+                u = {name: v.to(self.dtype) for name, v in final.pop(s).items()}
+                for state, weight in self._gradient_states(s):
+                    yield s, state, weight, u
+            return
         for s in self.segments:
             for state, weight in self._gradient_states(s):
                 self._set_state(state)
-                for ids, batch in self.train_batches(train, f"SOURCE segment {s}"):
-                    values[:, ids.to(self.device)] += weight * total_dot(self.gradient_rows(batch, "train"), vectors[s])
+                u = self.segment_query_vectors(self.query_matrices(queries), operators, s)
+                yield s, state, weight, {name: v.to(self.dtype) for name, v in u.items()}
+
+    def attribute(self, queries: Data, train: Data) -> Scores:
+        """Scores ``(n_queries, n_train)``: ``τ(q, z) = Σ_ℓ Σ_c w_c ⟨u_c(q), ∇ℓ(z, θ_c)⟩``; positive = helped."""
+        n_train = len(self.loader(train, "train").dataset)
+        operators = self.operators(train)
+        n_queries = len(self.loader(queries, "query").dataset)
+        values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
+        for s, state, weight, u in self._pairs(queries, operators):
+            self._set_state(state)
+            for ids, batch in self.train_batches(train, f"SOURCE segment {s}"):
+                values[:, ids.to(self.device)] += weight * total_dot(self.gradient_rows(batch, "train"), u)
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, n_queries, n_train)
 
     def self_influence(self, train: Data) -> Scores:
         """``τ(z, z)/N`` for every training example, shape ``(N,)``, without forming the ``N × N`` matrix.
 
-        The query measurement is the example's own training loss at the final parameters. The
-        segments' model states are held in memory (one copy per checkpoint) and swapped per batch;
-        the query vectors ``u_ℓ`` exist for one layer and one chunk of examples at a time.
+        The query measurement is the example's own training loss, its gradient taken where the query
+        gradients are (at each checkpoint, or at the final parameters). The segments' model states are
+        held in memory (one copy per checkpoint) and swapped per batch; the query vectors exist for one
+        layer and one chunk of examples at a time.
         """
         n_train = len(self.loader(train, "train").dataset)
         operators = self.operators(train)
@@ -471,21 +520,24 @@ class SOURCE(AttributionMethod):
         states = [(s, state, weight) for s in self.segments for state, weight in self._gradient_states(s)]
         values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for ids, batch in self.train_batches(train, "SOURCE self-influence"):
-            self._set_state(final)
-            own = self.gradient_rows(batch, "train")
             along: list[tuple[int, float, dict[str, LayerGradients]]] = []
             for s, state, weight in states:
                 self._set_state(state)
                 along.append((s, weight, self.gradient_rows(batch, "train")))
             total = torch.zeros(len(ids), dtype=torch.float64, device=self.device)
-            for name, g in own.items():
-                for chunk, dense in g.chunks():
-                    vectors = self.query_vectors({name: dense}, operators)
-                    for s, weight, grads in along:
-                        total[chunk] += weight * grads[name][chunk].self_dot(vectors[s][name])
+            if self.query_gradients == "final":
+                self._set_state(final)
+                for name, g in self.gradient_rows(batch, "train").items():
+                    for chunk, dense in g.chunks():
+                        vectors = self.query_vectors({name: dense}, operators)
+                        for s, weight, grads in along:
+                            total[chunk] += weight * grads[name][chunk].self_dot(vectors[s][name])
+            else:
+                for s, weight, grads in along:
+                    for name, g in grads.items():
+                        for chunk, dense in g.chunks():
+                            u = self.segment_query_vectors({name: dense}, operators, s)[name]
+                            total[chunk] += weight * g[chunk].self_dot(u)
             values[ids.to(self.device)] = total
         values = self.sum_across_processes(values) / self.training_set_size(n_train)
         return self.scores(values, None, n_train, kind="self")
-
-
-__all__ = ["SOURCE", "SUPPORTED_OPTIMIZERS", "LayerDynamics", "SegmentOperators", "layer_dynamics", "optimizer_kind"]
