@@ -261,7 +261,7 @@ def test_segments_add_up_and_select(sgd_traces, concrete, many_scores):
         source_scores(trace, concrete, segments=s, query_gradients="checkpoints")
         for s in ([26], [27, 29], [26, 27, 29])
     ]
-    torch.testing.assert_close(parts[0] + parts[1], parts[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts[0] + parts[1], parts[2], rtol=1e-5, atol=1e-5 * parts[2].abs().max())
     assert SOURCE(trace, LinearRegression(), RegressionTask(), segments=[15, 3]).config()["segments"] == [3, 15]
 
 
@@ -290,7 +290,9 @@ def test_checkpoint_query_gradients_are_final_ones_when_the_final_state_is_the_o
     default = SOURCE(sgd_traces["one"], LinearRegression(), RegressionTask())
     assert default.config()["query_gradients"] == "checkpoints"
     values = default.attribute(concrete["queries"], concrete["train"]).values.double() * N_TRAIN  # τ
-    torch.testing.assert_close(values, source_scores(sgd_traces["one"], concrete), rtol=1e-6, atol=1e-9)
+    paper = source_scores(sgd_traces["one"], concrete)
+    # float32 query side and products (the checkpoint pairing's precision) against the float64 one
+    torch.testing.assert_close(values, paper, rtol=1e-5, atol=1e-5 * paper.abs().max())
     # With many checkpoints the two differ: the query gradient moves with the residuals along training.
     checkpoints = source_scores(sgd_traces["many"], concrete, query_gradients="checkpoints")
     assert relative_error(checkpoints, many_scores) > 0.01
