@@ -72,10 +72,12 @@ from lightning_tda.evaluation import (  # noqa: E402
 )
 from lightning_tda.evaluation.retrain import fingerprint, quiet_lightning  # noqa: E402
 from lightning_tda.methods import MethodOptions  # noqa: E402
+from lightning_tda.storage import sidecar_path  # noqa: E402
 
 # Display name -> (class in lightning_tda.methods, keyword arguments). Defaults unless noted.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "SOURCE": ("SOURCE", {}),
+    "SOURCE, paper (θ_T query)": ("SOURCE", {"query_gradients": "final"}),
     "EK-FAC IF": ("EKFACInfluence", {}),
     "TracInCP": ("TracInCP", {}),
     "DataInf": ("DataInf", {}),
@@ -330,7 +332,8 @@ def run_method(
         return MethodRun(status=f"not available ({type(err).__name__})")
     from lightning_tda.trace import Trace
 
-    copy = cfg.workdir / "traces" / f"{trace_path.stem}-{class_name}-{mode}.h5"
+    slug = "".join(ch if ch.isalnum() else "-" for ch in display)  # two rows of one class get their own copies
+    copy = cfg.workdir / "traces" / f"{trace_path.stem}-{slug}-{mode}.h5"
     copy.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(trace_path, copy)
     start = time.perf_counter()
@@ -355,6 +358,7 @@ def run_method(
         return MethodRun(status=f"failed: {type(err).__name__}: {message}")
     finally:
         copy.unlink(missing_ok=True)
+        sidecar_path(copy).unlink(missing_ok=True)  # no fitted curvature left for the next run to reuse
     seconds = time.perf_counter() - start
     if not torch.isfinite(scores.values).all():
         return MethodRun(seconds=seconds, status="failed: non-finite scores")
