@@ -12,10 +12,12 @@ over the C_ℓ checkpoints θ_c of segment ℓ, with K_ℓ its number of optimiz
 query gradient is taken at the same checkpoint as the training gradient it meets
 (``query_gradients="checkpoints"``, measured better against re-training far from convergence,
 ``docs/source.md``); ``query_gradients="final"`` takes it at θ_T, the paper's estimator
-``Σ_ℓ ⟨u_ℓ(q), ḡ_ℓ(z)⟩`` of one run's unrolled derivative. Everything is block-diagonal over layers and every segment has its own eigenbasis
-per layer, so each S̄ and φ_r is applied by rotating into that segment's basis and back.
+``Σ_ℓ ⟨u_ℓ(q), ḡ_ℓ(z)⟩`` of one run's unrolled derivative. Everything is block-diagonal over layers
+and every segment has its own eigenbasis per layer, so each S̄ and φ_r is applied by rotating into
+that segment's basis and back.
 
-Training examples are streamed checkpoint by checkpoint and only dot products are accumulated, so no per-example training gradients outlive their batch.
+Training examples are streamed checkpoint by checkpoint and only dot products are accumulated, so
+no per-example training gradients outlive their batch.
 Optimizers: SGD (effective rate η(1 − dampening)/(1 − β) with momentum β, Nesterov alike), Adam and
 AdamW through the recorded diagonal preconditioner P̄ = 1/(√v̂ + eps) (``docs/source.md``).
 Weight decay enters the exponentials as the curvature it adds. Sign: positive = helped the query.
