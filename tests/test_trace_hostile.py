@@ -153,6 +153,20 @@ def test_nonfinite_or_asymmetric_covariances_are_refused(hostile, edit, read, me
         Trace.open(hostile(poison)).covariances(1, "net.2")
 
 
+def test_a_variance_rounded_just_below_zero_is_read(hostile):
+    """Found on a ResNet-18 trace: a float32 convolution factor formed from shifted products stored a
+    variance of -1.3e-7 of its largest entry (zero in exact arithmetic), and SOURCE refused the trace.
+    Rounding of the stored dtype is accepted; anything beyond it stays an error (test above)."""
+
+    def round_below_zero(f: h5py.File) -> None:
+        values = f["segments/0001/kfac/net.2/S_sum"][()]
+        values[2, 2] = -8 * np.finfo(values.dtype).eps * np.abs(values).max()
+        f["segments/0001/kfac/net.2/S_sum"][...] = values
+
+    _, s = Trace.open(hostile(round_below_zero)).covariances(1, "net.2")
+    assert s[2, 2] < 0
+
+
 def test_negative_counts_and_second_moments_are_refused(hostile):
     count = hostile(lambda f: f["segments/0000/kfac/net.0/A_count"].write_direct(np.array(-5.0)))
     with pytest.raises(TraceError, match=r"net\.0/A_count: is -5\.0, expected a non-negative count"):
