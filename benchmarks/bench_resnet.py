@@ -305,8 +305,7 @@ def report(
         f"{training['test_accuracy']:.2f}, trace {training['trace_mb']:.0f} MB). n = {size['n']:,} training "
         f"examples, {size['queries']} queries, {args.threads} torch thread(s); each method at its defaults in a "
         f"fresh process without cached curvature (peak RSS from getrusage), median of {args.repeats} interleaved "
-        f"run(s). Wall time includes waiting for a CPU on this shared machine (other jobs kept its load above 2 "
-        f"cores); CPU time does not.",
+        f"run(s). Wall time includes any wait for a CPU on this shared machine; CPU time does not.",
         "",
         markdown_table(header + ["per-query Pearson / Spearman"], rows),
         "",
