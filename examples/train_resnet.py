@@ -24,7 +24,6 @@ from lightning_tda.reporting import ImageRenderer, build_report, write_reports
 
 
 def main(width: int = 32, n: int = 2500, size: int = 32, out: str = "runs/resnet-example", queries: int = 10) -> str:
-    # the defaults: about TODO s on 2 CPU cores
     """Train, attribute and write ``<out>/report.html``; returns the report's one-line description."""
     L.seed_everything(0, verbose=False)
     path, task = str(Path(out) / "trace.h5"), ClassificationTask()
