@@ -770,8 +770,8 @@ class Trace:
     # --- tensors --------------------------------------------------------------------------------
     def kfac_sums(self, segment: int, layer: str) -> dict[str, Tensor]:
         """Raw sums ``A_sum, A_count, S_sum, S_count`` of ``layer`` in ``segment``, checked (shapes from the
-        layer record, finite, symmetric, non-negative counts and variances) and returned as float64 (they are
-        stored as float32 or float64); the sum of a factor the callback did not record is absent."""
+        layer record, finite, symmetric, non-negative counts and variances to rounding) and returned as float64
+        (they are stored as float32 or float64); the sum of a factor the callback did not record is absent."""
         info = self.layer(layer)
         shapes = info.factor_shapes()
         self.segment(segment)
@@ -1186,7 +1186,7 @@ def _check_covariance(r: TraceReader, where: str, matrix: np.ndarray) -> None:
         diagonal = np.diagonal(matrix)
     else:
         diagonal = matrix
-    rounding = 64 * float(np.finfo(matrix.dtype).eps) * scale if matrix.dtype.kind == "f" else 0.0
+    rounding = 64 * float(np.finfo(matrix.dtype).eps) * scale  # read with kinds='f': always a float dtype
     if (diagonal < -rounding).any():
         raise r.error(where, "has negative variances on its diagonal, expected a covariance sum")
 
