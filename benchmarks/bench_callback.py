@@ -85,7 +85,7 @@ def token_blocks(n: int, seed: int = 0):
     import numpy as np
     import torch
 
-    from lightning_tda.demo_language import TokenBlocks
+    from lightning_tda.demo.language import TokenBlocks
 
     rng = np.random.default_rng(seed)
     successors = rng.integers(0, VOCABULARY, size=(VOCABULARY, 4))
@@ -111,7 +111,7 @@ def build(model_name: str, n: int):
     if model_name in ("resnet", "resnet16"):
         data = SyntheticImageDataModule(batch_size=batch, num_examples=round(n / 0.8), test_fraction=0.2)
         return ResNet(width=32 if model_name == "resnet" else 16), data, None, {}
-    from lightning_tda.demo_language import CausalLanguageModel
+    from lightning_tda.demo.language import CausalLanguageModel
 
     lora = model_name == "gpt2-lora"
     model = CausalLanguageModel(

@@ -66,7 +66,7 @@ def nearest_kronecker_basis(name: str, matrix: torch.Tensor, shape: tuple[int, i
     """:class:`LayerEigenbasis` of the nearest Kronecker product ``S̃ ⊗ Ã`` of a dense block (Frobenius norm,
     Van Loan-Pitsianis: the top singular pair of the rearranged block), eigenvalues = the exact diagonal of the
     block in that basis: the best any EK-FAC built on a Kronecker eigenbasis can do."""
-    from lightning_tda.curvature import LayerEigenbasis
+    from lightning_tda.curvature.eigen import LayerEigenbasis
 
     out, a_dim = shape
     blocks = matrix.reshape(out, a_dim, out, a_dim)
@@ -137,7 +137,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from lightning_tda import ClassificationTask
-    from lightning_tda.curvature import PassData, fit_curvature
+    from lightning_tda.curvature.fit import fit_curvature
+    from lightning_tda.curvature.passes import PassData
     from lightning_tda.demo import DigitsDataModule, MLPClassifier
     from lightning_tda.methods import EKFACInfluence
     from lightning_tda.trace import Trace

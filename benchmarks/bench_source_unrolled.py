@@ -51,7 +51,7 @@ from lightning_tda.evaluation import (  # noqa: E402
 from lightning_tda.methods import SOURCE, EKFACInfluence, TracInCP  # noqa: E402
 from lightning_tda.methods.base import MethodOptions  # noqa: E402
 from lightning_tda.methods.source import LayerDynamics, SegmentOperators  # noqa: E402
-from lightning_tda.storage import sidecar_path  # noqa: E402
+from lightning_tda.trace.cache import sidecar_path  # noqa: E402
 
 SETTINGS = {s.name: s for s in (CONCRETE, CONCRETE_EARLY, DIGITS, DIGITS_EARLY)}
 DENSE_LIMIT = 5_000  # largest layer (parameters) for the exact Gauss-Newton row; digits' 16,512 needs 2.2 GB per block

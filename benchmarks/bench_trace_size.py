@@ -53,7 +53,7 @@ def main() -> None:
     from lightning_tda import ClassificationTask, TDACallback, Trace
     from lightning_tda.demo import ResNet, SyntheticImageDataModule, headless_trainer
     from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions
-    from lightning_tda.storage import sidecar_path
+    from lightning_tda.trace.cache import sidecar_path
 
     torch.set_num_threads(1)
     size, examples, width = 8, 300, (8 if args.quick else 16)

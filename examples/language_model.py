@@ -2,7 +2,7 @@
 the report shows the queries and training blocks as decoded text.
 
 The model is a Hugging Face GPT-2 built from a config (random weights, no download), trained on a synthetic
-corpus packed into 16-token blocks (``lightning_tda.demo_language``). Its Conv1D projections and
+corpus packed into 16-token blocks (``lightning_tda.demo.language``). Its Conv1D projections and
 ``lm_head`` are tracked (the tied token embedding once, as ``lm_head``); with ``--lora`` only peft LoRA
 adapters train and are tracked (``layers="lora"``), and DataInf attributes through them
 (``modules="lora"``).
@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 
 from lightning_tda import LanguageModelingTask, TDACallback, Trace
 from lightning_tda.demo import headless_trainer
-from lightning_tda.demo_language import CausalLanguageModel, SyntheticTextDataModule
+from lightning_tda.demo.language import CausalLanguageModel, SyntheticTextDataModule
 from lightning_tda.methods import SOURCE, DataInf
 from lightning_tda.reporting import TextRenderer, build_report, write_reports
 

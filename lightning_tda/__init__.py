@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
-from lightning_tda.trace import Trace, TraceError
+from lightning_tda.trace.checks import TraceError
+from lightning_tda.trace.reader import Trace
 
 __all__ = [
     "ClassificationTask",
@@ -30,7 +31,7 @@ __all__ = [
 def __getattr__(name: str):
     # The callback imports Lightning; keep `import lightning_tda` (and the trace reader) free of it.
     if name == "TDACallback":
-        from lightning_tda.callback import TDACallback
+        from lightning_tda.recording.callback import TDACallback
 
         return TDACallback
     raise AttributeError(f"module 'lightning_tda' has no attribute {name!r}")

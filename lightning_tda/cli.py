@@ -113,7 +113,7 @@ class ReportOptions:
 def _job_parser(subcommand: str) -> ArgumentParser:
     import lightning as L
 
-    from lightning_tda.callback import TDACallback
+    from lightning_tda.recording.callback import TDACallback
     from lightning_tda.tasks import Task
 
     parser = ArgumentParser(exit_on_error=False, description=f"lightning-tda {subcommand}")
@@ -312,7 +312,7 @@ def fit(job: Job) -> Any:
     """Train with TDACallback; returns the trainer (its loggers receive the report in ``run``)."""
     import lightning as L
 
-    from lightning_tda.callback import TDACallback
+    from lightning_tda.recording.callback import TDACallback
 
     kwargs = dict(job.trainer_kwargs)
     kwargs.setdefault("default_root_dir", str(job.output_dir))
@@ -332,7 +332,7 @@ def attribute(job: Job) -> list[str]:
 
     from lightning_tda.methods import MethodOptions
     from lightning_tda.reporting import global_rank
-    from lightning_tda.trace import Trace
+    from lightning_tda.trace.reader import Trace
 
     specs = selected_methods(job.config)
     classes = [(spec, method_class(spec.name)) for spec in specs]
@@ -397,7 +397,7 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
     """Build the report from every result in the trace and write it (rank 0 only)."""
     from lightning_tda.reporting import WandbReporter, build_report, global_rank, write_reports
     from lightning_tda.scores import Scores
-    from lightning_tda.trace import Trace
+    from lightning_tda.trace.reader import Trace
 
     if global_rank() != 0:
         return None
@@ -519,7 +519,7 @@ def _launched_by_fabric() -> bool:
 
 def run(argv: Sequence[str] | None = None) -> int:
     from lightning_tda.reporting import use_offline_by_default
-    from lightning_tda.trace import TraceError
+    from lightning_tda.trace.checks import TraceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(only=argv[0] if argv and not argv[0].startswith("-") else None)
@@ -529,8 +529,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise CLIError(_class_path_problem(err) or _one_line(err)) from err
     subcommand = config.subcommand
     if subcommand in ("inspect", "clean"):
-        from lightning_tda.storage import clean, storage_lines
-        from lightning_tda.trace import Trace
+        from lightning_tda.trace.maintenance import clean, storage_lines
+        from lightning_tda.trace.reader import Trace
 
         path = config[subcommand].trace
         try:

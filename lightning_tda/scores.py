@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_tda.trace import OBJECT_OVERHEAD, to_json, writing
-from lightning_tda.trace_checks import TraceError, TraceReader, expect_str
-from lightning_tda.trace_probe import parse_in_child
+from lightning_tda.trace.checks import TraceError, TraceReader, expect_str
+from lightning_tda.trace.probe import parse_in_child
+from lightning_tda.trace.schema import to_json
+from lightning_tda.trace.writer import OBJECT_OVERHEAD, writing
 
 KINDS = ("pairwise", "self")
 
@@ -127,7 +128,7 @@ class Scores:
         """Read scores saved with :meth:`save`, checking every part before it is read.
 
         Raises ``KeyError`` when there are no results named ``name``, and
-        :class:`~lightning_tda.trace_checks.TraceError` naming the part when they are malformed.
+        :class:`~lightning_tda.trace.checks.TraceError` naming the part when they are malformed.
         """
         with _reading(path) as r:
             where = f"results/{name}"

@@ -398,9 +398,9 @@ def main(argv: list[str]) -> None:
     import time
 
     directory, first, memory, seconds = Path(argv[1]), int(argv[2]), int(argv[3]) << 20, int(argv[4])
-    import lightning_tda.trace_probe
+    import lightning_tda.trace.probe
 
-    lightning_tda.trace_probe.PARSE_SECONDS = seconds // 3  # a hang inside HDF5 is reported well before the alarm
+    lightning_tda.trace.probe.PARSE_SECONDS = seconds // 3  # a hang inside HDF5 is reported well before the alarm
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     torch.set_num_threads(1)
     model()  # imports Lightning and the library before the first case's alarm starts

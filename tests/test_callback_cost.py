@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace
-from lightning_tda.cadence import BudgetCadence
-from lightning_tda.capture import find_layers
 from lightning_tda.demo import MLPClassifier
-from lightning_tda.statistics import conv_input_product, outer_product
+from lightning_tda.layers.covariances import conv_input_product, outer_product
+from lightning_tda.layers.tracked import find_layers
+from lightning_tda.recording.cadence import BudgetCadence
 from lightning_tda.trace import TraceError
 
 
@@ -245,7 +245,7 @@ def test_a_hugging_face_training_call_is_reused_for_the_true_fisher(tmp_path):
     """``training_step`` returning ``self.model(**batch).loss`` (the Hugging Face way): the model's logits are
     the task's outputs, so no second forward runs, and the statistics equal those of a second forward."""
     from lightning_tda import LanguageModelingTask
-    from lightning_tda.demo_language import CausalLanguageModel, SyntheticTextDataModule
+    from lightning_tda.demo.language import CausalLanguageModel, SyntheticTextDataModule
 
     class SecondForward(LanguageModelingTask):  # never recognises a training call
         def outputs_of_call(self, batch, args, kwargs, output):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.demo import MLPClassifier
-from lightning_tda.segments import CurvatureDrift, EpochBoundaries
+from lightning_tda.recording.segments import CurvatureDrift, EpochBoundaries
 
 
 def loader(n: int = 128, batch_size: int = 16, seed: int = 0) -> DataLoader:

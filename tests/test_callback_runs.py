@@ -39,7 +39,12 @@ def assert_same_trace(left: Path, right: Path, rtol: float = 0.0, atol: float = 
         for layer in a.layer_names:
             sums_a, sums_b = a.kfac_sums(segment.index, layer), b.kfac_sums(segment.index, layer)
             for key in sums_a:
-                np.testing.assert_allclose(sums_a[key], sums_b[key], rtol=rtol, atol=atol, err_msg=f"{layer}/{key}")
+                # an entry far below the matrix's largest carries the float32 rounding of the largest (the
+                # gradients of a 16-example batch round differently from those of a 32-example batch)
+                scale = float(sums_a[key].abs().max())
+                np.testing.assert_allclose(
+                    sums_a[key], sums_b[key], rtol=rtol, atol=atol * max(1.0, scale), err_msg=f"{layer}/{key}"
+                )
     assert a.checkpoints == b.checkpoints
     checks = [[(c["verdict"], c["first_step"], c["batches"]) for c in t.loss_checks()] for t in (a, b)]
     assert checks[0] == checks[1] == [("match", 1, 4)]  # one loss check per fit, also across a resume

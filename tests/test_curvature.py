@@ -9,22 +9,15 @@ import torch
 from conftest import quiet_trainer
 from torch import nn
 
-import lightning_tda.curvature as curvature
+import lightning_tda.curvature.passes as passes
+import lightning_tda.layers.fisher as fisher
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback
-from lightning_tda.capture import find_layers
-from lightning_tda.curvature import (
-    FisherOptions,
-    PassData,
-    correct_eigenvalues,
-    covariances_at,
-    decay_response,
-    eigenbases_from_covariances,
-    exp_decay,
-    fit_curvature,
-    fit_segment_curvature,
-    gauss_newton_blocks,
-)
+from lightning_tda.curvature.eigen import LayerEigenbasis, decay_response, eigenbases_from_covariances, exp_decay
+from lightning_tda.curvature.fit import fit_curvature, fit_segment_curvature
+from lightning_tda.curvature.passes import PassData, correct_eigenvalues, covariances_at, gauss_newton_blocks
 from lightning_tda.demo import DigitsDataModule, MLPClassifier
+from lightning_tda.layers.fisher import FisherOptions
+from lightning_tda.layers.tracked import find_layers
 from lightning_tda.trace import Trace, TraceError
 
 
@@ -43,7 +36,7 @@ def small_run(tmp_path_factory):
     return {"path": path, "train": torch.utils.data.Subset(dm.train_set, range(256))}
 
 
-def _kron_matrix(basis: curvature.LayerEigenbasis) -> torch.Tensor:
+def _kron_matrix(basis: LayerEigenbasis) -> torch.Tensor:
     q = torch.kron(basis.q_s, basis.q_a)
     return q @ torch.diag(basis.eigenvalues.flatten()) @ q.T
 
@@ -119,7 +112,7 @@ def test_unbatched_backward_fallback_gives_the_same_correction(small_run, monkey
     def unsupported(*args):
         raise RuntimeError("no batched backward")
 
-    monkeypatch.setattr(curvature, "_batched_output_gradient_rows", unsupported)
+    monkeypatch.setattr(fisher, "_batched_output_gradient_rows", unsupported)
     looped = correct_eigenvalues(bases, model, layers, task, data, FisherOptions("true"))
     for name in batched:
         assert torch.allclose(batched[name], looped[name], rtol=1e-10, atol=1e-14)
@@ -178,8 +171,8 @@ def test_cache_reuses_the_fit_and_keys_on_options(small_run, monkeypatch):
     trace = Trace.open(small_run["path"])
     model, task = MLPClassifier(sizes=[64, 12, 10]), ClassificationTask()
     calls = []
-    original = curvature.correct_eigenvalues
-    monkeypatch.setattr(curvature, "correct_eigenvalues", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = passes.correct_eigenvalues
+    monkeypatch.setattr(passes, "correct_eigenvalues", lambda *a, **k: calls.append(1) or original(*a, **k))
     data = PassData(small_run["train"], batch_size=128)
     first = fit_segment_curvature(trace, model, task, 0, data)
     assert len(calls) == len(trace.segment(0).checkpoints)  # one pass per checkpoint of the segment, averaged
@@ -216,7 +209,7 @@ def test_bad_options(small_run):
 
 
 def test_exact_expectation_where_affordable_and_sampled_targets_beyond():
-    from lightning_tda.capture import TrackedLayer
+    from lightning_tda.layers.tracked import TrackedLayer
 
     def layers(width: int) -> list[TrackedLayer]:
         return [TrackedLayer("fc", nn.Identity(), "linear", width, 10, True)]

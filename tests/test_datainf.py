@@ -12,7 +12,7 @@ from conftest import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
-from lightning_tda.capture import UnsupportedModelError
+from lightning_tda.layers.tracked import UnsupportedModelError
 from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA, MethodOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))

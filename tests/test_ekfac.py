@@ -12,9 +12,10 @@ from conftest import quiet_trainer
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import Subset, TensorDataset
 
-import lightning_tda.curvature as curvature
+import lightning_tda.curvature.passes as passes
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback
 from lightning_tda.demo import ConcreteDataModule, DigitsDataModule, MLPClassifier, MLPRegressor
+from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.methods import EKFACInfluence, MethodOptions
 from lightning_tda.trace import Trace, TraceError
 
@@ -120,10 +121,8 @@ def test_kfac_curvature_equals_the_dense_kronecker_inverse(tiny, covariances):
         factors = {name: trace.covariances(segment, name) for name in ("net.0", "net.2")}
     else:
         method.load_checkpoint(trace.final_checkpoint.index)
-        data = curvature.PassData(tiny["train"])
-        factors = curvature.covariances_at(
-            method.model, method.layers, ClassificationTask(), data, curvature.FisherOptions("true")
-        )
+        data = passes.PassData(tiny["train"])
+        factors = passes.covariances_at(method.model, method.layers, ClassificationTask(), data, FisherOptions("true"))
     expected = exact_gauss_newton_influence(_final_model(trace), tiny["train"], tiny["queries"], kronecker=factors)
     _assert_close(scores.values, expected)
 
@@ -238,8 +237,8 @@ def test_self_influence_is_the_diagonal(tiny):
 
 def test_second_call_reuses_the_cached_curvature(tiny, monkeypatch):
     calls = []
-    original = curvature.correct_eigenvalues
-    monkeypatch.setattr(curvature, "correct_eigenvalues", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = passes.correct_eigenvalues
+    monkeypatch.setattr(passes, "correct_eigenvalues", lambda *a, **k: calls.append(1) or original(*a, **k))
     train = Subset(tiny["train"], range(100))
     first = EKFACInfluence(tiny["trace"], MLPClassifier(sizes=SIZES), ClassificationTask(), seed=7)
     scores = first.attribute(tiny["queries"], train)

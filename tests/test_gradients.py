@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_tda.curvature as curvature
-import lightning_tda.gradients as gradients
-from lightning_tda.capture import TrackedLayer, find_layers
-from lightning_tda.curvature import squared_rotated_sum, symmetric_eigh
-from lightning_tda.gradients import LayerGradients, per_example_rows
+import lightning_tda.curvature.eigen as eigen
+import lightning_tda.layers.gradients as gradients
+from lightning_tda.curvature.eigen import symmetric_eigh
+from lightning_tda.curvature.passes import squared_rotated_sum
+from lightning_tda.layers.gradients import LayerGradients, per_example_rows
+from lightning_tda.layers.tracked import TrackedLayer, find_layers
 
 
 def _check_products(grads: LayerGradients, dense: torch.Tensor, queries: int) -> None:
@@ -98,7 +99,7 @@ def test_squared_rotated_sum_matches_the_definition(shape):
     expected = sum(
         w * (q_s.T @ torch.einsum("bro,bri->boi", d, inputs) @ q_a).pow(2).sum(0) for d, w in zip(deltas, weights)
     )
-    basis = curvature.LayerEigenbasis("layer", q_a, q_s, torch.zeros(out, a_dim, dtype=torch.float64))
+    basis = eigen.LayerEigenbasis("layer", q_a, q_s, torch.zeros(out, a_dim, dtype=torch.float64))
     layer = TrackedLayer("layer", nn.Identity(), "linear", a_dim, out, False)
     torch.testing.assert_close(squared_rotated_sum(layer, deltas, weights, inputs, basis), expected)
 
@@ -139,7 +140,7 @@ def test_lapack_failure_retries_with_jitter_then_falls_back_to_an_svd(monkeypatc
     rows = torch.randn(30, 60, dtype=torch.float64)
     factor = rows.T @ rows / 30
     eigh = torch.linalg.eigh
-    for failures, message in ((1, "after adding 1e-12"), (1 + len(curvature.EIGH_JITTERS), "fell back to an SVD")):
+    for failures, message in ((1, "after adding 1e-12"), (1 + len(eigen.EIGH_JITTERS), "fell back to an SVD")):
         calls = []
 
         def failing(matrix, failures=failures, calls=calls):
@@ -149,7 +150,7 @@ def test_lapack_failure_retries_with_jitter_then_falls_back_to_an_svd(monkeypatc
             return eigh(matrix)
 
         monkeypatch.setattr(torch.linalg, "eigh", failing)
-        monkeypatch.setattr(curvature, "_warned_layers", set())
+        monkeypatch.setattr(eigen, "_warned_layers", set())
         with pytest.warns(RuntimeWarning, match=f"net.layer4.0.conv1.*{message}"):
             values, vectors = symmetric_eigh(factor, "net.layer4.0.conv1")
         _assert_eigenbasis(factor, values, vectors)
@@ -173,7 +174,7 @@ def test_rotations_skip_the_unit_columns_of_inputs_that_are_always_zero():
     values, q_a = symmetric_eigh(rows.T @ rows, "conv")
     q_a[:, q_a[0] == 1] *= -1  # eigenvectors are defined up to sign: one unit column is -e_0
     q_s = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
-    basis = curvature.LayerEigenbasis("conv", q_a, q_s, torch.rand(3, 12, dtype=torch.float64))
+    basis = eigen.LayerEigenbasis("conv", q_a, q_s, torch.rand(3, 12, dtype=torch.float64))
     split = basis._input_split
     assert split is not None and sorted(split.unit_rows.tolist()) == [0, 5, 6, 11] and split.signs.min() == -1
     v = torch.randn(5, 3, 12, dtype=torch.float64)

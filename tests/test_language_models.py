@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tda import LanguageModelingTask, TDACallback, Trace
-from lightning_tda.capture import UnsupportedModelError, find_layers
-from lightning_tda.gradients import per_example_gradients
+from lightning_tda.layers.gradients import per_example_gradients
+from lightning_tda.layers.tracked import UnsupportedModelError, find_layers
 from lightning_tda.tasks import logits_of
 
 transformers = pytest.importorskip("transformers")
@@ -190,7 +190,9 @@ def test_an_input_shared_by_the_batch_is_refused_with_the_fix():
 def test_ekfac_correction_of_token_rows_equals_rotated_per_example_gradients():
     """The correction pass rotates token rows before summing them (and never forms Q_A for an embedding);
     it must equal the per-example autograd gradients rotated into the eigenbasis, squared and averaged."""
-    from lightning_tda.curvature import FisherOptions, PassData, correct_eigenvalues, eigenbases_from_covariances
+    from lightning_tda.curvature.eigen import eigenbases_from_covariances
+    from lightning_tda.curvature.passes import PassData, correct_eigenvalues
+    from lightning_tda.layers.fisher import FisherOptions
 
     torch.manual_seed(0)
     model, task = gpt2(tie_word_embeddings=False).eval(), LanguageModelingTask()
@@ -412,7 +414,7 @@ def test_language_model_end_to_end_every_method_and_a_text_report(tmp_path, arch
     from wandb_reader import OfflineRun
 
     from lightning_tda.demo import headless_trainer
-    from lightning_tda.demo_language import CausalLanguageModel, SyntheticTextDataModule
+    from lightning_tda.demo.language import CausalLanguageModel, SyntheticTextDataModule
     from lightning_tda.methods import SOURCE, DataInf, EKFACInfluence, ForwardINF, TracInCP
     from lightning_tda.reporting import AutoRenderer, TextRenderer, WandbReporter, build_report, write_reports
 
@@ -472,7 +474,7 @@ def test_language_model_configs_run_and_report_decoded_text(tmp_path, config, ca
     from pathlib import Path
 
     from lightning_tda.cli import main
-    from lightning_tda.demo_language import SyntheticTextDataModule
+    from lightning_tda.demo.language import SyntheticTextDataModule
 
     path = Path(__file__).resolve().parents[1] / "configs" / config
     small = ["--data.init_args.train_blocks", "32", "--data.init_args.test_blocks", "4", "--trainer.max_epochs", "1"]

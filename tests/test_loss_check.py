@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.cli import main
-from lightning_tda.demo_language import CausalLanguageModel, SyntheticTextDataModule
-from lightning_tda.loss_check import LossCheck
+from lightning_tda.demo.language import CausalLanguageModel, SyntheticTextDataModule
+from lightning_tda.recording.loss_check import LossCheck
 from lightning_tda.tasks import LanguageModelingTask
 
 

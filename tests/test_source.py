@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace, TraceError
-from lightning_tda.curvature import decay_response, exp_decay
+from lightning_tda.curvature.eigen import decay_response, exp_decay
 from lightning_tda.demo import MLPRegressor, load_concrete
 from lightning_tda.evaluation import UnrolledTraining
 from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions, TracInCP

@@ -17,7 +17,7 @@ from lightning_tda import ClassificationTask, TDACallback, Trace, TraceError
 from lightning_tda.cli import main
 from lightning_tda.demo import DigitsDataModule, MLPClassifier
 from lightning_tda.methods import SOURCE, EKFACInfluence
-from lightning_tda.storage import sidecar_path
+from lightning_tda.trace.cache import sidecar_path
 
 SIZES = [64, 12, 10]
 

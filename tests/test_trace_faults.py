@@ -23,11 +23,11 @@ import torch
 from hostile_traces import attribute, record_base_trace
 from test_trace_errors import fit
 
-import lightning_tda.trace
+import lightning_tda.trace.writer
 from lightning_tda import Trace, TraceError
 from lightning_tda.demo import MLPClassifier
 from lightning_tda.scores import Scores
-from lightning_tda.trace_lock import lock_path
+from lightning_tda.trace.lock import lock_path
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_digits.py"
 
@@ -52,14 +52,14 @@ def assert_prefix_of(trace: Trace, reference: Trace, sizes: list[int]) -> None:
 def test_a_full_disk_stops_recording_and_keeps_every_closed_segment(tmp_path, monkeypatch):
     """The writer's flush raises ENOSPC at step 6, where the third of four segments ends (after its checkpoint)."""
     fit(tmp_path / "reference.h5", epochs=2, segments=4, every_n_steps=1)
-    reserve = lightning_tda.trace.reserve_space
+    reserve = lightning_tda.trace.writer.reserve_space
 
     def disk_full_at_third_segment(file: h5py.File, extra: int = 0) -> None:
         if "segments" in file and len(file["segments"]) == 2 and file["steps/step"].shape[0] == 6:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         reserve(file, extra)
 
-    monkeypatch.setattr(lightning_tda.trace, "reserve_space", disk_full_at_third_segment)
+    monkeypatch.setattr(lightning_tda.trace.writer, "reserve_space", disk_full_at_third_segment)
     path = tmp_path / "trace.h5"
     with pytest.warns(UserWarning, match=r"STOPPED RECORDING at optimizer step 6: Writing the trace .* No space left"):
         trainer = fit(path, epochs=2, segments=4, every_n_steps=1)
@@ -74,7 +74,7 @@ def test_a_full_disk_before_the_first_flush_leaves_no_file(tmp_path, monkeypatch
     def no_space(file: h5py.File, extra: int = 0) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(lightning_tda.trace, "reserve_space", no_space)
+    monkeypatch.setattr(lightning_tda.trace.writer, "reserve_space", no_space)
     path = tmp_path / "trace.h5"
     with pytest.warns(UserWarning, match=r"STOPPED RECORDING at optimizer step 0: .* the file keeps nothing"):
         assert fit(path).global_step == 4
@@ -134,7 +134,7 @@ def test_a_second_writer_and_readers_are_refused_while_a_trace_is_written(tmp_pa
         monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")
         with pytest.raises(TraceError, match=being_written + r".* give this run another trace path"):
             fit(path, if_exists="overwrite")
-        monkeypatch.setattr(lightning_tda.trace, "WRITE_LOCK_TIMEOUT", 0.2)
+        monkeypatch.setattr(lightning_tda.trace.writer, "WRITE_LOCK_TIMEOUT", 0.2)
         scores = Scores(torch.zeros(1, 3), torch.arange(3), torch.arange(1), "x")
         with pytest.raises(TraceError, match=being_written):
             scores.save(path)
@@ -166,7 +166,7 @@ def test_a_cache_write_that_fails_is_warned_about_and_attribution_goes_on(tmp_pa
     def cannot_finish(file: h5py.File) -> None:
         raise RuntimeError("Can't decrement id ref count (simulated)")
 
-    monkeypatch.setattr(lightning_tda.trace, "release_reserve", cannot_finish)
+    monkeypatch.setattr(lightning_tda.trace.writer, "release_reserve", cannot_finish)
     with h5py.File(path, "a") as f:
         del f["cache"]  # so that attributing writes the cache again
     with pytest.warns(UserWarning, match=r"could not be cached \(Writing into .* failed \(Can't decrement"):

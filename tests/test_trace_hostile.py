@@ -20,7 +20,7 @@ import pytest
 import torch
 from hostile_traces import attribute, model, record_base_trace
 
-import lightning_tda.trace_probe
+import lightning_tda.trace.probe
 from lightning_tda import Trace, TraceError
 from lightning_tda.cli import main
 from lightning_tda.scores import Scores
@@ -464,7 +464,7 @@ def heap_object_too_long(f: h5py.File) -> None:
 
 
 def test_a_file_that_makes_hdf5_hang_is_refused_without_hanging(hostile, monkeypatch):
-    monkeypatch.setattr(lightning_tda.trace_probe, "PARSE_SECONDS", 3)
+    monkeypatch.setattr(lightning_tda.trace.probe, "PARSE_SECONDS", 3)
     path = hostile(heap_object_too_long)
     with pytest.raises(
         TraceError, match=r"the HDF5 library hung \(stopped after 3 s\) parsing this file, in a separate"
@@ -478,6 +478,6 @@ def test_a_file_that_makes_hdf5_crash_is_refused_and_this_process_lives(hostile,
     def crash(path: Path) -> None:  # what a segmentation fault in HDF5's parser does to the process parsing
         os.kill(os.getpid(), signal.SIGSEGV)
 
-    monkeypatch.setattr(lightning_tda.trace_probe, "_touch_everything", crash)
+    monkeypatch.setattr(lightning_tda.trace.probe, "_touch_everything", crash)
     with pytest.raises(TraceError, match=rf"the HDF5 library crashed \(signal {int(signal.SIGSEGV)}\) parsing this"):
         Trace.open(hostile(lambda f: None))

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_tda.batches import Data, as_loader, move_to
 from lightning_tda.tasks import ClassificationTask, Task
-from lightning_tda.trace import LIBVER
+from lightning_tda.trace.schema import LIBVER
 
 TrainFn = Callable[[np.ndarray, int], nn.Module]
 QUERY_BATCH_SIZE = 256
@@ -103,8 +103,6 @@ class LightningTrainFn:
     def fit(self, subset_indices: Sequence[int] | np.ndarray, seed: int, callbacks: Sequence[Any] = ()) -> nn.Module:
         """Train a fresh module on ``train_set[subset_indices]``; ``callbacks`` e.g. a ``TDACallback``."""
         import lightning as L
-
-        from lightning_tda.demo import headless_trainer
 
         with quiet_lightning():
             L.seed_everything(int(seed), verbose=False)
@@ -296,3 +294,21 @@ class RetrainRunner:
             }
             for future in as_completed(futures):
                 yield futures[future], future.result()
+
+
+def headless_trainer(**overrides: Any) -> Any:
+    """A one-process CPU ``Trainer`` without logger, checkpoints, progress bar or model summary.
+
+    What tests, benchmarks and re-training loops want; ``overrides`` are any other ``Trainer`` arguments.
+    """
+    import lightning as L
+
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**options, **overrides})

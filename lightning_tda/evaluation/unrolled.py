@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_tda.batches import Data, as_loader, move_to, progress_bar
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace
+from lightning_tda.trace.reader import Trace
 
 MEMBERSHIPS = ("batches", "expected")
 _CHUNK = 512  # examples per forward-mode pass over the whole training set

@@ -4,7 +4,7 @@ A method is constructed from a :class:`~lightning_tda.trace.Trace`, an instance 
 architecture and a :class:`~lightning_tda.tasks.Task`; ``attribute(queries, train)`` returns a
 :class:`~lightning_tda.scores.Scores` of shape ``(n_queries, n_train)``. Training data is streamed
 in batches; per-example gradients exist for one batch at a time only, factored per layer
-(:class:`~lightning_tda.gradients.LayerGradients`), and are never concatenated across layers.
+(:class:`~lightning_tda.layers.gradients.LayerGradients`), and are never concatenated across layers.
 
 Units: every method reports, per unit of score, the *predicted change of the query's measurement
 (the loss unless the task says otherwise, in its own units) when the training example is removed
@@ -32,11 +32,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_tda.batches import Data, as_loader, batches_with_ids, move_to, progress_bar
-from lightning_tda.capture import TrackedLayer
-from lightning_tda.gradients import Gradients, compute_dtype, per_example_rows
+from lightning_tda.layers.gradients import Gradients, compute_dtype, per_example_rows
+from lightning_tda.layers.tracked import TrackedLayer
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace
+from lightning_tda.trace.reader import Trace
 
 
 @dataclass
@@ -191,7 +191,7 @@ class AttributionMethod:
         """Per-example gradients of the batch, factored per layer: ``{layer: LayerGradients}``.
 
         ``role="train"`` differentiates the training loss, ``role="query"`` the task's measurement.
-        Products with them (:mod:`lightning_tda.gradients`) are computed one layer at a time, so
+        Products with them (:mod:`lightning_tda.layers.gradients`) are computed one layer at a time, so
         memory stays bounded by the largest layer.
         """
         values = self.task.measurement if role == "query" else self.task.train_loss

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lightning_tda.methods.base import learning_rate_mass
-from lightning_tda.trace import Trace
+from lightning_tda.trace.reader import Trace
 
 FEW_PASSES = 5.0  # passes over the data below which a still-falling loss means "stopped early"
 STILL_FALLING = 0.01  # loss drop from the third to the last quarter of steps, as a fraction of the initial loss

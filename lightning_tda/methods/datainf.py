@@ -52,12 +52,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tda.batches import Data
-from lightning_tda.capture import LORA_PATTERNS, TrackedLayer, UnsupportedModelError, find_layers
-from lightning_tda.gradients import LayerGradients
+from lightning_tda.layers.gradients import LayerGradients
+from lightning_tda.layers.tracked import LORA_PATTERNS, TrackedLayer, UnsupportedModelError, find_layers
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace
+from lightning_tda.trace.reader import Trace
 
 Gradients = dict[str, Tensor]  # layer name -> (Q, d_l) float64 query-side rows
 

@@ -1,6 +1,6 @@
 """EK-FAC influence functions at the final checkpoint, from the curvature recorded during training.
 
-``τ(z_q, z_m) = ⟨∇θ f(z_q, θ_T), (H + λI)⁻¹ ∇θ ℓ(z_m, θ_T)⟩`` (ALGORITHMS.md §2, last point), with
+``τ(z_q, z_m) = ⟨∇θ f(z_q, θ_T), (H + λI)⁻¹ ∇θ ℓ(z_m, θ_T)⟩`` (docs/algorithms.md §3), with
 ``H`` the block-diagonal (per-layer) EK-FAC approximation of the Gauss-Newton Hessian of the mean
 training loss. Removing ``z_m`` moves the parameters by ``+(1/N)(H + λI)⁻¹ g(z_m)``, which raises
 the query measurement by ``τ/N``: the scores are ``τ/N`` (the library's unit: the predicted change
@@ -24,14 +24,16 @@ import torch
 from torch import Tensor
 
 from lightning_tda.batches import Data
-from lightning_tda.curvature import COVARIANCE_SOURCES, CURVATURES, Curvature, PassData, fit_curvature
-from lightning_tda.gradients import total_dot
+from lightning_tda.curvature.eigen import Curvature
+from lightning_tda.curvature.fit import COVARIANCE_SOURCES, CURVATURES, fit_curvature
+from lightning_tda.curvature.passes import PassData
+from lightning_tda.layers.gradients import total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.methods.convergence import ConvergenceCheck, check_convergence
 from lightning_tda.scores import Scores
-from lightning_tda.storage import cache_location
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace
+from lightning_tda.trace.cache import cache_location
+from lightning_tda.trace.reader import Trace
 
 
 class EKFACInfluence(AttributionMethod):
@@ -61,7 +63,7 @@ class EKFACInfluence(AttributionMethod):
         correction_examples: fit on a random subset of this many training examples (seeded).
         seed: seed of the subset and of sampled targets.
         cache: where the fitted curvature is reused from and stored: ``"sidecar"`` (a file next to the
-            trace, default), ``"trace"`` (inside it) or ``"none"``; see :mod:`lightning_tda.storage`.
+            trace, default), ``"trace"`` (inside it) or ``"none"``; see :mod:`lightning_tda.trace.cache`.
         options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
     """
 

@@ -46,7 +46,8 @@ from lightning_tda.batches import Data, as_loader, batches_with_ids, move_to, pr
 from lightning_tda.methods.base import AttributionMethod, MethodOptions, learning_rate_mass
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace, TraceError
+from lightning_tda.trace.checks import TraceError
+from lightning_tda.trace.reader import Trace
 
 log = logging.getLogger(__name__)
 

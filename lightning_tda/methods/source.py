@@ -3,7 +3,7 @@
 Training is split into the trace's segments ℓ = 1..L. Inside a segment the Hessian, gradients
 and learning rate are treated as stationary, which turns the unrolled derivative of the final
 parameters into matrix functions of the segment-mean (EK-FAC) Gauss-Newton Hessian H̄_ℓ
-(``ALGORITHMS.md`` §2)::
+(``docs/algorithms.md`` §2)::
 
     τ(q, z) = Σ_ℓ Σ_{c∈ℓ} (1/C_ℓ) ⟨ u_c(q), ∇ℓ(z, θ_c) ⟩,   u_c = φ_r(H̄_ℓ) S̄_{ℓ+1} ··· S̄_L ∇f(q, θ_c)
     S̄_ℓ = φ_S(H̄_ℓ) = exp(−η̄_ℓ K_ℓ H̄_ℓ),   φ_r(σ) = (1 − exp(−η̄_ℓ K_ℓ σ)) / σ
@@ -21,7 +21,7 @@ no per-example training gradients outlive their batch.
 Optimizers: SGD (effective rate η(1 − dampening)/(1 − β) with momentum β, Nesterov alike), Adam and
 AdamW through the recorded diagonal preconditioner P̄ = 1/(√v̂ + eps) (``docs/source.md``).
 Weight decay enters the exponentials as the curvature it adds. Sign: positive = helped the query.
-Unit: the scores are ``τ/N`` (the unrolled derivative's 1/N, ALGORITHMS.md eq. 22), the predicted
+Unit: the scores are ``τ/N`` (the unrolled derivative's 1/N, docs/algorithms.md §2, eq. 22), the predicted
 change of the query's measurement when the example is removed.
 """
 
@@ -35,30 +35,25 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tda.batches import Data
-from lightning_tda.curvature import (
-    COVARIANCE_SOURCES,
-    CURVATURES,
+from lightning_tda.curvature.eigen import (
     Curvature,
     DenseLayerCurvature,
-    FisherOptions,
     LayerEigenbasis,
-    PassData,
-    cache_key,
-    cached_curvature,
-    correct_eigenvalues,
-    covariances_at,
     decay_response,
     eigenbases_from_covariances,
     exp_decay,
-    fit_curvature,
-    gauss_newton_blocks,
 )
-from lightning_tda.gradients import LayerGradients, total_dot
+from lightning_tda.curvature.fit import COVARIANCE_SOURCES, CURVATURES, cache_key, cached_curvature, fit_curvature
+from lightning_tda.curvature.passes import PassData, correct_eigenvalues, covariances_at, gauss_newton_blocks
+from lightning_tda.layers.fisher import FisherOptions
+from lightning_tda.layers.gradients import LayerGradients, total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
-from lightning_tda.storage import FitCache, cache_location
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace, TraceError, to_json
+from lightning_tda.trace.cache import FitCache, cache_location
+from lightning_tda.trace.checks import TraceError
+from lightning_tda.trace.reader import Trace
+from lightning_tda.trace.schema import to_json
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 QUERY_GRADIENTS = ("checkpoints", "final")
@@ -236,7 +231,7 @@ class SOURCE(AttributionMethod):
             ``"exact"`` forces it (see ``curvature.FisherOptions``).
         seed: seed of the correction subset and of sampled targets.
         cache: where fitted curvature is reused from and stored: ``"sidecar"`` (a file next to the trace,
-            default), ``"trace"`` (inside it) or ``"none"``; see :mod:`lightning_tda.storage`.
+            default), ``"trace"`` (inside it) or ``"none"``; see :mod:`lightning_tda.trace.cache`.
         options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
 
     Cost: one gradient pass over the training data per checkpoint of the attributed segments

@@ -1,7 +1,7 @@
 """TracInCP (Pruthi et al. 2020): learning-rate-weighted gradient dot products over checkpoints.
 
 ``τ(z_q, z_m) = Σ_c Σ_l η_{c,l} ⟨∇θ_l f(z_q, θ_c), ∇θ_l ℓ(z_m, θ_c)⟩`` over the trace's checkpoints
-``c`` (ALGORITHMS.md §5), where ``η_{c,l}`` is the learning rate of layer ``l``'s optimizer param
+``c`` (docs/algorithms.md §4), where ``η_{c,l}`` is the learning rate of layer ``l``'s optimizer param
 group at the step that produced checkpoint ``c`` (from the trace's step log). A gradient step on
 ``z_m`` lowers the query measurement by about ``η ⟨∇f, g⟩``, so positive = helpful.
 
@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from lightning_tda.batches import Data
-from lightning_tda.gradients import total_dot
+from lightning_tda.layers.gradients import total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
-from lightning_tda.trace import Trace, TraceError
+from lightning_tda.trace.checks import TraceError
+from lightning_tda.trace.reader import Trace
 
 
 class TracInCP(AttributionMethod):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_tda.capture import TrackedLayer
+from lightning_tda.layers.tracked import TrackedLayer
 
 FACTORS = ("A_sum", "A_count", "S_sum", "S_count")
 FACTOR_DTYPE_CHOICES = ("auto", "float32", "float64")
@@ -312,7 +312,7 @@ class KFACStatistics:
 
     def stage_inputs(self, layer: TrackedLayer, inputs: Tensor, row_mask: Tensor | None = None) -> None:
         """Stage the raw input of ``layer`` (what its forward received; ``row_mask`` as in
-        :class:`~lightning_tda.capture.LayerCapture`): the same sums as :meth:`stage_activations` of its
+        :class:`~lightning_tda.layers.capture.LayerCapture`): the same sums as :meth:`stage_activations` of its
         (masked) rows, computed without unfolding a convolution's input where :func:`conv_input_product`
         applies, and without forming its rows when ``A`` is not recorded and no mask applies."""
         name = layer.name

@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lightning_tda.trace_checks import TraceError
+from lightning_tda.trace.checks import TraceError
 
 try:
     import fcntl

@@ -5,7 +5,7 @@ taken as the training objective), while the trace's learning rates, optimizer st
 empirical-Fisher statistics come from the loss ``training_step`` returned. When the two differ
 (a sum instead of a mean, a token mean against a per-example token sum, a constant factor, an extra
 term, label smoothing) every score is silently off. :class:`TDACallback
-<lightning_tda.callback.TDACallback>` therefore compares them on the first optimizer steps:
+<lightning_tda.recording.callback.TDACallback>` therefore compares them on the first optimizer steps:
 
 * the reported loss is the one Lightning hands to ``on_train_batch_end`` (already divided by
   ``accumulate_grad_batches``, so the callback multiplies it back; unaffected by a GradScaler);
@@ -338,7 +338,7 @@ def predicted_positions(task: Task, batch: Any) -> Tensor | None:
 
 
 class TrainingLossCheck:
-    """The check as :class:`~lightning_tda.callback.TDACallback` runs it: on the first ``steps`` optimizer
+    """The check as :class:`~lightning_tda.recording.callback.TDACallback` runs it: on the first ``steps`` optimizer
     steps of a fit, one replayed Task forward per micro-batch (see the module docstring).
 
     The callback calls :meth:`before_training_step` in ``on_train_batch_start``, :meth:`after_backward`

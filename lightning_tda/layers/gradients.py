@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_tda.capture import LayerCapture, TrackedLayer, check_batch
+from lightning_tda.layers.capture import LayerCapture, check_batch
+from lightning_tda.layers.tracked import TrackedLayer
 
 DENSE_CHUNK_BYTES = 64 * 2**20  # largest dense per-example gradient block (or intermediate) formed at once
 

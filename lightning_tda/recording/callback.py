@@ -3,14 +3,14 @@
 During ``fit`` the callback
 
 * logs every optimizer step (learning rate of each param group, batch size, loss, epoch),
-* splits training into segments (SOURCE's stationary pieces) by a :mod:`~lightning_tda.segments`
+* splits training into segments (SOURCE's stationary pieces) by a :mod:`~lightning_tda.recording.segments`
   policy and saves ``checkpoints_per_segment`` model states in each (the last at its end),
 * streams per-layer K-FAC covariances of each segment in float64 on statistics steps (true
   Fisher from targets sampled from the model, or the empirical Fisher of the training gradients),
   and for Adam-family optimizers the segment mean of the second moments,
 
 * on the first ``loss_check_steps`` optimizer steps, checks that the Task's loss is the loss
-  ``training_step`` optimises (:mod:`~lightning_tda.loss_check`: one replayed forward per batch, no
+  ``training_step`` optimises (:mod:`~lightning_tda.recording.loss_check`: one replayed forward per batch, no
   extra backward); a scale or reduction mismatch, or an extra term, is warned about with the fix,
 
 all into one HDF5 trace (:mod:`lightning_tda.trace`). Only global rank 0 writes; statistics are
@@ -21,7 +21,7 @@ Overhead: a statistics step costs the outer products of every tracked layer's ro
 convolution with C input channels the input factor is 9·C wide, several times the layer's own
 forward pass) plus, with the true Fisher, one more forward and backward pass. How much that is
 relative to a training step depends on the model, so ``every_n_steps="auto"`` measures it
-(:class:`~lightning_tda.cadence.BudgetCadence`): statistics steps are spaced so that their extra
+(:class:`~lightning_tda.recording.cadence.BudgetCadence`): statistics steps are spaced so that their extra
 time, plus the checkpoints and segment writes, stays within ``overhead_budget`` of the training
 time, and every planned segment still gets ``min_statistics_steps`` of them (the minimum wins when
 both cannot hold). The chosen steps therefore depend on the machine's speed; pass an integer
@@ -56,13 +56,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_tda.cadence import BudgetCadence, FixedCadence
-from lightning_tda.capture import SUPPORTED_LAYERS, UNTRACKED_NOTE, LayerCapture, TrackedLayer, find_layers
-from lightning_tda.loss_check import TrainingLossCheck
-from lightning_tda.segments import SegmentPolicy, as_policy, checkpoint_steps
-from lightning_tda.statistics import FACTOR_DTYPE_CHOICES, KFACStatistics, recorded_factors
+from lightning_tda.layers.capture import LayerCapture
+from lightning_tda.layers.covariances import FACTOR_DTYPE_CHOICES, KFACStatistics, recorded_factors
+from lightning_tda.layers.tracked import SUPPORTED_LAYERS, UNTRACKED_NOTE, TrackedLayer, find_layers
+from lightning_tda.recording.cadence import BudgetCadence, FixedCadence
+from lightning_tda.recording.loss_check import TrainingLossCheck
+from lightning_tda.recording.segments import SegmentPolicy, as_policy, checkpoint_steps
 from lightning_tda.tasks import Task
-from lightning_tda.trace import TraceWriteError, TraceWriter
+from lightning_tda.trace.writer import TraceWriteError, TraceWriter
 
 _IF_EXISTS = {"error": "create", "overwrite": "overwrite", "append": "append"}
 
@@ -76,7 +77,7 @@ class TDACallback(L.Callback):
             the true Fisher's sampled targets and for batch sizes.
         segments: number of equal segments (default 3), a list of step boundaries (steps after which
             a segment ends, counted from the start of this fit), or a
-            :class:`~lightning_tda.segments.SegmentPolicy` (``EpochBoundaries``, ``CurvatureDrift``...).
+            :class:`~lightning_tda.recording.segments.SegmentPolicy` (``EpochBoundaries``, ``CurvatureDrift``...).
         checkpoints_per_segment: model states saved per segment, evenly spaced, the last at its end.
         fisher: ``"true"`` (targets sampled from the model; one extra forward and backward on
             statistics steps) or ``"empirical"`` (the training gradients; no extra pass).

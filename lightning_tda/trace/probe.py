@@ -1,7 +1,7 @@
 """Parse a file's HDF5 metadata in a forked child first, so that the HDF5 library hanging or crashing on a
 damaged file ends the child, not this process.
 
-:class:`~lightning_tda.trace_checks.TraceReader` checks everything lightning_tda reads, but the HDF5 C library
+:class:`~lightning_tda.trace.checks.TraceReader` checks everything lightning_tda reads, but the HDF5 C library
 parses the file's metadata (object headers, B-trees, heaps) itself, and a damaged file can make it loop
 forever: the trace fuzzer found a flipped bit in the global heap that made reading a string attribute hang
 (``tests/test_trace_hostile.py``, found by the fuzzer). Python cannot interrupt a C loop, so before a file
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import h5py
 
-from lightning_tda.trace_checks import MAX_ATTRIBUTE_BYTES, MAX_DEPTH, MAX_OBJECTS, TraceError
+from lightning_tda.trace.checks import MAX_ATTRIBUTE_BYTES, MAX_DEPTH, MAX_OBJECTS, TraceError
 
 PARSE_SECONDS = 20  # far above any real file's parse (milliseconds to a second)
 CHILD_MEMORY = 2 << 30  # bytes the child may allocate beyond what it inherits
