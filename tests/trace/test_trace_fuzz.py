@@ -29,7 +29,7 @@ CASES = 200
 MEMORY_MB = 2000
 SECONDS_PER_CASE = 30
 BUDGET_SECONDS = 300  # a hard stop far above a normal run (about 25 s of CPU time in all)
-SCRIPT = Path(__file__).parent / "hostile_traces.py"
+SCRIPT = Path(__file__).parents[1] / "hostile_traces.py"
 
 
 def _start(cases: Path, first: int) -> tuple[subprocess.Popen, Path]:

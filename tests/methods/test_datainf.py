@@ -15,7 +15,7 @@ from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.layers.tracked import UnsupportedModelError
 from lightning_tda.methods import DataInf, ExactInfluence, HessianFree, LiSSA, MethodOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 pytest.importorskip("peft")
 import lora_digits  # noqa: E402
 

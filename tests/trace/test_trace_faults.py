@@ -29,7 +29,7 @@ from lightning_tda.demo import MLPClassifier
 from lightning_tda.scores import Scores
 from lightning_tda.trace.lock import lock_path
 
-SCRIPT = Path(__file__).parent / "scripts" / "train_digits.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "train_digits.py"
 
 
 def assert_prefix_of(trace: Trace, reference: Trace, sizes: list[int]) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.demo import MLPClassifier
 
-SCRIPT = Path(__file__).parent / "scripts" / "train_digits.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "train_digits.py"
 sys.path.insert(0, str(SCRIPT.parent))
 from train_digits import dataset  # noqa: E402
 
