@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
+from lightning_tda.timeline import Timeline
 from lightning_tda.trace.checks import TraceError
 from lightning_tda.trace.reader import Trace
 
@@ -22,6 +23,7 @@ __all__ = [
     "Scores",
     "TDACallback",
     "Task",
+    "Timeline",
     "Trace",
     "TraceError",
     "__version__",

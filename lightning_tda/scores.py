@@ -26,6 +26,7 @@ from lightning_tda.trace.schema import to_json
 from lightning_tda.trace.writer import OBJECT_OVERHEAD, writing
 
 KINDS = ("pairwise", "self")
+TIMELINE_KIND = "timeline"  # results/<name> written by lightning_tda.timeline.Timeline
 
 
 @dataclass
@@ -86,15 +87,8 @@ class Scores:
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Write into ``results/<name>`` of an HDF5 file (a trace or a standalone file); returns the name.
-
-        Saving again under the same name overwrites the datasets in place when their shapes are unchanged
-        (the config is a fixed-length string), so repeated attribution leaves the file's size alone: HDF5
-        does not give the space of deleted objects back, and variable-length strings would leave their old
-        copies in the file's global heap.
-        """
+        Saving again under the same name overwrites in place (:func:`write_result`)."""
         name = name or (self.method if self.kind == "pairwise" else f"{self.method}-self")
-        if not name or "/" in name:
-            raise ValueError(f"Scores name {name!r}: use a name without '/'.")
         arrays = {
             "values": self.values.numpy(),
             "train_ids": self.train_ids.numpy(),
@@ -102,26 +96,7 @@ class Scores:
         }
         if self.query_ids is not None:
             arrays["query_ids"] = self.query_ids.numpy()
-        estimate = sum(array.nbytes for array in arrays.values()) + OBJECT_OVERHEAD * (len(arrays) + 2)
-        with writing(path, estimate) as f:
-            reader = TraceReader(f, Path(path))  # links out of the file are refused, never written through
-            where = f"results/{name}"
-            existing = reader.has(where)
-            group = reader.group(where) if existing else f.require_group("results").create_group(name)
-            for key in [key for key in group if key not in arrays]:
-                del group[key]
-            for key, array in arrays.items():
-                if reader.has(f"{where}/{key}"):
-                    current = reader.dataset(f"{where}/{key}")
-                    if current.shape == array.shape and current.dtype == array.dtype:
-                        current[...] = array
-                        continue
-                    del group[key]
-                group.create_dataset(key, data=array)
-            for key, value in (("method", self.method), ("kind", self.kind)):
-                if not existing or reader.attribute(where, key) != value:
-                    group.attrs[key] = value
-        return name
+        return write_result(path, name, arrays, {"method": self.method, "kind": self.kind})
 
     @classmethod
     def load(cls, path: str | os.PathLike, name: str) -> Scores:
@@ -130,18 +105,20 @@ class Scores:
         Raises ``KeyError`` when there are no results named ``name``, and
         :class:`~lightning_tda.trace.checks.TraceError` naming the part when they are malformed.
         """
-        with _reading(path) as r:
+        with reading_results(path) as r:
             where = f"results/{name}"
             if "/" in name or not r.has(where):
                 available = r.members("results") if r.has("results") else []
                 raise KeyError(f"No results named {name!r} in {path}; available: {available}.")
             attrs = r.attributes(where)
-            kind = expect_str(r, f"{where} attribute 'kind'", attrs.get("kind"), KINDS)
+            kind = expect_str(r, f"{where} attribute 'kind'", attrs.get("kind"), (*KINDS, TIMELINE_KIND))
+            if kind == TIMELINE_KIND:
+                raise KeyError(f"The results {name!r} in {path} are a timeline; read them with Timeline.load.")
             method = expect_str(r, f"{where} attribute 'method'", attrs.get("method"))
-            (n,) = _ids_shape(r, f"{where}/train_ids")
+            (n,) = ids_shape(r, f"{where}/train_ids")
             query_ids = None
             if kind == "pairwise":
-                (q,) = _ids_shape(r, f"{where}/query_ids")
+                (q,) = ids_shape(r, f"{where}/query_ids")
                 query_ids = r.array(f"{where}/query_ids", [(q,)], kinds="iu")
             values = r.array(f"{where}/values", [(q, n)] if kind == "pairwise" else [(n,)], kinds="f")
             train_ids = r.array(f"{where}/train_ids", [(n,)], kinds="iu")
@@ -160,15 +137,56 @@ class Scores:
 
     @staticmethod
     def available(path: str | os.PathLike) -> list[str]:
-        """Names of the results stored in ``path``."""
-        if not Path(path).exists():
-            return []
-        with _reading(path) as r:
-            return r.members("results") if r.has("results") else []
+        """Names of the scores stored in ``path`` (timelines, :meth:`Timeline.available`, are not listed)."""
+        return [name for name, kind in stored_results(path).items() if kind != TIMELINE_KIND]
+
+
+def stored_results(path: str | os.PathLike) -> dict[str, str]:
+    """``{name: kind}`` of every result stored in ``path`` (kind ``"pairwise"``, ``"self"``, ``"timeline"``;
+    empty when a result does not say)."""
+    if not Path(path).exists():
+        return {}
+    with reading_results(path) as r:
+        names = r.members("results") if r.has("results") else []
+        return {name: str(r.attributes(f"results/{name}").get("kind", "")) for name in names}
+
+
+def write_result(path: str | os.PathLike, name: str, arrays: dict[str, np.ndarray], attributes: dict[str, str]) -> str:
+    """Write ``arrays`` as the datasets of ``results/<name>`` in an HDF5 file, with string ``attributes``;
+    returns the name.
+
+    Writing again under the same name overwrites the datasets in place when their shapes are unchanged
+    (strings are fixed-length), so repeated attribution leaves the file's size alone: HDF5 does not give
+    the space of deleted objects back, and variable-length strings would leave their old copies in the
+    file's global heap.
+    """
+    if not name or "/" in name:
+        raise ValueError(f"Results name {name!r}: use a name without '/'.")
+    estimate = sum(array.nbytes for array in arrays.values()) + OBJECT_OVERHEAD * (len(arrays) + 2)
+    with writing(path, estimate) as f:
+        reader = TraceReader(f, Path(path))  # links out of the file are refused, never written through
+        where = f"results/{name}"
+        existing = reader.has(where)
+        group = reader.group(where) if existing else f.require_group("results").create_group(name)
+        for key in [key for key in group if key not in arrays]:
+            del group[key]
+        for key, array in arrays.items():
+            if reader.has(f"{where}/{key}"):
+                current = reader.dataset(f"{where}/{key}")
+                if current.shape == array.shape and current.dtype == array.dtype:
+                    current[...] = array
+                    continue
+                del group[key]
+            group.create_dataset(key, data=array)
+        for key, value in attributes.items():
+            if not existing or reader.attribute(where, key) != value:
+                group.attrs[key] = value
+    return name
 
 
 @contextmanager
-def _reading(path: str | os.PathLike) -> Iterator[TraceReader]:
+def reading_results(path: str | os.PathLike) -> Iterator[TraceReader]:
+    """``path`` checked in a child process, then opened read-only behind a :class:`TraceReader`."""
     parse_in_child(path)
     try:
         file = h5py.File(path, "r")
@@ -180,7 +198,8 @@ def _reading(path: str | os.PathLike) -> Iterator[TraceReader]:
         file.close()
 
 
-def _ids_shape(r: TraceReader, where: str) -> tuple[int, ...]:
+def ids_shape(r: TraceReader, where: str) -> tuple[int, ...]:
+    """The shape of a 1-D integer dataset of example ids; a :class:`TraceError` otherwise."""
     shape = r.shape_of(where, "iu")
     if len(shape) != 1:
         raise r.error(where, f"has shape {shape}, expected a list of example ids")

@@ -22,7 +22,7 @@ partial sums over training examples), so each process ends with the full result.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from lightning_tda.layers.gradients import Gradients, compute_dtype, per_example
 from lightning_tda.layers.tracked import TrackedLayer
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
+from lightning_tda.timeline import ScoreSums, Timeline, segment_spans
 from lightning_tda.trace.reader import Trace
 
 
@@ -147,6 +148,14 @@ class AttributionMethod:
         """Scores ``(n_queries, n_train)``; positive = the training example helped the query."""
         raise NotImplementedError
 
+    def attribute_over_time(self, queries: Data, train: Data, *, keep: int | None = None) -> Timeline:
+        """The scores split over the trace's segments (:class:`~lightning_tda.timeline.Timeline`), in the one
+        pass ``attribute`` makes; ``keep`` bounds the examples kept per query (see ``ScoreSums.timeline``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no time axis: it scores with the final model only. SOURCE and TracInCP "
+            f"sum over the training trajectory; use their attribute_over_time for when in training examples mattered."
+        )
+
     def config(self) -> dict[str, Any]:
         """Hyper-parameters recorded with the scores (and the unit of the scores)."""
         return {"layers": [la.name for la in self.layers], "batch_size": self.batch_size, "unit": self.unit}
@@ -224,6 +233,21 @@ class AttributionMethod:
             for name, g in (transform(grads) if transform is not None else grads).items():
                 parts.setdefault(name, []).append(g.to(self.dtype))
         return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+    def score_sums(
+        self, n_queries: int, n_train: int, scale: float, segments: Sequence[int] | None = None
+    ) -> ScoreSums:
+        """The running ``(Q, N)`` sums of one scoring pass on this method's device, summed across processes
+        at the end; with ``segments``, also each segment's part (for :meth:`attribute_over_time`)."""
+        return ScoreSums(
+            n_queries, n_train, self.device, scale=scale, reduce=self.sum_across_processes, segments=segments
+        )
+
+    def timeline(self, sums: ScoreSums, keep: int | None = None) -> Timeline:
+        """The :class:`~lightning_tda.timeline.Timeline` of a finished pass with segments."""
+        n_queries, n_train = sums.total.shape
+        spans = segment_spans(self.trace, sums.segments or [])
+        return sums.timeline(spans, torch.arange(n_train), torch.arange(n_queries), self.name, self.config(), keep)
 
     def scores(self, values: Tensor, n_queries: int | None, n_train: int, kind: str = "pairwise") -> Scores:
         query_ids = None if kind == "self" else torch.arange(n_queries)

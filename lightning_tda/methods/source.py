@@ -50,6 +50,7 @@ from lightning_tda.layers.gradients import LayerGradients, total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
+from lightning_tda.timeline import ScoreSums, Timeline
 from lightning_tda.trace.cache import FitCache, cache_location
 from lightning_tda.trace.checks import TraceError
 from lightning_tda.trace.reader import Trace
@@ -490,18 +491,29 @@ class SOURCE(AttributionMethod):
                 u = self.segment_query_vectors(self.query_matrices(queries), operators, s)
                 yield s, state, weight, {name: v.to(self.dtype) for name, v in u.items()}
 
-    def attribute(self, queries: Data, train: Data) -> Scores:
-        """Scores ``(n_queries, n_train)``: ``τ(q, z) = Σ_ℓ Σ_c w_c ⟨u_c(q), ∇ℓ(z, θ_c)⟩``; positive = helped."""
+    def _score(self, queries: Data, train: Data, over_time: bool) -> ScoreSums:
+        """The one scoring pass of :meth:`attribute` and :meth:`attribute_over_time` (per segment if ``over_time``)."""
         n_train = len(self.loader(train, "train").dataset)
         operators = self.operators(train)
         n_queries = len(self.loader(queries, "query").dataset)
-        values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
+        segments = self.segments if over_time else None
+        sums = self.score_sums(n_queries, n_train, 1.0 / self.training_set_size(n_train), segments)
         for s, state, weight, u in self._pairs(queries, operators):
+            sums.enter(s)
             self._set_state(state)
             for ids, batch in self.train_batches(train, f"SOURCE segment {s}"):
-                values[:, ids.to(self.device)] += weight * total_dot(self.gradient_rows(batch, "train"), u)
-        values = self.sum_across_processes(values) / self.training_set_size(n_train)
-        return self.scores(values, n_queries, n_train)
+                sums.add(ids.to(self.device), weight * total_dot(self.gradient_rows(batch, "train"), u))
+        return sums
+
+    def attribute(self, queries: Data, train: Data) -> Scores:
+        """Scores ``(n_queries, n_train)``: ``τ(q, z) = Σ_ℓ Σ_c w_c ⟨u_c(q), ∇ℓ(z, θ_c)⟩``; positive = helped."""
+        values = self._score(queries, train, over_time=False).scores()
+        return self.scores(values, *values.shape)
+
+    def attribute_over_time(self, queries: Data, train: Data, *, keep: int | None = None) -> Timeline:
+        """The scores of :meth:`attribute` split by segment ``ℓ`` (the terms ``Σ_{c∈ℓ} w_c ⟨u_c, ∇ℓ(z, θ_c)⟩``),
+        one pass: ``values`` ``(S, Q, N)`` for the attributed segments."""
+        return self.timeline(self._score(queries, train, over_time=True), keep)
 
     def self_influence(self, train: Data) -> Scores:
         """``τ(z, z)/N`` for every training example, shape ``(N,)``, without forming the ``N × N`` matrix.

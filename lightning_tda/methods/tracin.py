@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from lightning_tda.batches import Data
 from lightning_tda.layers.gradients import total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
+from lightning_tda.timeline import ScoreSums, Timeline
 from lightning_tda.trace.checks import TraceError
 from lightning_tda.trace.reader import Trace
 
@@ -96,24 +96,36 @@ class TracInCP(AttributionMethod):
         """``T/(C·N)``: the optimizer steps each checkpoint stands for, per training example."""
         return len(self.trace.steps()) / (len(self.checkpoints) * self.training_set_size(n_train))
 
-    def attribute(self, queries: Data, train: Data) -> Scores:
-        """TracInCP scores ``(n_queries, n_train)`` (float32); positive = the example helped the query."""
+    def _score(self, queries: Data, train: Data, over_time: bool) -> ScoreSums:
+        """The one scoring pass of :meth:`attribute` and :meth:`attribute_over_time` (per segment if ``over_time``):
+        the checkpoints in the order of the segments they were taken in."""
         n_train = len(self.loader(train, "train").dataset)
-        values: Tensor | None = None
-        for checkpoint in self.checkpoints:
+        n_queries = len(self.loader(queries, "query").dataset)
+        segment_of = {info.index: info.segment for info in self.trace.checkpoints}
+        checkpoints = sorted(self.checkpoints, key=segment_of.__getitem__)
+        segments = sorted({segment_of[c] for c in checkpoints}) if over_time else None
+        sums = self.score_sums(n_queries, n_train, self._per_example_steps(n_train), segments)
+        for checkpoint in checkpoints:
+            sums.enter(segment_of[checkpoint])
             self.load_checkpoint(checkpoint)
             rates = self.learning_rates[checkpoint]
             query_matrices = {
                 name: rates[name] * g
                 for name, g in self.query_matrices(queries, f"query gradients @ checkpoint {checkpoint}").items()
             }
-            if values is None:
-                n_queries = len(next(iter(query_matrices.values())))
-                values = torch.zeros(n_queries, n_train, dtype=torch.float64, device=self.device)
             for ids, batch in self.train_batches(train, f"TracIn @ checkpoint {checkpoint}"):
-                values[:, ids.to(self.device)] += total_dot(self.gradient_rows(batch, "train"), query_matrices)
-        values = self.sum_across_processes(values) * self._per_example_steps(n_train)
-        return self.scores(values, len(values), n_train)
+                sums.add(ids.to(self.device), total_dot(self.gradient_rows(batch, "train"), query_matrices))
+        return sums
+
+    def attribute(self, queries: Data, train: Data) -> Scores:
+        """TracInCP scores ``(n_queries, n_train)`` (float32); positive = the example helped the query."""
+        values = self._score(queries, train, over_time=False).scores()
+        return self.scores(values, *values.shape)
+
+    def attribute_over_time(self, queries: Data, train: Data, *, keep: int | None = None) -> Timeline:
+        """The scores of :meth:`attribute` split by the segment each checkpoint was taken in, one pass:
+        ``values`` ``(S, Q, N)`` for the segments holding the chosen checkpoints."""
+        return self.timeline(self._score(queries, train, over_time=True), keep)
 
     def self_influence(self, train: Data) -> Scores:
         """``Σ_c η_c ‖g(z, θ_c)‖² · T/(C·N)`` for every training example, shape ``(N,)``."""

@@ -637,3 +637,93 @@ class _Wider(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Linear(9, 1)
+
+
+# ------------------------------------------------------------------------------ the time axis
+
+
+def exact_unrolled_scores_by_segment(concrete, trajectory, lrs, segment_of_step, segments):
+    """The terms of :func:`exact_unrolled_scores` summed per segment: ``(S, Q, N)`` float64, where segment ℓ
+    holds ``Σ_{k∈ℓ} η_k ∇f(q, θ_T)ᵀ Π_{j>k}(I − η_j H) g_m(θ_k)`` (the unrolled derivative restricted to it)."""
+    a, y, a_q, y_q = concrete["a"], concrete["y"], concrete["a_q"], concrete["y_q"]
+    hessian = 2 * a.T @ a / len(y)
+    v = 2 * (a_q @ trajectory[-1][0] - y_q)[:, None] * a_q
+    scores = torch.zeros(segments, len(a_q), len(y), dtype=torch.float64)
+    for k in range(len(lrs) - 1, -1, -1):
+        train_gradients = 2 * (a @ trajectory[k][0] - y)[:, None] * a
+        scores[segment_of_step[k]] += lrs[k] * v @ train_gradients.T
+        v = v - lrs[k] * v @ hessian
+    return scores
+
+
+def test_timeline_segments_match_the_exact_unrolled_derivative_restricted_to_each_segment(
+    sgd_traces, concrete, exact, many_scores
+):
+    trace = sgd_traces["many"]
+    method = SOURCE(trace, LinearRegression(), RegressionTask(), query_gradients="final")
+    timeline = method.attribute_over_time(concrete["queries"], concrete["train"])
+    assert timeline.shape == (30, N_QUERIES, N_TRAIN) and timeline.kept is None
+    assert timeline.segments.tolist() == list(range(30)) and timeline.trace_segments == 30
+    assert timeline.steps[0].tolist() == [1, 5] and timeline.steps[-1].tolist() == [146, 150]
+    per_segment = timeline.values.double() * N_TRAIN  # τ, the references' convention
+    reference = exact_unrolled_scores_by_segment(concrete, exact["trajectory"], exact["lrs"], trace.steps().segment, 30)
+    torch.testing.assert_close(reference.sum(0), exact["scores"])
+    # Exactly SOURCE's terms, in closed form: H = 2aᵀa/N is exact and constant here, so
+    # u_ℓ = R_ℓ S_{ℓ+1} ··· S_L ∇f(θ_T) with S = exp(−η̄K H), R = (I − S) H⁻¹, met by the checkpoints' mean gradient.
+    a, y, a_q, y_q = concrete["a"], concrete["y"], concrete["a_q"], concrete["y_q"]
+    eigenvalues, basis = torch.linalg.eigh(2 * a.T @ a / N_TRAIN)
+    theta_final = parameters(trace.checkpoint_state(trace.final_checkpoint.index))
+    v = 2 * (a_q @ theta_final - y_q)[:, None] * a_q  # (Q, 9)
+    closed_form = torch.zeros(30, N_QUERIES, N_TRAIN, dtype=torch.float64)
+    for s in reversed(range(30)):
+        info = trace.segment(s)
+        horizon = float(info.mean_lr[0]) * info.num_steps
+        response = basis @ torch.diag(-torch.expm1(-horizon * eigenvalues) / eigenvalues) @ basis.T
+        thetas = [parameters(trace.checkpoint_state(c)) for c in info.checkpoints]
+        mean_gradient = torch.stack([2 * (a @ theta - y)[:, None] * a for theta in thetas]).mean(0)  # (N, 9)
+        closed_form[s] = (v @ response) @ mean_gradient.T
+        v = v @ (basis @ torch.diag(torch.exp(-horizon * eigenvalues)) @ basis.T)
+    torch.testing.assert_close(per_segment, closed_form, rtol=1e-4, atol=1e-4 * closed_form.abs().max())
+    # Against the exact unrolled derivative restricted to each segment: SOURCE's stationarity within a segment
+    # costs most where the model moves fastest (the first segments, far from the optimum).
+    errors = [relative_error(per_segment[s], reference[s]) for s in range(30)]
+    pearsons = [mean_pearson(per_segment[s], reference[s]) for s in range(30)]
+    print(
+        f"per-segment vs exact unrolling: relative error max {max(errors):.4f} (segment {int(np.argmax(errors))}), "
+        f"mean {np.mean(errors):.4f}, median {np.median(errors):.4f}; Pearson min {min(pearsons):.5f}"
+    )
+    assert np.mean(errors) < 0.06 and np.median(errors) < 0.05 and max(errors) < 0.35 and min(pearsons) > 0.97
+    # the slices are what SOURCE attributes to one segment, and they add up to attribute's scores
+    torch.testing.assert_close(per_segment.sum(0), many_scores, rtol=1e-5, atol=1e-6 * many_scores.abs().max())
+    torch.testing.assert_close(timeline.total().values.double() * N_TRAIN, many_scores, rtol=1e-5, atol=1e-4)
+    for s in (0, 17):
+        alone = source_scores(trace, concrete, segments=[s])
+        torch.testing.assert_close(per_segment[s], alone, rtol=1e-4, atol=1e-5 * alone.abs().max())
+    # what the timeline says: each segment's share of |τ| follows the exact one, and here the last segments carry
+    # most (the earlier a step, the more of its effect the later steps' contraction (I − ηH) has undone)
+    share, exact_share = per_segment.abs().sum(dim=(1, 2)), reference.abs().sum(dim=(1, 2))
+    assert np.corrcoef(share, exact_share)[0, 1] > 0.99 and int(share.argmax()) == int(exact_share.argmax()) == 29
+
+
+def test_timeline_total_is_attribute_with_query_gradients_at_the_checkpoints(sgd_traces, concrete):
+    method = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[3, 20, 29])
+    scores = method.attribute(concrete["queries"], concrete["train"])
+    timeline = method.attribute_over_time(concrete["queries"], concrete["train"])
+    assert timeline.segments.tolist() == [3, 20, 29] and timeline.method == "source"
+    assert timeline.config == scores.config
+    torch.testing.assert_close(timeline.total().values, scores.values, rtol=1e-5, atol=1e-6 * scores.values.abs().max())
+    torch.testing.assert_close(timeline.values.sum(0), scores.values, rtol=1e-4, atol=1e-6 * scores.values.abs().max())
+    alone = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[20])
+    torch.testing.assert_close(
+        timeline.values[1], alone.attribute(concrete["queries"], concrete["train"]).values, rtol=1e-4, atol=1e-7
+    )
+
+
+def test_methods_without_a_time_axis_say_which_have_one(sgd_traces, concrete):
+    from lightning_tda.methods import DataInf, ForwardINF
+
+    method = EKFACInfluence(sgd_traces["one"], LinearRegression(), RegressionTask())
+    with pytest.raises(NotImplementedError, match="no time axis.*SOURCE and TracInCP"):
+        method.attribute_over_time(concrete["queries"], concrete["train"])
+    for cls in (EKFACInfluence, DataInf, ForwardINF):
+        assert "attribute_over_time" not in vars(cls)

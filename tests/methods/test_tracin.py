@@ -54,10 +54,13 @@ def _stack(dataset):
     return torch.stack(x).double(), torch.stack(y)
 
 
-def direct_tracin(trace: Trace, train, queries, self_influence: bool = False) -> torch.Tensor:
+def direct_tracin(
+    trace: Trace, train, queries, self_influence: bool = False, segment: int | None = None
+) -> torch.Tensor:
     """Σ_c Σ_params η_{c,group} ⟨∇f(q, θ_c), ∇ℓ(z, θ_c)⟩ · T/(C·N) with the learning rates read from the step
     log: each of the C checkpoints stands for T/C of the T steps, in each of which an example weighs η/N on
-    average, so a score is a change of the query loss."""
+    average, so a score is a change of the query loss. With ``segment``, only the terms of the checkpoints
+    taken in that segment (the segment's part of the scores)."""
     net = TwoGroupMLP(sizes=SIZES).net.double()
     x, y = _stack(train)
     xq, yq = _stack(queries)
@@ -70,6 +73,8 @@ def direct_tracin(trace: Trace, train, queries, self_influence: bool = False) ->
     total = torch.zeros(len(x)) if self_influence else torch.zeros(len(xq), len(x))
     total = total.double()
     for checkpoint in trace.checkpoints:
+        if segment is not None and checkpoint.segment != segment:
+            continue
         state = trace.checkpoint_state(checkpoint.index)
         params = {k.removeprefix("net."): v.double() for k, v in state.items()}
         lr = steps.lr[list(steps.step).index(checkpoint.step)]
@@ -111,3 +116,28 @@ def test_chosen_checkpoints_and_bad_input(run):
     wrong = TensorDataset(torch.randn(3, 10), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="shape and type"):
         last.attribute(wrong, run["train"])
+
+
+def test_timeline_splits_the_direct_loop_by_segment(run):
+    trace = run["trace"]
+    method = TracInCP(trace, TwoGroupMLP(sizes=SIZES), ClassificationTask(), options=MethodOptions(batch_size=64))
+    timeline = method.attribute_over_time(run["queries"], run["train"])
+    assert timeline.shape == (2, 6, 150) and timeline.method == "tracin"
+    assert timeline.segments.tolist() == [0, 1] and [c.segment for c in trace.checkpoints] == [0, 0, 1, 1]
+    segment_steps = [(s.start_step + 1, s.end_step) for s in trace.segments]
+    assert [tuple(row) for row in timeline.steps.tolist()] == segment_steps
+    # the cosine schedule falls in both segments; their mean rates are those of the step log
+    assert timeline.phases == ["decay", "decay"]
+    lrs = trace.steps().lr[:, 0]
+    assert timeline.learning_rates.tolist() == pytest.approx([lrs[: segment_steps[0][1]].mean(), lrs[12:].mean()])
+    for s in (0, 1):
+        expected = direct_tracin(trace, run["train"], run["queries"], segment=s)
+        scale = expected.abs().max()
+        assert torch.allclose(timeline.values[s].double(), expected, rtol=1e-4, atol=1e-6 * scale)
+    scores = method.attribute(run["queries"], run["train"])
+    torch.testing.assert_close(timeline.total().values, scores.values, rtol=1e-5, atol=1e-7)
+    # one checkpoint per segment, given out of order: the segments are still in training order
+    chosen = TracInCP(trace, TwoGroupMLP(sizes=SIZES), ClassificationTask(), checkpoints=[3, 0])
+    partial = chosen.attribute_over_time(run["queries"], run["train"])
+    assert partial.segments.tolist() == [0, 1]
+    torch.testing.assert_close(partial.total().values, chosen.attribute(run["queries"], run["train"]).values)
