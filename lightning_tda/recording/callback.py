@@ -14,8 +14,10 @@ During ``fit`` the callback
   extra backward); a scale or reduction mismatch, or an extra term, is warned about with the fix,
 
 all into one HDF5 trace (:mod:`lightning_tda.trace`). Only global rank 0 writes; statistics are
-summed across ranks first. The callback's own state is saved in Lightning checkpoints, so
-``trainer.fit(..., ckpt_path=...)`` continues the same trace.
+summed across ranks first. The callback's own state is saved in Lightning checkpoints under a
+:attr:`~TDACallback.state_key` naming its trace, so ``trainer.fit(..., ckpt_path=...)`` continues the same
+trace, also with several recorders in one Trainer. Its options are one
+:class:`~lightning_tda.recording.options.RecordingOptions`.
 
 Overhead: a statistics step costs the outer products of every tracked layer's rows (for a 3×3
 convolution with C input channels the input factor is 9·C wide, several times the layer's own
@@ -45,7 +47,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,18 +56,22 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor
 
 from lightning_tda.layers.capture import LayerCapture
-from lightning_tda.layers.covariances import FACTOR_DTYPE_CHOICES, KFACStatistics, recorded_factors
+from lightning_tda.layers.covariances import KFACStatistics, recorded_factors
+from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.layers.tracked import SUPPORTED_LAYERS, UNTRACKED_NOTE, TrackedLayer, find_layers
 from lightning_tda.recording.cadence import BudgetCadence, FixedCadence
 from lightning_tda.recording.loss_check import TrainingLossCheck
-from lightning_tda.recording.segments import SegmentPolicy, as_policy, checkpoint_steps
+from lightning_tda.recording.optimizer import AdamSecondMoments, layer_param_groups, optimizer_record
+from lightning_tda.recording.options import IF_EXISTS, RecordingOptions
+from lightning_tda.recording.segments import OpenSegment, SegmentPolicy, as_policy, checkpoint_steps
+from lightning_tda.recording.step_log import StepLogBuffer, loss_value
+from lightning_tda.recording.true_fisher import TrainingGraphFisher
 from lightning_tda.tasks import Task
 from lightning_tda.trace.writer import TraceWriteError, TraceWriter
-
-_IF_EXISTS = {"error": "create", "overwrite": "overwrite", "append": "append"}
 
 
 class TDACallback(L.Callback):
@@ -75,42 +81,10 @@ class TDACallback(L.Callback):
         path: trace file to write (its directory is created).
         task: how to get per-example losses from a batch (e.g. ``ClassificationTask()``); used for
             the true Fisher's sampled targets and for batch sizes.
-        segments: number of equal segments (default 3), a list of step boundaries (steps after which
-            a segment ends, counted from the start of this fit), or a
-            :class:`~lightning_tda.recording.segments.SegmentPolicy` (``EpochBoundaries``, ``CurvatureDrift``...).
-        checkpoints_per_segment: model states saved per segment, evenly spaced, the last at its end.
-        fisher: ``"true"`` (targets sampled from the model; one extra forward and backward on
-            statistics steps) or ``"empirical"`` (the training gradients; no extra pass).
-        every_n_steps: take K-FAC statistics on every n-th optimizer step, or ``"auto"``: spaced by
-            measured cost within ``overhead_budget`` (see the module docstring).
-        overhead_budget: with ``every_n_steps="auto"``, the extra time statistics, checkpoints and
-            segment writes may add, as a fraction of the training time.
-        min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets
-            even when they cost more than the budget.
-        factor_dtype: precision of each step's K-FAC products and of the sums stored in the trace (they are
-            accumulated in float64 either way): ``"float32"``, ``"float64"``, or ``"auto"``: float32 for
-            factors at least 256 wide (a convolution's or a transformer's), where it halves the trace and
-            the products' time, float64 for narrower ones.
-        max_factor_ratio: a K-FAC factor with more than this many times as many entries as its layer has
-            parameters (and more than 2^18 entries) is not recorded, e.g. a LoRA adapter's ``d × d`` output
-            factor; DataInf and recomputing methods do not need it. ``None`` records every factor.
-        layers: which layers to track: ``None`` (all supported layers with trainable parameters),
-            ``"lora"`` (peft LoRA adapters) or fnmatch patterns on module names.
-        exclude: fnmatch patterns of modules not to track.
-        checkpoint_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for stored checkpoints.
-        if_exists: an existing trace at ``path`` is refused (``"error"``), replaced (``"overwrite"``)
-            or continued (``"append"``, e.g. a second training stage). A run resumed with
-            ``ckpt_path`` always continues its own trace.
-        dataset_size: number of training examples, recorded in the trace (default: the length of the
-            training dataset when it has one).
-        seed: seed of the generator that samples true-Fisher targets.
-        exact_fisher_outputs: with ``fisher="true"``, models whose output Hessian has at most this many
-            square-root factors (output dimensions; classes for classifiers) get the exact expectation
-            over the predictive distribution, one backward per factor, instead of one sampled target.
-            The default 1 makes scalar regression exact at the cost of the sampled estimate.
-        loss_check_steps: on this many optimizer steps at the start of each fit, compare the batch mean of
-            ``task.train_loss`` with the loss ``training_step`` returned (one extra forward per batch, no
-            backward); the result is warned about when they differ and recorded in the trace. 0 turns it off.
+        segments, checkpoints_per_segment, fisher, every_n_steps, layers, exclude, checkpoint_dtype, if_exists,
+        dataset_size, seed, exact_fisher_outputs, loss_check_steps, overhead_budget, min_statistics_steps,
+        factor_dtype, max_factor_ratio: what is recorded and how; collected into ``self.options``, a
+        :class:`~lightning_tda.recording.options.RecordingOptions`, which documents each and checks them.
     """
 
     def __init__(
@@ -134,46 +108,28 @@ class TDACallback(L.Callback):
         factor_dtype: str = "auto",
         max_factor_ratio: float | None = 16.0,
     ) -> None:
-        if fisher not in ("true", "empirical"):
-            raise ValueError(f"TDACallback(fisher={fisher!r}): use 'true' or 'empirical'.")
-        if every_n_steps != "auto" and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"TDACallback(every_n_steps={every_n_steps!r}): use a positive integer or 'auto'.")
-        if checkpoints_per_segment < 1:
-            raise ValueError("TDACallback(checkpoints_per_segment=...) must be at least 1 (the segment end).")
-        if checkpoint_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(
-                f"TDACallback(checkpoint_dtype={checkpoint_dtype!r}): use 'float32', 'float16' or 'bfloat16'."
-            )
-        if not isinstance(loss_check_steps, int) or loss_check_steps < 0:
-            raise ValueError(f"TDACallback(loss_check_steps={loss_check_steps!r}): use a non-negative integer.")
-        if factor_dtype not in FACTOR_DTYPE_CHOICES:
-            raise ValueError(
-                f"TDACallback(factor_dtype={factor_dtype!r}): use 'auto' (float32 from 256 wide), 'float32' or "
-                f"'float64'."
-            )
-        if max_factor_ratio is not None and not max_factor_ratio > 0:
-            raise ValueError(
-                f"TDACallback(max_factor_ratio={max_factor_ratio!r}): use a positive ratio, or None to record "
-                f"every factor."
-            )
-        if if_exists not in _IF_EXISTS:
-            raise ValueError(f"TDACallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'append'.")
+        self.options = RecordingOptions(
+            segments=segments,
+            checkpoints_per_segment=checkpoints_per_segment,
+            fisher=fisher,
+            every_n_steps=every_n_steps,
+            layers=layers,
+            exclude=exclude,
+            checkpoint_dtype=checkpoint_dtype,
+            if_exists=if_exists,
+            dataset_size=dataset_size,
+            seed=seed,
+            exact_fisher_outputs=exact_fisher_outputs,
+            loss_check_steps=loss_check_steps,
+            overhead_budget=overhead_budget,
+            min_statistics_steps=min_statistics_steps,
+            factor_dtype=factor_dtype,
+            max_factor_ratio=max_factor_ratio,
+        )
         self.path = str(path)
         self.task = task
         self.policy = as_policy(segments)
-        self.checkpoints_per_segment = checkpoints_per_segment
-        self.fisher = fisher
-        self.every_n_steps_arg = every_n_steps
-        self.layer_patterns = layers
-        self.exclude = exclude
-        self.checkpoint_dtype = checkpoint_dtype
-        self.if_exists = if_exists
-        self.dataset_size = dataset_size
-        self.seed = seed
-        self.exact_fisher_outputs = exact_fisher_outputs
-        self.loss_check_steps = loss_check_steps
-        self.factor_dtype = factor_dtype
-        self.max_factor_ratio = max_factor_ratio
+        self.fisher = FisherOptions(fisher, seed=seed, exact_outputs=exact_fisher_outputs, fallback_samples=1)
         self.cadence = (
             BudgetCadence(overhead_budget, min_statistics_steps)
             if every_n_steps == "auto"
@@ -189,20 +145,26 @@ class TDACallback(L.Callback):
         self.checkpoint_plan: list[int] = []
         self.num_segments_closed = 0
         self.num_checkpoints = 0
-        self._segment: dict[str, Any] = {}
-        self._rows: dict[str, list] = {}
+        self._segment = OpenSegment(index=0, start_step=0)
+        self._step_log = StepLogBuffer()
         self._restored: dict[str, Any] | None = None
         self._new_segment_requested = False
-        self._warned: set[str] = set()
+        self._warnings = WarningCache()
         self._stopped = False  # a write failed (disk full): recording stopped, training goes on
         self._capture: LayerCapture | None = None
-        self._model_hooks: list[Any] = []
-        self._model_calls: list[tuple[tuple, dict[str, Any], Any]] = []
         self._fisher_done = False
         self._generator: torch.Generator | None = None
+        self._true_fisher: TrainingGraphFisher | None = None
         self._trainer_for_state: L.Trainer | None = None
         self._loss_check: TrainingLossCheck | None = None
+        self._second_moments: AdamSecondMoments | None = None
         self._reset_micro_batch()
+
+    @property
+    def state_key(self) -> str:
+        """Where Lightning keeps this callback's resume state: one per trace, so two recorders in one Trainer
+        (two traces, e.g. of different layers) resume independently."""
+        return self._generate_state_key(path=self.path)
 
     # ----------------------------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -216,33 +178,26 @@ class TDACallback(L.Callback):
             )
         for cb in trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
-                self._warn_once(
-                    "weights_only",
+                self._warnings.warn(
                     "TDACallback: a ModelCheckpoint has save_weights_only=True, so its checkpoints hold no "
                     "callback state and a run resumed from them cannot continue the trace.",
                 )
-        self.layers, skipped, tied = find_layers(pl_module, self.layer_patterns, self.exclude)
+        self.layers, skipped, tied = find_layers(pl_module, self.options.layers, self.options.exclude)
         if skipped:
-            self._warn_once(
-                "skipped",
+            self._warnings.warn(
                 "TDACallback does not track these modules with trainable parameters (unsupported): "
                 + ", ".join(f"{name} ({why})" for name, why in skipped.items())
                 + f". Tracked: {SUPPORTED_LAYERS}. {UNTRACKED_NOTE}",
             )
         if tied:
-            self._warn_once(
-                "tied",
+            self._warnings.warn(
                 "TDACallback: tied parameters are tracked once: "
                 + ", ".join(f"{name} shares its weight with {kept}, tracked as {kept}" for name, kept in tied.items())
                 + ". The other use of the weight is left out of attribution's gradients (as kronfluence does); "
                 "exclude the tracked layer (exclude=[...]) to track the other one instead.",
             )
-        self.recorded = {layer.name: recorded_factors(layer, self.max_factor_ratio) for layer in self.layers}
-        self._param_slots = {
-            id(getattr(layer.module, part)): (layer, part)
-            for layer in self.layers
-            for part in (("weight", "bias") if layer.has_bias else ("weight",))
-        }
+        self.recorded = {layer.name: recorded_factors(layer, self.options.max_factor_ratio) for layer in self.layers}
+        self._second_moments = AdamSecondMoments(self.layers)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -251,10 +206,10 @@ class TDACallback(L.Callback):
         started = time.perf_counter()
         self._device = pl_module.device
         self.stats = KFACStatistics(
-            self.layers, device=pl_module.device, recorded=self.recorded, factor_dtype=self.factor_dtype
+            self.layers, device=pl_module.device, recorded=self.recorded, factor_dtype=self.options.factor_dtype
         )
         self._generator = torch.Generator(device=pl_module.device)
-        self._generator.manual_seed(self.seed + trainer.global_rank)
+        self._generator.manual_seed(self.options.seed + trainer.global_rank)
         restored, self._restored = self._restored, None
         if trainer.is_global_zero:
             self._open_writer(resuming=restored is not None)
@@ -271,11 +226,11 @@ class TDACallback(L.Callback):
                 self.writer.write_header(
                     run_id=self.run_id,
                     meta=self._meta(trainer, pl_module),
-                    optimizer=_optimizer_record(optimizer),
-                    config=self._config(),
+                    optimizer=optimizer_record(optimizer),
+                    config=self.options.to_config(self.policy),
                     layers=self.layers,
                     num_param_groups=len(optimizer.param_groups),
-                    layer_groups=self._layer_groups(optimizer),
+                    layer_groups=layer_param_groups(optimizer, self.layers),
                     recorded=self.recorded,
                 )
                 self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
@@ -288,24 +243,17 @@ class TDACallback(L.Callback):
         self._capture = LayerCapture(
             self.layers,
             enabled=lambda: self._capturing,
-            on_gradient=self._on_gradient_rows if self.fisher == "empirical" else None,
-            keep_outputs=self.fisher == "true",
+            on_gradient=self._on_gradient_rows if self.fisher.kind == "empirical" else None,
+            keep_outputs=self.fisher.kind == "true",
             on_inputs=self._on_layer_inputs,
         ).__enter__()
-        if self.fisher == "true":
-            self._model_hooks = [
-                module.register_forward_hook(self._keep_model_output, with_kwargs=True)
-                for module in _model_roots(pl_module)
-            ]
-
-    def _layer_groups(self, optimizer: Any) -> dict[str, int]:
-        """Index of the optimizer param group holding each tracked layer's weight."""
-        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        return {layer.name: group_of.get(id(layer.module.weight), 0) for layer in self.layers}
+        if self.fisher.kind == "true":
+            self._true_fisher = TrainingGraphFisher(self.layers, self.task, self.fisher, self._generator)
+            self._true_fisher.attach(pl_module, capturing=lambda: self._capturing)
 
     def _open_writer(self, resuming: bool) -> None:
         continuing = resuming or self.run_id is not None
-        self.writer = TraceWriter(self.path, "append" if continuing else _IF_EXISTS[self.if_exists])
+        self.writer = TraceWriter(self.path, "append" if continuing else IF_EXISTS[self.options.if_exists])
         if continuing:
             if self.writer.run_id != self.run_id:
                 found = self.writer.run_id
@@ -345,7 +293,7 @@ class TDACallback(L.Callback):
         self.boundaries = self.policy.plan(self.step, total, steps_per_epoch)
 
     def _meta(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        size = self.dataset_size
+        size = self.options.dataset_size
         if size is None:
             try:
                 size = len(trainer.train_dataloader.dataset)
@@ -354,33 +302,16 @@ class TDACallback(L.Callback):
         return {
             "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "task_class": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
-            "fisher": self.fisher,
+            "fisher": self.fisher.kind,
             **self.cadence.describe(),
             "world_size": trainer.world_size,
             "dataset_size": size,
-            "checkpoint_dtype": self.checkpoint_dtype,
-            "factor_dtype": self.factor_dtype,
-            "max_factor_ratio": -1.0 if self.max_factor_ratio is None else float(self.max_factor_ratio),
+            "checkpoint_dtype": self.options.checkpoint_dtype,
+            "factor_dtype": self.options.factor_dtype,
+            "max_factor_ratio": -1.0 if self.options.max_factor_ratio is None else float(self.options.max_factor_ratio),
             "sequence_mode": "expand",
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "precision": str(trainer.precision),
-        }
-
-    def _config(self) -> dict[str, Any]:
-        return {
-            "segments": type(self.policy).__name__,
-            "policy": {k: v for k, v in vars(self.policy).items() if isinstance(v, (int, float, str, list))},
-            "checkpoints_per_segment": self.checkpoints_per_segment,
-            "fisher": self.fisher,
-            "layers": self.layer_patterns,
-            "exclude": self.exclude,
-            "checkpoint_dtype": self.checkpoint_dtype,
-            "seed": self.seed,
-            "exact_fisher_outputs": self.exact_fisher_outputs,
-            "loss_check_steps": self.loss_check_steps,
-            **self.cadence.describe(),
-            "factor_dtype": self.factor_dtype,
-            "max_factor_ratio": self.max_factor_ratio,
         }
 
     # ------------------------------------------------------------------------------- per batch
@@ -410,7 +341,7 @@ class TDACallback(L.Callback):
         if self._capturing:
             self._capture.row_mask = self.task.row_mask(batch)
             self._capture.batch_size = self._batch_size
-            if self.fisher == "empirical":
+            if self.fisher.kind == "empirical":
                 self._grad_scale = self._per_example_scale(trainer)
 
     def _per_example_scale(self, trainer: L.Trainer) -> float:
@@ -428,79 +359,29 @@ class TDACallback(L.Callback):
     def _on_layer_inputs(self, layer: TrackedLayer, inputs: Tensor, row_mask: Tensor | None) -> None:
         self.stats.stage_inputs(layer, inputs, row_mask)
 
-    def _keep_model_output(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        if self._capturing and torch.is_grad_enabled():
-            self._model_calls.append((args, kwargs, output))
-
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        """True Fisher from the training graph: when ``training_step`` called the model (the LightningModule,
-        or a Hugging Face model inside it) on the batch's own inputs, and :meth:`Task.outputs_of_call` says
-        that call is what :meth:`Task.forward` computes (``self(x)``, ``self.model(**batch)``), the sampled
-        targets' gradients come from one more backward through that graph (kept for training): no second
-        forward pass."""
-        if not (self._stats_step and self.fisher == "true" and self._capturing):
+        """True Fisher from the training graph, before the training backward (:mod:`~.true_fisher`)."""
+        if not (self._stats_step and self._true_fisher is not None and self._capturing):
             return
-        calls, self._model_calls = self._model_calls, []
-        found = {}
-        for args, kwargs, output in calls:
-            outputs = self.task.outputs_of_call(self._batch, args, kwargs, output)
-            if outputs is not None:
-                found[id(outputs)] = outputs  # nested calls of one forward give the same tensor
-        if len(found) != 1:
-            return
-        (outputs,) = found.values()
-        for layer, rows in self._true_fisher_rows(self._capture, outputs, retain_graph=True).items():
-            self.stats.stage_gradients(layer, rows)
-        self._fisher_done = True
+        rows = self._true_fisher.from_training_graph(self._capture, self._batch)
+        if rows is not None:
+            for layer, layer_rows in rows.items():
+                self.stats.stage_gradients(layer, layer_rows)
+            self._fisher_done = True
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """True Fisher by a second forward pass, when it could not use the training graph."""
         self._capturing = False  # the training forward of this micro-batch is over
-        self._model_calls = []
+        if self._true_fisher is not None:
+            self._true_fisher.forget_calls()
         if self._loss_check is not None:  # parameters are not updated yet: the Task's loss at the same point
             self._loss_check.after_backward(pl_module, self._batch, trainer.precision_plugin.train_step_context())
-        if not (self._stats_step and self.fisher == "true") or self._fisher_done:
+        if not (self._stats_step and self._true_fisher is not None) or self._fisher_done:
             return
-        buffers = [b.detach().clone() for b in pl_module.buffers()]
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        capture = LayerCapture(  # A came from the training forward: only the outputs are needed here
-            self.layers,
-            on_inputs=lambda *_: None,
-            row_mask=self.task.row_mask(self._batch),
-            batch_size=self._batch_size,
-        )
-        with (
-            torch.random.fork_rng(devices=devices),
-            torch.enable_grad(),
-            trainer.precision_plugin.train_step_context(),  # the training step's autocast, if any
-            capture,
-        ):
-            outputs = self.task.forward(pl_module, self._batch)
-            for layer, rows in self._true_fisher_rows(capture, outputs).items():
-                self.stats.stage_gradients(layer, rows)
-        with torch.no_grad():  # the extra forward must not move batch-norm statistics
-            for buffer, saved in zip(pl_module.buffers(), buffers):
-                buffer.copy_(saved)
-
-    def _true_fisher_rows(
-        self, capture: LayerCapture, outputs: Tensor, retain_graph: bool = False
-    ) -> dict[str, Tensor]:
-        """Per-example output-gradient rows whose outer products estimate the true Fisher.
-
-        With at most ``exact_fisher_outputs`` output-Hessian factors (e.g. scalar regression) every factor
-        is back-propagated, which gives the exact expectation over the predictive distribution; the
-        rows of all factors are concatenated along ``R`` so ``S`` counts each example once. Otherwise one
-        target per example is sampled from the model.
-        """
-        if self.task.num_fisher_factors(outputs) > self.exact_fisher_outputs:
-            targets = self.task.sample_targets(outputs, self._generator, targets=self.task.targets(self._batch))
-            return capture.output_gradient_rows(self.task.loss(outputs, targets).sum(), retain_graph=retain_graph)
-        factors = self.task.fisher_factors(outputs)
-        per_factor = [
-            capture.output_gradient_rows((outputs * factor).sum(), retain_graph=retain_graph or k < len(factors) - 1)
-            for k, factor in enumerate(factors)
-        ]
-        return {name: torch.cat([rows[name] for rows in per_factor], dim=1) for name in per_factor[0]}
+        autocast = trainer.precision_plugin.train_step_context()  # the training step's autocast, if any
+        rows = self._true_fisher.by_second_forward(pl_module, self._batch, self._batch_size, autocast)
+        for layer, layer_rows in rows.items():
+            self.stats.stage_gradients(layer, layer_rows)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         self._stepped = True
@@ -509,7 +390,7 @@ class TDACallback(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = _loss_value(outputs, self._device)
+        loss = loss_value(outputs, self._device)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         if self._loss_check is not None and not self._loss_check.done:  # first steps only: float() syncs
             self._loss_check.after_batch(float(loss), trainer.accumulate_grad_batches, batch)
@@ -532,23 +413,20 @@ class TDACallback(L.Callback):
     def _finish_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step += 1
         seg = self._segment
-        seg["num_steps"] += 1
-        seg["lr_sum"] = [a + b for a, b in zip(seg["lr_sum"], self._lrs)] if seg["lr_sum"] else list(self._lrs)
+        seg.add_step(self._lrs, self._stats_step)
         if self._stats_step:
-            seg["stats_steps"] += 1
-            self._accumulate_preconditioner(trainer.optimizers[0])
+            seg.second_moments.add(self._second_moments.read(trainer.optimizers[0]))
         row = {
             "step": self.step,
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
-            "segment": seg["index"],
+            "segment": seg.index,
             "batch_size": self._examples * trainer.world_size,
             "loss": self._loss_sum,
             "statistics": int(self._stats_step),
             "lr": self._lrs,
         }
-        for key, value in row.items():
-            self._rows.setdefault(key, []).append(value)
+        self._step_log.append(row)
         self._reset_micro_batch()
         started = time.perf_counter()
         if self._loss_check is not None and not self._loss_check.done and not self._loss_check.covers(self.step):
@@ -563,7 +441,7 @@ class TDACallback(L.Callback):
     def _should_close(self, trainer: L.Trainer) -> bool:
         if self._new_segment_requested or self.step in self.boundaries:
             return True
-        decision = self.policy.should_close(self._segment["num_steps"])
+        decision = self.policy.should_close(self._segment.num_steps)
         if trainer.world_size > 1 and type(self.policy).should_close is not SegmentPolicy.should_close:
             decision = bool(trainer.strategy.broadcast(decision, src=0))
         return decision
@@ -584,67 +462,50 @@ class TDACallback(L.Callback):
     # ---------------------------------------------------------------------------- segments
     def _open_segment(self) -> None:
         self._new_segment_requested = False
-        self._segment = {
-            "index": self.num_segments_closed,
-            "start_step": self.step,
-            "num_steps": 0,
-            "stats_steps": 0,
-            "lr_sum": [],
-            "precond": {},
-            "precond_count": 0,
-        }
+        self._segment = OpenSegment(index=self.num_segments_closed, start_step=self.step)
         self.stats.reset()
         upcoming = [b for b in self.boundaries if b > self.step]
         end = upcoming[0] if upcoming else self.step + 1
-        self.checkpoint_plan = checkpoint_steps(self.step, end, self.checkpoints_per_segment)
+        self.checkpoint_plan = checkpoint_steps(self.step, end, self.options.checkpoints_per_segment)
         self.cadence.open_segment(self.step, end - self.step)
 
     def _close_segment(self, trainer: L.Trainer, pl_module: L.LightningModule, reason: str) -> None:
         seg = self._segment
-        if seg["num_steps"] == 0:
+        if seg.num_steps == 0:
             return
-        if self._last_checkpoint_step != self.step:
+        if self._segment.last_checkpoint_step != self.step:
             self._write_checkpoint(trainer, pl_module)
         sums = self._reduced_sums(trainer)
         skipped = int(sums.pop("__skipped__"))
         if skipped:
-            self._warn_once(
-                "nonfinite",
-                f"TDACallback: NaN/Inf in the K-FAC statistics of {skipped} step(s) of segment {seg['index']}; "
+            self._warnings.warn(
+                f"TDACallback: NaN/Inf in the K-FAC statistics of {skipped} step(s) of segment {seg.index}; "
                 f"those steps are left out of the statistics (counted in the segment's skipped_steps). Check the "
                 f"loss and learning rate.",
             )
-        if seg["stats_steps"] == 0 and not self._stopped:
-            self._warn_once(
-                f"nostats{seg['index']}",
-                f"TDACallback: segment {seg['index']} ({seg['num_steps']} steps) got no K-FAC statistics "
-                f"(every_n_steps={self.every_n_steps_arg}). Lower every_n_steps or use fewer segments.",
+        if seg.stats_steps == 0 and not self._stopped:
+            self._warnings.warn(
+                f"TDACallback: segment {seg.index} ({seg.num_steps} steps) got no K-FAC statistics "
+                f"(every_n_steps={self.options.every_n_steps}). Lower every_n_steps or use fewer segments.",
             )
         if self.writer is not None:
             attrs = {
-                "index": seg["index"],
-                "start_step": seg["start_step"],
+                "index": seg.index,
+                "start_step": seg.start_step,
                 "end_step": self.step,
-                "num_steps": seg["num_steps"],
-                "stats_steps": seg["stats_steps"],
+                "num_steps": seg.num_steps,
+                "stats_steps": seg.stats_steps,
                 "skipped_steps": skipped,
-                "mean_lr": np.asarray(seg["lr_sum"]) / seg["num_steps"],
+                "mean_lr": np.asarray(seg.lr_sum) / seg.num_steps,
                 "reason": reason,
             }
-            precond = {
-                name: ((total / seg["precond_count"]).cpu(), seg["precond_count"])
-                for name, total in seg["precond"].items()
-            }
+            precond = seg.second_moments.means()
             with self._recording():
-                self._flush_rows()
-                self.writer.write_segment(seg["index"], attrs, sums, precond, dtypes=self.stats.dtypes)
+                self._step_log.flush(self.writer)
+                self.writer.write_segment(seg.index, attrs, sums, precond, dtypes=self.stats.dtypes)
                 self.writer.flush()
         self.num_segments_closed += 1
         self.policy.segment_closed()
-
-    @property
-    def _last_checkpoint_step(self) -> int:
-        return self._segment.get("last_checkpoint_step", -1)
 
     def _reduced_sums(self, trainer: L.Trainer) -> dict[str, Any]:
         """K-FAC sums summed over ranks, on the CPU, plus the skipped-step count under ``"__skipped__"``."""
@@ -665,35 +526,9 @@ class TDACallback(L.Callback):
         result["__skipped__"] = flat[-1]
         return result
 
-    def _accumulate_preconditioner(self, optimizer: Any) -> None:
-        """Add the bias-corrected Adam second moments of tracked parameters, as layer matrices."""
-        seg = self._segment
-        betas = None
-        parts: dict[str, dict[str, Tensor]] = {}
-        for group in optimizer.param_groups:
-            betas = group.get("betas")
-            for param in group["params"]:
-                slot = self._param_slots.get(id(param))
-                state = optimizer.state.get(param, {})
-                if slot is None or "exp_avg_sq" not in state or betas is None:
-                    continue
-                layer, part = slot
-                count = float(state["step"])  # a CPU tensor unless the optimizer is capturable
-                v_hat = state["exp_avg_sq"].detach().double() / (1 - betas[1] ** count)
-                parts.setdefault(layer.name, {})[part] = v_hat
-        if not parts:
-            return
-        for layer in self.layers:
-            if layer.name not in parts:
-                continue
-            got = parts[layer.name]
-            matrix = layer.as_matrix(got["weight"], got.get("bias"))
-            seg["precond"][layer.name] = seg["precond"].get(layer.name, 0) + matrix
-        seg["precond_count"] += 1
-
     # ----------------------------------------------------------------------------- checkpoints
     def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._segment["last_checkpoint_step"] = self.step
+        self._segment.last_checkpoint_step = self.step
         if self.writer is not None:
             # every name of a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight), so loading the
             # checkpoint cannot leave one of them at its initial value; the trace stores the data once
@@ -703,22 +538,16 @@ class TDACallback(L.Callback):
             attrs = {
                 "index": self.num_checkpoints,
                 "step": self.step,
-                "segment": self._segment["index"],
+                "segment": self._segment.index,
                 "epoch": trainer.current_epoch,
             }
+            second_moments = self._second_moments.read(trainer.optimizers[0])  # Adam's v̂ behind this state
             with self._recording():
-                self.writer.write_checkpoint(f"{self.num_checkpoints:06d}", state, attrs, self.checkpoint_dtype)
-                self._flush_rows()
+                name = f"{self.num_checkpoints:06d}"
+                self.writer.write_checkpoint(name, state, attrs, self.options.checkpoint_dtype, second_moments)
+                self._step_log.flush(self.writer)
                 self.writer.flush()
         self.num_checkpoints += 1
-
-    def _flush_rows(self) -> None:
-        if self.writer is not None and self._rows:
-            columns = {key: np.asarray(values) for key, values in self._rows.items() if key != "loss"}
-            losses = [loss.reshape(()).double() for loss in self._rows["loss"]]
-            columns["loss"] = torch.stack(losses).cpu().numpy()  # one device sync per block
-            self.writer.append_steps(columns)
-        self._rows = {}
 
     # ------------------------------------------------------------------------------ endings
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -726,8 +555,7 @@ class TDACallback(L.Callback):
         self._close_segment(trainer, pl_module, "end")
         self._open_segment()
         if self.step == 0:
-            self._warn_once(
-                "nosteps",
+            self._warnings.warn(
                 f"TDACallback: training made no optimizer step, so the trace {self.path} has no segments or "
                 f"checkpoints to attribute with. Train for at least one step.",
             )
@@ -745,8 +573,7 @@ class TDACallback(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.run_id is None:
-            self._warn_once(
-                "nosteps",
+            self._warnings.warn(
                 f"TDACallback: training made no optimizer step (max_steps=0, limit_train_batches=0 or an empty "
                 f"dataloader?), so no trace was written at {self.path}. Train for at least one step.",
             )
@@ -756,7 +583,7 @@ class TDACallback(L.Callback):
         self._teardown_capture()
         if self.writer is not None:
             with self._recording():
-                self._flush_rows()
+                self._step_log.flush(self.writer)
                 self.writer.close()
             self.writer = None
 
@@ -764,10 +591,9 @@ class TDACallback(L.Callback):
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
             self._capture = None
-        for hook in self._model_hooks:
-            hook.remove()
-        self._model_hooks = []
-        self._model_calls = []
+        if self._true_fisher is not None:
+            self._true_fisher.detach()
+            self._true_fisher = None
 
     # ------------------------------------------------------------------------ state for resume
     def state_dict(self) -> dict[str, Any]:
@@ -776,10 +602,9 @@ class TDACallback(L.Callback):
         trainer = self._trainer_for_state
         flat = self._reduced_sums(trainer) if trainer is not None else None
         with self._recording():
-            self._flush_rows()
+            self._step_log.flush(self.writer)
             if self.writer is not None:
                 self.writer.flush()
-        seg = dict(self._segment)
         return {
             "run_id": self.run_id,
             "step": self.step,
@@ -788,7 +613,7 @@ class TDACallback(L.Callback):
             "checkpoint_plan": list(self.checkpoint_plan),
             "num_segments_closed": self.num_segments_closed,
             "num_checkpoints": self.num_checkpoints,
-            "segment": seg,
+            "segment": self._segment.state_dict(),
             "kfac": flat,
             "policy": self.policy.state_dict(),
             "generator": self._generator.get_state() if self._generator is not None else None,
@@ -809,8 +634,7 @@ class TDACallback(L.Callback):
         self.checkpoint_plan = list(state["checkpoint_plan"])
         self.num_segments_closed = int(state["num_segments_closed"])
         self.num_checkpoints = int(state["num_checkpoints"])
-        self._segment = dict(state["segment"])
-        self._segment["precond"] = {name: t.to(self._device) for name, t in self._segment["precond"].items()}
+        self._segment = OpenSegment.from_state_dict(state["segment"], self._device)
         self.policy.load_state_dict(state["policy"])
         if state["generator"] is not None:
             self._generator.set_state(state["generator"])
@@ -852,8 +676,7 @@ class TDACallback(L.Callback):
         self._stopped = True
         self._teardown_capture()
         kept = self.num_segments_closed
-        self._warn_once(
-            "stopped",
+        self._warnings.warn(
             f"TDACallback STOPPED RECORDING at optimizer step {self.step}: {reason} Training continues without "
             f"the callback; the trace holds {kept} closed segment{'s' if kept != 1 else ''}. Attribute with it as it "
             f"is, or free space and record again with a new trace path.",
@@ -865,10 +688,12 @@ class TDACallback(L.Callback):
         Every rank replays its own batches (a replayed forward may hold collectives: SyncBatchNorm, FSDP);
         rank 0 warns and records."""
         self._loss_check = None
-        if self.loss_check_steps == 0:
+        if self.options.loss_check_steps == 0:
             return
         tolerance = 1e-2 if "16" in str(trainer.precision) else 1e-4  # half precision rounds losses to ~3 digits
-        self._loss_check = TrainingLossCheck(self.task, self.loss_check_steps, tolerance, first_step=self.step + 1)
+        self._loss_check = TrainingLossCheck(
+            self.task, self.options.loss_check_steps, tolerance, first_step=self.step + 1
+        )
         saved = (restored or {}).get("loss_check")
         if saved is not None:
             self._loss_check.load_state_dict(saved)
@@ -885,50 +710,3 @@ class TDACallback(L.Callback):
             with self._recording():
                 self.writer.record_loss_check(result.record())
                 self.writer.flush()
-
-    # ------------------------------------------------------------------------------ helpers
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
-
-def _model_roots(pl_module: L.LightningModule) -> list[torch.nn.Module]:
-    """The LightningModule and the outermost Hugging Face models inside it (modules with
-    ``get_input_embeddings``): the calls a ``training_step`` makes to produce the task's outputs."""
-    roots: list[str] = []
-    modules = [pl_module]
-    for name, module in pl_module.named_modules():
-        if module is pl_module or any(name.startswith(f"{root}.") for root in roots):
-            continue
-        if callable(getattr(module, "get_input_embeddings", None)):
-            roots.append(name)
-            modules.append(module)
-    return modules
-
-
-def _loss_value(outputs: Any, device: torch.device) -> Tensor:
-    """The training loss of a batch from ``training_step``'s output (tensor, dict or None), as a tensor left on
-    its device (read once per block of rows, not once per step)."""
-    if isinstance(outputs, Mapping):
-        outputs = outputs.get("loss")
-    if isinstance(outputs, Tensor):
-        return outputs.detach()
-    return torch.full((), float("nan"), device=device)
-
-
-def _optimizer_record(optimizer: Any) -> dict[str, Any]:
-    """Optimizer class and per-group hyper-parameters (everything but the parameters)."""
-    groups = []
-    for group in optimizer.param_groups:
-        groups.append(
-            {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
-            | {"num_params": len(group["params"])}
-        )
-    cls = type(optimizer)
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "name": cls.__name__,
-        "param_groups": groups,
-        "preconditioned": any("betas" in g for g in optimizer.param_groups),
-    }

@@ -9,9 +9,42 @@ when the curvature drifts. Steps are optimizer steps counted by the recorder (1-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_tda.recording.optimizer import SecondMomentMean
+
+
+@dataclass
+class OpenSegment:
+    """The segment being recorded: what the callback writes when it closes (the K-FAC sums are kept by
+    :class:`~lightning_tda.layers.covariances.KFACStatistics`)."""
+
+    index: int
+    start_step: int
+    num_steps: int = 0
+    stats_steps: int = 0
+    lr_sum: list[float] = field(default_factory=list)  # per param group, over the segment's steps
+    second_moments: SecondMomentMean = field(default_factory=SecondMomentMean)  # Adam's v̂ on statistics steps
+    last_checkpoint_step: int = -1
+
+    def add_step(self, lrs: Sequence[float], statistics: bool) -> None:
+        self.num_steps += 1
+        self.stats_steps += int(statistics)
+        self.lr_sum = [a + b for a, b in zip(self.lr_sum, lrs)] if self.lr_sum else list(lrs)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return state | {"lr_sum": list(self.lr_sum), "second_moments": self.second_moments.state_dict()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], device: torch.device) -> OpenSegment:
+        restored = dict(state)
+        restored["second_moments"] = SecondMomentMean.from_state_dict(state["second_moments"], device)
+        return cls(**restored)
 
 
 class SegmentPolicy:

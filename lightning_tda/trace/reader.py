@@ -276,6 +276,23 @@ class Trace:
             raise r.error(where, "holds negative second moments")
         return torch.from_numpy(v_mean.astype(np.float64, copy=False))
 
+    def checkpoint_preconditioner(self, index: int, layer: str) -> Tensor | None:
+        """Adam's bias-corrected second moment ``v̂`` of ``layer`` behind checkpoint ``index`` (the state after
+        that step's update, from which its preconditioner ``1/(√v̂ + ε)`` follows), as a float64 ``(out, a_dim)``
+        matrix in the layer's gradient-matrix layout; ``None`` for optimizers without second moments and for
+        traces recorded before they were stored."""
+        if index not in {c.index for c in self.checkpoints}:
+            raise TraceError(f"Checkpoint {index} is not in {self.path}; it has {[c.index for c in self.checkpoints]}.")
+        shape = self.layer(layer).shape
+        where = f"second_moments/{checkpoint_name(index)}/{layer}"
+        with self._read() as r:
+            if not r.has(where):
+                return None
+            v_hat = r.array(where, [shape], kinds="f", finite=True)
+        if (v_hat < 0).any():
+            raise r.error(where, "holds negative second moments")
+        return torch.from_numpy(v_hat.astype(np.float64, copy=False))
+
     def initial_state(self, like: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The full model state at the start of recording (``like``: see :meth:`checkpoint_state`)."""
         with self._read() as r:

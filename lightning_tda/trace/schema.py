@@ -21,6 +21,8 @@ Schema (version 2; see ``docs/trace-schema.md`` for the full description)::
                                 preconditioner/<layer>/v_mean (Adam second moments), attr count
     /checkpoints/initial full model state at the start of recording (step 0 of the trace)
     /checkpoints/<i>     trainable parameters and buffers; attrs: index, step, segment, epoch
+    /second_moments/<i>/<layer>  Adam's bias-corrected v̂ after checkpoint i's step (float32, the layer's
+                         gradient-matrix layout; Adam-family optimizers only, optional)
     /results/<name>      attribution scores (written by :class:`lightning_tda.scores.Scores`)
     /cache/<slot>        fitted factors cached by attribution methods with cache="trace" (see storage.py)
 

@@ -336,14 +336,28 @@ class TraceWriter:
                 g.attrs["count"] = count
 
     @_write_guarded
-    def write_checkpoint(self, name: str, state: Mapping[str, Tensor], attrs: Mapping[str, Any], dtype: str) -> None:
-        """Write a model state (``name`` = ``"initial"`` or a zero-padded index).
+    def write_checkpoint(
+        self,
+        name: str,
+        state: Mapping[str, Tensor],
+        attrs: Mapping[str, Any],
+        dtype: str,
+        second_moments: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Write a model state (``name`` = ``"initial"`` or a zero-padded index), and with it the optimizer's
+        bias-corrected second moments ``v̂`` of each tracked layer (``(out, a_dim)``, float32; Adam-family
+        optimizers only) under ``second_moments/<name>/<layer>``.
 
         Keys naming the same tensor (tied parameters: GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)
         are stored once and hard-linked, so every name reads back the same values.
         """
         stored = {"bfloat16": 2, "float16": 2, "float32": 4}.get(dtype, 8)
-        reserve_space(self.file, _nbytes(state.values(), len(state) + 1, itemsize=stored))
+        second_moments = second_moments or {}
+        arrays = list(second_moments.values())
+        reserve_space(
+            self.file,
+            _nbytes(state.values(), len(state) + 1, itemsize=stored) + _nbytes(arrays, len(arrays) + 2, itemsize=4),
+        )
         checkpoints = self.file["checkpoints"]
         if name in checkpoints:
             del checkpoints[name]
@@ -357,6 +371,13 @@ class TraceWriter:
                 continue
             _store_array(group, key, tensor, dtype)
             stored[alias] = key
+        if second_moments:
+            moments = self.file.require_group("second_moments")
+            if name in moments:
+                del moments[name]
+            moments_group = moments.create_group(name)
+            for layer, matrix in second_moments.items():
+                moments_group.create_dataset(layer, data=matrix.detach().to(device="cpu", dtype=torch.float32).numpy())
 
     @_write_guarded
     def record_loss_check(self, record: Mapping[str, Any]) -> None:
@@ -386,6 +407,8 @@ class TraceWriter:
         for name in list(self.file["checkpoints"]):
             if name != "initial" and int(self.file["checkpoints"][name].attrs["step"]) > last_step:
                 del self.file["checkpoints"][name]
+                if name in self.file.get("second_moments", {}):
+                    del self.file["second_moments"][name]
 
     @property
     def run_id(self) -> str | None:

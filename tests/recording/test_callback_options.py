@@ -98,7 +98,17 @@ def test_adam_second_moments_are_recorded_per_segment(tmp_path):
             expected = torch.stack(
                 [torch.cat([moments[k][f"{layer}.weight"], moments[k][f"{layer}.bias"][:, None]], 1) for k in taken]
             ).mean(0)
-            torch.testing.assert_close(trace.preconditioner(segment.index, layer), expected.double())
+            # v̂ is read and averaged in float32 (what Adam keeps), its bias correction formed in float64
+            torch.testing.assert_close(trace.preconditioner(segment.index, layer), expected.double(), rtol=1e-6, atol=0)
+        for checkpoint in trace.checkpoints:  # and v̂ behind every checkpoint's state
+            for layer in ("net.0", "net.2"):
+                k = checkpoint.step - 1
+                expected = torch.cat([moments[k][f"{layer}.weight"], moments[k][f"{layer}.bias"][:, None]], 1)
+                stored = trace.checkpoint_preconditioner(checkpoint.index, layer)
+                torch.testing.assert_close(stored, expected.double(), rtol=1e-6, atol=0)
+
+    sgd = Trace.open(fit(tmp_path / "sgd.h5", every_n_steps=2).path)  # plain SGD keeps no second moments
+    assert sgd.preconditioner(0, "net.0") is None and sgd.checkpoint_preconditioner(0, "net.0") is None
 
 
 class WithExtras(MLPClassifier):

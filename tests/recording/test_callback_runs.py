@@ -124,3 +124,37 @@ def test_ddp_on_two_processes_matches_one_process_over_the_same_data(tmp_path):
     assert_same_trace(tmp_path / "single.h5", tmp_path / "ddp.h5", rtol=1e-5, atol=1e-7, loss=False)
     with h5py.File(tmp_path / "ddp.h5", "r") as f:
         assert f["meta"].attrs["world_size"] == 2
+
+
+def test_two_recorders_in_one_trainer_resume_independently(tmp_path):
+    """Each recorder keeps its resume state under its own key (its trace path): resuming continues both traces."""
+    from torch.utils.data import TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(96, 64, generator=generator), torch.randint(0, 10, (96,), generator=generator))
+
+    def recorders() -> list[TDACallback]:
+        task = ClassificationTask()
+        return [
+            TDACallback(str(tmp_path / "all.h5"), task, every_n_steps=1, segments=[4], loss_check_steps=0),
+            TDACallback(str(tmp_path / "head.h5"), task, layers=["net.2"], every_n_steps=2, loss_check_steps=0),
+        ]
+
+    def run(epochs: int, ckpt_path=None) -> list[TDACallback]:
+        L.seed_everything(0, verbose=False)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+        callbacks = recorders()
+        trainer = quiet_trainer(max_epochs=epochs, callbacks=[*callbacks, saver], enable_checkpointing=True)
+        trainer.fit(MLPClassifier(sizes=[64, 16, 10]), DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
+        return callbacks
+
+    first = run(1)  # 6 steps
+    assert first[0].state_key != first[1].state_key and str(tmp_path / "head.h5") in first[1].state_key
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert {saved[c.state_key]["run_id"] for c in first} == {c.run_id for c in first}  # both kept, not one twice
+    second = run(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for before, after in zip(first, second):
+        trace = Trace.open(after.path)
+        assert after.run_id == before.run_id == trace.run_id
+        assert len(trace.steps()) == 12 and trace.segments[-1].end_step == 12  # continued, not restarted
+    assert Trace.open(second[1].path).layer_names == ["net.2"]

@@ -1,0 +1,122 @@
+"""What :class:`~lightning_tda.recording.callback.TDACallback` records and how: its options as one dataclass.
+
+``TDACallback(path, task, segments=3, ...)`` keeps its flat keyword arguments (what configs and
+``LightningCLI`` read); they are collected into a :class:`RecordingOptions`, which validates them in one place
+and serialises them into the trace (``meta/config``), in the manner of kronfluence's argument dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_tda.layers.covariances import FACTOR_DTYPE_CHOICES
+from lightning_tda.recording.segments import SegmentPolicy
+
+IF_EXISTS = {"error": "create", "overwrite": "overwrite", "append": "append"}  # -> TraceWriter mode
+CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RecordingOptions:
+    """Everything the callback records, and how.
+
+    Args:
+        segments: number of equal segments (default 3), a list of step boundaries (steps after which
+            a segment ends, counted from the start of this fit), or a
+            :class:`~lightning_tda.recording.segments.SegmentPolicy` (``EpochBoundaries``, ``CurvatureDrift``...).
+        checkpoints_per_segment: model states saved per segment, evenly spaced, the last at its end.
+        fisher: ``"true"`` (targets sampled from the model; one extra forward and backward on
+            statistics steps) or ``"empirical"`` (the training gradients; no extra pass).
+        every_n_steps: take K-FAC statistics on every n-th optimizer step, or ``"auto"``: spaced by
+            measured cost within ``overhead_budget`` (see :mod:`lightning_tda.recording.cadence`).
+        layers: which layers to track: ``None`` (all supported layers with trainable parameters),
+            ``"lora"`` (peft LoRA adapters) or fnmatch patterns on module names.
+        exclude: fnmatch patterns of modules not to track.
+        checkpoint_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for stored checkpoints.
+        if_exists: an existing trace at ``path`` is refused (``"error"``), replaced (``"overwrite"``)
+            or continued (``"append"``, e.g. a second training stage). A run resumed with
+            ``ckpt_path`` always continues its own trace.
+        dataset_size: number of training examples, recorded in the trace (default: the length of the
+            training dataset when it has one).
+        seed: seed of the generator that samples true-Fisher targets.
+        exact_fisher_outputs: with ``fisher="true"``, models whose output Hessian has at most this many
+            square-root factors (output dimensions; classes for classifiers) get the exact expectation
+            over the predictive distribution, one backward per factor, instead of one sampled target.
+            The default 1 makes scalar regression exact at the cost of the sampled estimate.
+        loss_check_steps: on this many optimizer steps at the start of each fit, compare the batch mean of
+            ``task.train_loss`` with the loss ``training_step`` returned (one extra forward per batch, no
+            backward); the result is warned about when they differ and recorded in the trace. 0 turns it off.
+        overhead_budget: with ``every_n_steps="auto"``, the extra time statistics, checkpoints and
+            segment writes may add, as a fraction of the training time.
+        min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets
+            even when they cost more than the budget.
+        factor_dtype: precision of each step's K-FAC products and of the sums stored in the trace (they are
+            accumulated in float64 either way): ``"float32"``, ``"float64"``, or ``"auto"``: float32 for
+            factors at least 256 wide (a convolution's or a transformer's), where it halves the trace and
+            the products' time, float64 for narrower ones.
+        max_factor_ratio: a K-FAC factor with more than this many times as many entries as its layer has
+            parameters (and more than 2^18 entries) is not recorded, e.g. a LoRA adapter's ``d × d`` output
+            factor; DataInf and recomputing methods do not need it. ``None`` records every factor.
+    """
+
+    segments: int | Sequence[int] | SegmentPolicy = 3
+    checkpoints_per_segment: int = 2
+    fisher: str = "true"
+    every_n_steps: int | str = "auto"
+    layers: str | Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    checkpoint_dtype: str = "float32"
+    if_exists: str = "error"
+    dataset_size: int | None = None
+    seed: int = 0
+    exact_fisher_outputs: int = 1
+    loss_check_steps: int = 4
+    overhead_budget: float = 0.05
+    min_statistics_steps: int = 4
+    factor_dtype: str = "auto"
+    max_factor_ratio: float | None = 16.0
+
+    def __post_init__(self) -> None:
+        def refuse(name: str, fix: str) -> None:
+            raise ValueError(f"TDACallback({name}={getattr(self, name)!r}): {fix}")
+
+        if self.fisher not in ("true", "empirical"):
+            refuse("fisher", "use 'true' or 'empirical'.")
+        if self.every_n_steps != "auto" and (not _is_int(self.every_n_steps) or self.every_n_steps < 1):
+            refuse("every_n_steps", "use a positive integer or 'auto'.")
+        if not _is_int(self.checkpoints_per_segment) or self.checkpoints_per_segment < 1:
+            refuse("checkpoints_per_segment", "use at least 1 (the segment end).")
+        if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
+            refuse("checkpoint_dtype", "use 'float32', 'float16' or 'bfloat16'.")
+        if not _is_int(self.loss_check_steps) or self.loss_check_steps < 0:
+            refuse("loss_check_steps", "use a non-negative integer.")
+        if not _is_int(self.exact_fisher_outputs) or self.exact_fisher_outputs < 0:
+            refuse("exact_fisher_outputs", "use a non-negative integer (0 always samples targets).")
+        if not (isinstance(self.overhead_budget, (int, float)) and 0 <= self.overhead_budget < 1):
+            refuse("overhead_budget", "use a fraction of the training time in [0, 1), e.g. 0.05.")
+        if not _is_int(self.min_statistics_steps) or self.min_statistics_steps < 1:
+            refuse("min_statistics_steps", "use a positive integer.")
+        if self.factor_dtype not in FACTOR_DTYPE_CHOICES:
+            refuse("factor_dtype", "use 'auto' (float32 from 256 wide), 'float32' or 'float64'.")
+        if self.max_factor_ratio is not None and not self.max_factor_ratio > 0:
+            refuse("max_factor_ratio", "use a positive ratio, or None to record every factor.")
+        if self.if_exists not in IF_EXISTS:
+            refuse("if_exists", "use 'error', 'overwrite' or 'append'.")
+
+    def to_config(self, policy: SegmentPolicy) -> dict[str, Any]:
+        """The options as recorded in the trace's ``meta/config`` (JSON), with the segment policy resolved."""
+        recorded = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        recorded["segments"] = type(policy).__name__
+        recorded["policy"] = {k: v for k, v in vars(policy).items() if isinstance(v, (int, float, str, list))}
+        for transient in ("if_exists", "dataset_size"):  # how this fit met the file, not what it records
+            del recorded[transient]
+        if self.every_n_steps != "auto":  # the budget does not apply to a fixed stride
+            del recorded["overhead_budget"], recorded["min_statistics_steps"]
+        return recorded
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
