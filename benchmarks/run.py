@@ -16,11 +16,19 @@ its own curvature) and scores the results with :mod:`lightning_tda.evaluation`:
 * **Two-stage** (digits, stage 2 on transposed images): attribution to the first stage, SOURCE
   restricted to the first stage's segment vs influence functions on the final model.
 
+* **Modern training recipes** (``--suite modern``, issue 20): AdamW + warm-up + cosine on a residual MLP
+  (ANES96, penguins: converged and early; iris trained to zero loss), the digits CNN, and a byte-level
+  GPT-2 on documentation strings (from scratch, fully fine-tuned and LoRA fine-tuned after a cached
+  pre-training); data, models and schedule in ``benchmarks/modern.py``; LDS of every method at its defaults,
+  written to the ``modern`` section.
+
 A method that cannot be imported is reported as "not available"; a method that fails is reported
 with its error. The ``random`` row is the chance reference. ``--quick`` shrinks everything (a few
 minutes; what the smoke test runs).
 
-Run: ``.venv/bin/python benchmarks/run.py`` (full) or ``.venv/bin/python benchmarks/run.py --quick``.
+Run: ``.venv/bin/python benchmarks/run.py`` (full), ``.venv/bin/python benchmarks/run.py --quick``, or
+``.venv/bin/python benchmarks/run.py --suite modern --workers 2 --workdir runs/modern`` (≈ 14 min on 2 cores;
+needs the ``benchmarks`` extra: palmerpenguins, statsmodels, peft, transformers).
 """
 
 from __future__ import annotations
