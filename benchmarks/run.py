@@ -93,11 +93,10 @@ from lightning_tda.evaluation import (  # noqa: E402
     plot_mislabel,
     subset_removal,
 )
-
 from lightning_tda.evaluation.retrain import fingerprint, quiet_lightning  # noqa: E402
 from lightning_tda.methods import MethodOptions  # noqa: E402
-from lightning_tda.trace.cache import sidecar_path  # noqa: E402
 from lightning_tda.trace import Trace  # noqa: E402
+from lightning_tda.trace.cache import sidecar_path  # noqa: E402
 
 # Display name -> (class in lightning_tda.methods, keyword arguments). Defaults unless noted.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
