@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda.demo import ArrayDataModule, SmallCNN
-from lightning_tda.demo_language import LORA_TARGETS, CausalLanguageModel
+from lightning_tda.demo.language import LORA_TARGETS, CausalLanguageModel
 
 
 # --- the schedule -------------------------------------------------------------------------------
