@@ -67,6 +67,18 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def tensors_of(item: Any) -> Iterator[Tensor]:
+    """Every tensor in an example or batch (a tensor, or lists, tuples and dicts of them; dicts by sorted key)."""
+    if isinstance(item, Tensor):
+        yield item
+    elif isinstance(item, (list, tuple)):
+        for part in item:
+            yield from tensors_of(part)
+    elif isinstance(item, dict):
+        for key in sorted(item):
+            yield from tensors_of(item[key])
+
+
 def progress_bar(iterable: Any, enabled: bool | None, desc: str, total: int | None = None) -> Any:
     """A TQDM bar (what Lightning uses) on long passes; off when not on a terminal unless asked."""
     if enabled is None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_tda.batches import Data, as_loader, move_to, progress_bar
+from lightning_tda.batches import Data, as_loader, move_to, progress_bar, tensors_of
 from lightning_tda.curvature.eigen import Curvature, LayerEigenbasis
 from lightning_tda.layers.capture import LayerCapture
 from lightning_tda.layers.covariances import KFACStatistics
@@ -98,20 +98,9 @@ class PassData:
         digest = hashlib.sha1(str(len(loader.dataset)).encode())
         dataset = loader.dataset
         for index in {0, len(dataset) - 1}:
-            for part in _tensors(dataset[index]):
+            for part in tensors_of(dataset[index]):
                 digest.update(part.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
-
-
-def _tensors(item: Any) -> Iterator[Tensor]:
-    if isinstance(item, Tensor):
-        yield item
-    elif isinstance(item, (list, tuple)):
-        for part in item:
-            yield from _tensors(part)
-    elif isinstance(item, dict):
-        for key in sorted(item):
-            yield from _tensors(item[key])
 
 
 def _capture(layers: Sequence[TrackedLayer], task: Task, batch: Any) -> LayerCapture:

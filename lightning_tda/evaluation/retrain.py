@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_tda.batches import Data, as_loader, move_to
+from lightning_tda.batches import Data, as_loader, move_to, tensors_of
 from lightning_tda.tasks import ClassificationTask, Task
 from lightning_tda.trace.schema import LIBVER
 
@@ -162,12 +162,12 @@ def measure(model: nn.Module, task: Task, queries: Data) -> Outcome:
 
 
 def fingerprint(queries: Data) -> str:
-    """A hash of every tensor of the query set (inputs and targets), for cache keys."""
+    """A hash of every tensor of the query set (inputs and targets, also in dict batches such as Hugging Face's),
+    for cache keys."""
     digest = hashlib.sha1()
     for batch in as_loader(queries, QUERY_BATCH_SIZE, "query"):
-        for tensor in batch if isinstance(batch, (list, tuple)) else [batch]:
-            if isinstance(tensor, torch.Tensor):
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for tensor in tensors_of(batch):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 import pytest
@@ -331,3 +332,19 @@ def test_plots_and_wandb_logging(tmp_path):
             log_to_wandb(run)
     finally:
         run.finish()
+
+
+def test_the_cache_fingerprint_sees_every_tensor_of_dict_batches():
+    """Hugging Face-style examples are dicts: two different query sets must not share a cache key."""
+    from lightning_tda.demo import TokenBlocks
+    from lightning_tda.evaluation.retrain import fingerprint
+
+    blocks = torch.arange(32).reshape(4, 8)
+    same, other = TokenBlocks(blocks.clone()), TokenBlocks(blocks.flip(0))
+    assert fingerprint(TokenBlocks(blocks)) == fingerprint(same) != fingerprint(other)
+    # tuple datasets keep the keys they had (caches written before stay valid)
+    pairs = TensorDataset(blocks, blocks + 1)
+    expected = hashlib.sha1()
+    for tensor in (blocks, blocks + 1):
+        expected.update(tensor.numpy().tobytes())
+    assert fingerprint(pairs) == expected.hexdigest()
