@@ -12,6 +12,7 @@ Subcommands::
     lightning-tda attribute --config ... --method source     # score queries, save into the trace
     lightning-tda report --config ... [--trace PATH]         # W&B (offline unless an API key is set) + HTML
     lightning-tda run --config ...                           # all three
+    lightning-tda evaluate --config ...                      # measure each method's LDS on this model
     lightning-tda inspect TRACE                              # summary of a trace, with result and cache sizes
     lightning-tda clean TRACE [--results true]               # remove fitted caches (and results), compact
 
@@ -27,6 +28,7 @@ again; in ``run`` they skip training and join attribution, and only rank 0 write
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import re
@@ -87,6 +89,29 @@ class AttributionOptions:
 
 
 @dataclass
+class EvaluationOptions:
+    """``lightning-tda evaluate``: the LDS of each method on this model.
+
+    ``subsets`` random subsets holding ``fraction`` of the training set are each re-trained ``seeds`` times
+    with the config's recipe (model, data loader, trainer arguments) in ``workers`` processes; the ground
+    truth is cached in ``cache`` (default ``<trace dir>/ground_truth.h5``), so an interrupted evaluation
+    resumes without repeating a finished fit. ``queries`` (default: the config's) are scored by
+    ``methods`` (names of configured methods; default every configured method, baselines included).
+    ``replay_steps``: optimizer steps replayed first to check that training is reproducible.
+    ``subset_seed``: seed of the subset draw."""
+
+    subsets: int = 20
+    seeds: int = 1
+    fraction: float = 0.5
+    workers: int = 2
+    queries: QueryOptions | None = None
+    methods: list[str] | None = None
+    replay_steps: int = 20
+    cache: str | None = None
+    subset_seed: int = 0
+
+
+@dataclass
 class ReportOptions:
     """What the reports show and where they go.
 
@@ -136,6 +161,7 @@ def _job_parser(subcommand: str) -> ArgumentParser:
     parser.add_argument("--queries", type=QueryOptions, default=QueryOptions())
     parser.add_argument("--attribution", type=AttributionOptions, default=AttributionOptions())
     parser.add_argument("--report", type=ReportOptions, default=ReportOptions())
+    parser.add_argument("--evaluation", type=EvaluationOptions, default=EvaluationOptions())
     if subcommand in ("attribute", "run"):
         parser.add_argument("--method", type=str | None, default=None, help=f"Only this method: {', '.join(METHODS)}.")
         parser.add_argument("--baselines", type=bool, default=False, help="Also run the baseline methods.")
@@ -152,6 +178,7 @@ def build_parser(only: str | None = None) -> ArgumentParser:
         "attribute": "Score the queries against the training set with each method; save into the trace.",
         "report": "Render the scores in the trace: W&B run (offline without an API key) and HTML.",
         "run": "fit, attribute and report: the main job.",
+        "evaluate": "Measure each method's LDS on this model by re-training subsets; report which to trust.",
     }
     for name, text in helps.items():
         full = only is None or name == only
@@ -182,8 +209,9 @@ class Job:
             config.trainer.callbacks = None
         init = parser.instantiate_classes(config)
         self.model, self.data, self.task = init.model, init.data, init.task
+        self.parser = parser
         self.output_dir = Path(config.output_dir).resolve()
-        self.trace_path = Path(config.trace).resolve() if config.trace else self.output_dir / "trace.h5"
+        self.trace_path = _trace_path(config)
         report = config.report
         self.renderer = _instantiate_renderer(report.renderer) or _default_renderer(self.data)
         self.trainer_kwargs = _plain(init.trainer)
@@ -210,6 +238,11 @@ class Job:
                 f"queries: ids {bad or ids} are not in the {options.split} split of {len(queries)} examples."
             )
         return ids
+
+
+def _trace_path(config: Namespace) -> Path:
+    """``--trace``, else ``<output_dir>/trace.h5``."""
+    return Path(config.trace).resolve() if config.trace else Path(config.output_dir).resolve() / "trace.h5"
 
 
 def _plain(value: Any) -> dict[str, Any]:
@@ -395,6 +428,7 @@ def _launch_fabric(devices: int) -> Any:
 
 def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
     """Build the report from every result in the trace and write it (rank 0 only)."""
+    from lightning_tda.evaluation.record import Evaluation
     from lightning_tda.reporting import WandbReporter, build_report, global_rank, write_reports
     from lightning_tda.scores import Scores
     from lightning_tda.trace.reader import Trace
@@ -402,6 +436,7 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
     if global_rank() != 0:
         return None
     trace = Trace.open(job.trace_path)
+    evaluation = Evaluation.load(job.trace_path)
     names = Scores.available(job.trace_path)
     if not names:
         raise CLIError(f"The trace {job.trace_path} holds no scores yet; run `lightning-tda attribute` first.")
@@ -427,6 +462,7 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
         noisy=noisy,
         trace_path=job.trace_path,
         title=f"Training data attribution: {type(job.model).__name__} on {type(job.data).__name__}",
+        evaluation=evaluation,
     )
     wandb: Any = False
     if options.wandb:
@@ -437,8 +473,254 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
         html=job.output_dir / "report.html" if options.html else None,
         wandb=wandb,
     )
+    if evaluation is not None:
+        print(evaluation.verdict()[1])
     print(written.describe())
     return written
+
+
+# ------------------------------------------------------------------------------------ evaluate
+# Trainer arguments a re-training on a subset does not take from the config: outputs, logging, validation
+# (which does not change training) and the device layout (each fit runs in one worker process).
+_NOT_RETRAINED = {
+    "logger",
+    "callbacks",
+    "enable_checkpointing",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "default_root_dir",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "limit_val_batches",
+    "num_sanity_val_steps",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "log_every_n_steps",
+    "profiler",
+    "enable_autolog_hparams",
+    "model_registry",
+    "limit_test_batches",
+    "limit_predict_batches",
+}
+
+
+@dataclass(frozen=True)
+class ConfiguredModule:
+    """A fresh LightningModule from the config's ``model`` section (``class_path`` + ``init_args``), built
+    like ``fit`` builds it; picklable, with a ``repr`` that names the configuration (re-training cache keys)."""
+
+    config: dict[str, Any]
+
+    def __call__(self) -> Any:
+        import lightning as L
+
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(L.LightningModule, "model", required=True)
+        return parser.instantiate_classes(parser.parse_object({"model": self.config})).model
+
+
+class FitProgress:
+    """``progress(done, total)`` for the re-training: a tqdm bar on a terminal, else a plain line per fit,
+    each with the time per fit and the estimated time left."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.started = time.perf_counter()
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=None, desc=description, unit="fit")
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+            return
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / done * (total - done)
+        print(
+            f"{self.description}: {done}/{total} fits, {elapsed / done:.1f} s per fit, ETA {_duration(left)}",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _check_evaluation_options(config: Namespace) -> None:
+    options = config.evaluation
+    problems = [
+        (
+            options.subsets < 2,
+            f"evaluation.subsets={options.subsets}: use at least 2 (20+ for a tight interval)",
+        ),
+        (options.seeds < 1, f"evaluation.seeds={options.seeds}: use at least 1"),
+        (not 0 < options.fraction < 1, f"evaluation.fraction={options.fraction}: use a fraction between 0 and 1"),
+        (options.workers < 1, f"evaluation.workers={options.workers}: use at least 1"),
+        (options.replay_steps < 1, f"evaluation.replay_steps={options.replay_steps}: replay at least 1 step"),
+        (
+            options.queries is not None and options.queries.split != config.queries.split,
+            f"evaluation.queries.split={options.queries.split if options.queries else None!r} differs from "
+            f"queries.split={config.queries.split!r}: the report shows scores against queries.split, so keep them "
+            f"the same (choose the evaluation's queries with evaluation.queries.count or ids)",
+        ),
+    ]
+    devices = config.trainer.get("devices")
+    if (isinstance(devices, int) and devices > 1) or (isinstance(devices, list) and len(devices) > 1):
+        problems.append(
+            (
+                True,
+                f"trainer.devices={devices}: evaluate replays and re-trains in single processes; record the trace "
+                "with devices: 1 to evaluate on this model",
+            )
+        )
+    for wrong, message in problems:
+        if wrong:
+            raise CLIError(message + ".")
+
+
+def _evaluation_job(job: Job) -> Job:
+    """The job with the evaluation's queries and methods (every configured one unless named, baselines
+    included): what ``attribute`` scores and the report shows."""
+    options = job.config.evaluation
+    specs = [_method_spec(entry, i) for i, entry in enumerate(job.config.methods)]
+    if options.methods is not None:
+        unknown = [name for name in options.methods if name not in METHODS]
+        if unknown:
+            raise CLIError(f"evaluation.methods: unknown {unknown}; choose from: {', '.join(METHODS)}.")
+        specs = [next((s for s in specs if s.name == name), MethodSpec(name)) for name in options.methods]
+    if not specs:
+        raise CLIError("No methods to evaluate: list some under `methods:` or `evaluation.methods:` in the config.")
+    config = job.config.clone()
+    config.methods = [{"name": s.name, "init_args": s.init_args, "baseline": False} for s in specs]
+    if options.queries is not None:
+        config.queries = options.queries
+    scoring = copy.copy(job)
+    scoring.config = config
+    return scoring
+
+
+def _config_train_fn(job: Job, train: Any) -> Any:
+    """``train_fn(subset, seed)`` re-training the config's recipe: its model, its data module's training loader
+    (batch size, collate function, shuffling) and its trainer arguments, on a subset of the training set."""
+    from lightning_tda.evaluation import LightningTrainFn
+
+    trainer = {key: value for key, value in _plain(job.config.trainer).items() if value is not None}
+    trainer = {key: value for key, value in trainer.items() if key not in _NOT_RETRAINED}
+    max_epochs = trainer.pop("max_epochs", None)
+    if max_epochs is None:  # Lightning's rule: 1000 epochs unless max_steps ends training first
+        max_epochs = 1000 if trainer.get("max_steps", -1) == -1 else 10**9
+    loader = job.data.train_dataloader()
+    if getattr(loader, "dataset", None) is not train:
+        raise CLIError(
+            f"{type(job.data).__name__}.train_dataloader() does not load its train_set; evaluate re-trains on "
+            f"subsets of train_set, so make train_dataloader() a DataLoader over self.train_set."
+        )
+    try:
+        return LightningTrainFn.like(loader, ConfiguredModule(_plain(job.config.model)), max_epochs, trainer)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+
+
+def _check_reproducible(job: Job) -> int:
+    """Replay the config's first ``evaluation.replay_steps`` optimizer steps with its seed (a fresh model, data
+    module and trainer, as ``fit`` builds them) and compare the losses with the trace's step log."""
+    import tempfile
+
+    import lightning as L
+
+    from lightning_tda.evaluation.reproducibility import NotReproducibleError, StepLossRecorder, check_replay
+    from lightning_tda.evaluation.retrain import quiet_lightning
+    from lightning_tda.trace.reader import Trace
+
+    recorded = Trace.open(job.trace_path).steps().loss
+    if len(recorded) == 0:
+        raise CLIError(f"The trace {job.trace_path} recorded no training step; re-run `lightning-tda fit`.")
+    seed = job.config.seed_everything
+    L.seed_everything(seed, verbose=False)  # then build everything in the order `fit` does
+    replay = Job(job.config, job.parser, trains=False)
+    recorder = StepLossRecorder(min(job.config.evaluation.replay_steps, len(recorded)))
+    kwargs = {key: value for key, value in replay.trainer_kwargs.items() if key != "default_root_dir"}
+    kwargs.update(callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with tempfile.TemporaryDirectory() as root, quiet_lightning():
+        L.Trainer(default_root_dir=root, **kwargs).fit(replay.model, datamodule=replay.data)
+    configs = job.config.get("config") or []
+    where = f"The config {configs[-1]}" if configs else "The config"
+    try:
+        return check_replay(recorded, recorder.losses, seed, where)
+    except NotReproducibleError as err:
+        raise CLIError(str(err)) from err
+
+
+def evaluate(job: Job) -> Any:
+    """``lightning-tda evaluate``: each method's LDS on this model, saved into the trace and reported.
+
+    Trains with the callback first when the trace is missing, checks that training is reproducible, scores
+    the queries with every evaluated method, re-trains the subsets (cached, resumable, in worker processes),
+    then writes the :class:`~lightning_tda.evaluation.record.Evaluation` into the trace and the report
+    (HTML and W&B) with the method to trust. Returns the evaluation."""
+    from torch.utils.data import Subset
+
+    from lightning_tda.evaluation import lds, lds_ground_truth
+    from lightning_tda.evaluation.record import Evaluation, MethodLDS
+    from lightning_tda.scores import Scores
+
+    _check_evaluation_options(job.config)
+    options = job.config.evaluation
+    scoring = _evaluation_job(job)
+    loggers = None
+    if not job.trace_path.exists():
+        print(f"evaluate: no trace at {job.trace_path}; training with the callback first", flush=True)
+        loggers = fit(job).loggers
+    steps = _check_reproducible(job)
+    print(f"evaluate: replayed {steps} steps with seed_everything={job.config.seed_everything}; losses match the trace")
+    names = [spec["name"] for spec in scoring.config.methods]
+    attribute(scoring)
+    train, split = scoring.datasets()
+    ids = scoring.query_ids(split)
+    cache = Path(options.cache).resolve() if options.cache else job.trace_path.parent / "ground_truth.h5"
+    total = options.subsets * options.seeds
+    progress = FitProgress("ground truth")
+    try:
+        truth = lds_ground_truth(
+            _config_train_fn(job, train),
+            job.task,
+            Subset(split, ids),
+            len(train),
+            num_subsets=options.subsets,
+            fraction=options.fraction,
+            num_seeds=options.seeds,
+            seed=options.subset_seed,
+            cache=cache,
+            workers=options.workers,
+            progress=progress,
+        )
+    except ValueError as err:  # an unreadable cache or a subset draw the training set cannot give
+        raise CLIError(str(err)) from err
+    finally:
+        progress.close()
+    print(f"ground truth: {truth.num_trained} fits trained now, {total - truth.num_trained} read from {cache}")
+    measured = []
+    for name in names:
+        scores = Scores.load(job.trace_path, name)
+        measured.append(MethodLDS.of(scores, lds(scores, truth)))
+        print(f"LDS {measured[-1].describe()}")
+    evaluation = Evaluation(
+        measured, options.subsets, options.seeds, options.fraction, scoring.config.queries.split, ids, 0.95, str(cache)
+    )
+    evaluation.save(job.trace_path)
+    report(scoring, loggers)
+    _finish_wandb_runs(loggers)
+    return evaluation
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -547,7 +829,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     L.seed_everything(sub.seed_everything, verbose=False)  # before the model is built, as LightningCLI does
     try:
-        job = Job(sub, parser._subcommands_action._name_parser_map[subcommand], trains=subcommand in ("fit", "run"))
+        trains = subcommand in ("fit", "run") or (subcommand == "evaluate" and not _trace_path(sub).exists())
+        job = Job(sub, parser._subcommands_action._name_parser_map[subcommand], trains=trains)
     except CLIError:
         raise
     except Exception as err:  # constructor errors of the configured classes
@@ -560,6 +843,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             attribute(job)
         elif subcommand == "report":
             report(job)
+        elif subcommand == "evaluate":
+            evaluate(job)
         else:
             loggers = None
             if not (sub.attribution.devices > 1 and _launched_by_fabric()):

@@ -27,6 +27,7 @@ from lightning_tda.trace.writer import OBJECT_OVERHEAD, writing
 
 KINDS = ("pairwise", "self")
 TIMELINE_KIND = "timeline"  # results/<name> written by lightning_tda.timeline.Timeline
+EVALUATION_KIND = "evaluation"  # results/evaluation written by lightning_tda.evaluation.record.Evaluation
 
 
 @dataclass
@@ -111,9 +112,12 @@ class Scores:
                 available = r.members("results") if r.has("results") else []
                 raise KeyError(f"No results named {name!r} in {path}; available: {available}.")
             attrs = r.attributes(where)
-            kind = expect_str(r, f"{where} attribute 'kind'", attrs.get("kind"), (*KINDS, TIMELINE_KIND))
+            kinds = (*KINDS, TIMELINE_KIND, EVALUATION_KIND)
+            kind = expect_str(r, f"{where} attribute 'kind'", attrs.get("kind"), kinds)
             if kind == TIMELINE_KIND:
                 raise KeyError(f"The results {name!r} in {path} are a timeline; read them with Timeline.load.")
+            if kind == EVALUATION_KIND:
+                raise KeyError(f"The results {name!r} in {path} are an evaluation; read them with Evaluation.load.")
             method = expect_str(r, f"{where} attribute 'method'", attrs.get("method"))
             (n,) = ids_shape(r, f"{where}/train_ids")
             query_ids = None
@@ -137,13 +141,14 @@ class Scores:
 
     @staticmethod
     def available(path: str | os.PathLike) -> list[str]:
-        """Names of the scores stored in ``path`` (timelines, :meth:`Timeline.available`, are not listed)."""
-        return [name for name, kind in stored_results(path).items() if kind != TIMELINE_KIND]
+        """Names of the scores stored in ``path`` (timelines, :meth:`Timeline.available`, and the evaluation
+        are not listed)."""
+        return [name for name, kind in stored_results(path).items() if kind not in (TIMELINE_KIND, EVALUATION_KIND)]
 
 
 def stored_results(path: str | os.PathLike) -> dict[str, str]:
-    """``{name: kind}`` of every result stored in ``path`` (kind ``"pairwise"``, ``"self"``, ``"timeline"``;
-    empty when a result does not say)."""
+    """``{name: kind}`` of every result stored in ``path`` (kind ``"pairwise"``, ``"self"``, ``"timeline"``,
+    ``"evaluation"``; empty when a result does not say)."""
     if not Path(path).exists():
         return {}
     with reading_results(path) as r:

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, default_collate
 
 from lightning_tda.batches import Data, as_loader, move_to, tensors_of
 from lightning_tda.tasks import ClassificationTask, Task
@@ -73,6 +73,9 @@ class LightningTrainFn:
         max_epochs: epochs per fit.
         batch_size: training batch size (batches are reshuffled each epoch with a seed-derived generator).
         trainer_kwargs: extra ``lightning.Trainer`` arguments.
+        collate_fn: how the loader collates examples (``None``: PyTorch's default).
+        shuffle: reshuffle the batches each epoch (with a generator seeded by the fit's seed).
+        drop_last: drop each epoch's last incomplete batch.
     """
 
     def __init__(
@@ -82,6 +85,9 @@ class LightningTrainFn:
         max_epochs: int = 8,
         batch_size: int = 64,
         trainer_kwargs: dict[str, Any] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
         if max_epochs < 1:
             raise ValueError(f"LightningTrainFn(max_epochs={max_epochs}): train for at least one epoch.")
@@ -90,14 +96,46 @@ class LightningTrainFn:
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+
+    @classmethod
+    def like(
+        cls,
+        loader: DataLoader,
+        module_factory: Callable[[], nn.Module],
+        max_epochs: int = 8,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> LightningTrainFn:
+        """The recipe of an existing training ``loader`` (its dataset, batch size, collate function,
+        whether it shuffles, ``drop_last``), re-trained on subsets of its dataset."""
+        if loader.batch_size is None:
+            raise ValueError(
+                "LightningTrainFn.like: the training DataLoader has batch_size=None (a batch sampler or an "
+                "iterable dataset); re-training on subsets needs a map-style dataset with a batch_size."
+            )
+        return cls(
+            module_factory,
+            loader.dataset,
+            max_epochs=max_epochs,
+            batch_size=loader.batch_size,
+            trainer_kwargs=trainer_kwargs,
+            collate_fn=None if loader.collate_fn is default_collate else loader.collate_fn,
+            shuffle=isinstance(loader.sampler, RandomSampler),
+            drop_last=loader.drop_last,
+        )
 
     def cache_key(self) -> str:
         """Names the recipe and the training data in cache keys, so changing either re-trains.
 
         Built from ``repr`` of the module factory and trainer arguments (keep them free of object
-        addresses, e.g. pass classes or ``functools.partial``) and a hash of the training set.
+        addresses, e.g. pass classes or ``functools.partial``), the loader options (a collate function by
+        its qualified name) and a hash of the training set.
         """
         recipe = repr((self.module_factory, self.max_epochs, self.batch_size, sorted(self.trainer_kwargs.items())))
+        if self.collate_fn is not None or not self.shuffle or self.drop_last:  # keys of the defaults stay as they were
+            recipe += repr((_qualified_name(self.collate_fn), self.shuffle, self.drop_last))
         return hashlib.sha1((recipe + fingerprint(self.train_set)).encode()).hexdigest()
 
     def fit(self, subset_indices: Sequence[int] | np.ndarray, seed: int, callbacks: Sequence[Any] = ()) -> nn.Module:
@@ -121,8 +159,10 @@ class LightningTrainFn:
         return DataLoader(
             Subset(self.train_set, indices.tolist()),
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=self.shuffle,
             generator=torch.Generator().manual_seed(int(seed)),
+            collate_fn=self.collate_fn,
+            drop_last=self.drop_last,
         )
 
     def __call__(self, subset_indices: np.ndarray, seed: int) -> nn.Module:
@@ -159,6 +199,14 @@ def measure(model: nn.Module, task: Task, queries: Data) -> Outcome:
             else:
                 correct.append(torch.full((len(targets),), float("nan"), dtype=torch.float64))
     return Outcome(torch.cat(measurements).numpy(), torch.cat(correct).numpy())
+
+
+def _qualified_name(function: Any) -> str:
+    """``module.qualname`` of a function or class (stable across processes, unlike its ``repr``)."""
+    if function is None:
+        return "None"
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return f"{getattr(function, '__module__', None) or type(function).__module__}.{name}"
 
 
 def fingerprint(queries: Data) -> str:
@@ -228,28 +276,48 @@ class RetrainRunner:
         self.recipe_key = f"{self.tag}|{recipe()}" if callable(recipe) else self.tag
 
     def _read(self, keys: list[str]) -> dict[str, Outcome]:
+        """The cached outcomes among ``keys``. The cache is someone else's file: each outcome must be two
+        float ``(Q,)`` vectors, and a file HDF5 cannot read is an error naming the fix."""
         if self.cache is None or not Path(self.cache).exists():
             return {}
         found = {}
-        with h5py.File(self.cache, "r") as f:
-            group = f.get("retrains")
-            if group is None:
-                return {}
-            for key in keys:
-                if key in group:
-                    found[key] = Outcome(np.asarray(group[key]["measurement"]), np.asarray(group[key]["correct"]))
+        expected = (len(as_loader(self.queries, QUERY_BATCH_SIZE, "query").dataset),)
+        try:
+            with h5py.File(self.cache, "r") as f:
+                group = f.get("retrains")
+                if not isinstance(group, h5py.Group):
+                    return {}
+                for key in keys:
+                    entry = group.get(key)
+                    if entry is None:
+                        continue
+                    arrays = {name: entry.get(name) for name in ("measurement", "correct")}
+                    if not all(
+                        isinstance(a, h5py.Dataset) and a.shape == expected and a.dtype.kind == "f"
+                        for a in arrays.values()
+                    ):
+                        raise ValueError(f"entry retrains/{key} does not hold two float vectors of shape {expected}")
+                    found[key] = Outcome(*(np.asarray(arrays[n], dtype=np.float64) for n in ("measurement", "correct")))
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"The re-training cache {self.cache} cannot be read ({str(err)[:200]}); delete it to re-train "
+                f"from scratch, or pass another cache path."
+            ) from err
         return found
 
-    def _write(self, f: h5py.File | None, key: str, indices: np.ndarray, seed: int, outcome: Outcome) -> None:
-        if f is None:
+    def _write(self, key: str, indices: np.ndarray, seed: int, outcome: Outcome) -> None:
+        """Store one outcome, the file open only for this write: a run killed between two fits leaves a
+        complete cache, and the next run resumes from it."""
+        if self.cache is None:
             return
-        group = f.require_group("retrains").require_group(key)
-        for name, value in (("measurement", outcome.measurement), ("correct", outcome.correct)):
-            if name in group:
-                del group[name]
-            group.create_dataset(name, data=value)
-        group.attrs.update(seed=int(seed), subset_size=len(indices), tag=self.tag)
-        f.flush()
+        with h5py.File(self.cache, "a", libver=LIBVER) as f:
+            group = f.require_group("retrains")
+            if key in group:
+                del group[key]
+            entry = group.create_group(key)
+            entry.create_dataset("measurement", data=outcome.measurement)
+            entry.create_dataset("correct", data=outcome.correct)
+            entry.attrs.update(seed=int(seed), subset_size=len(indices), tag=self.tag)
 
     def run(
         self, jobs: Sequence[tuple[np.ndarray, int]], progress: Callable[[int, int], None] | None = None
@@ -258,21 +326,15 @@ class RetrainRunner:
         keys = [_key(indices, seed, self.query_fingerprint, self.recipe_key) for indices, seed in jobs]
         results = self._read(keys)
         missing = {key: job for key, job in zip(keys, jobs) if key not in results}
-        if missing:
-            if self.cache is not None:
-                Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
-            handle = h5py.File(self.cache, "a", libver=LIBVER) if self.cache is not None else None
-            try:
-                for done, (key, outcome) in enumerate(self._train(missing), start=1):
-                    indices, seed = missing[key]
-                    self._write(handle, key, indices, seed, outcome)
-                    results[key] = outcome
-                    self.num_trained += 1
-                    if progress is not None:
-                        progress(done, len(missing))
-            finally:
-                if handle is not None:
-                    handle.close()
+        if missing and self.cache is not None:
+            Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
+        for done, (key, outcome) in enumerate(self._train(missing), start=1):
+            indices, seed = missing[key]
+            self._write(key, indices, seed, outcome)
+            results[key] = outcome
+            self.num_trained += 1
+            if progress is not None:
+                progress(done, len(missing))
         return [results[key] for key in keys]
 
     def _train(self, missing: dict[str, tuple[np.ndarray, int]]) -> Iterator[tuple[str, Outcome]]:

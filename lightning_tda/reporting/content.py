@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from lightning_tda.reporting.render import AutoRenderer, Rendered, Renderer
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import ClassificationTask, Task
+
+if TYPE_CHECKING:
+    from lightning_tda.evaluation.record import Evaluation, MethodLDS
 
 
 @dataclass
@@ -82,6 +85,8 @@ class MethodSection(_MethodNotes):
     config: dict[str, Any]
     values: np.ndarray
     queries: list[QueryView]
+    lds: MethodLDS | None = None  # measured by `lightning-tda evaluate` on these very scores
+    lds_note: str = ""  # why an evaluated method shows no LDS (its scores changed since)
 
 
 @dataclass
@@ -104,6 +109,7 @@ class ReportContent:
     self_influence: list[SelfInfluenceSection] = field(default_factory=list)
     trace_path: Path | None = None
     images: bool = False
+    evaluation: Evaluation | None = None
 
     def notes(self) -> dict[str, str]:
         """Text every tracker with a summary can hold: each method's unit and warnings (keys
@@ -114,6 +120,8 @@ class ReportContent:
                 out.setdefault(f"tda/{section.method}/unit", section.unit)
             if section.warnings:
                 out[f"tda/{section.method}/warnings"] = " ".join(section.warnings)
+        if self.evaluation is not None:
+            out["tda/evaluation/verdict"] = self.evaluation.verdict()[1]
         return out
 
     def scalars(self) -> dict[str, float]:
@@ -124,6 +132,10 @@ class ReportContent:
             out[f"tda/{section.method}/mean_score"] = float(values.mean())
             out[f"tda/{section.method}/mean_abs_score"] = float(np.abs(values).mean())
             out[f"tda/{section.method}/fraction_helpful"] = float((values > 0).mean())
+            if section.lds is not None and section.lds.defined:
+                out[f"tda/{section.method}/lds"] = section.lds.mean
+                out[f"tda/{section.method}/lds_ci_low"] = section.lds.ci_low
+                out[f"tda/{section.method}/lds_ci_high"] = section.lds.ci_high
         for section in self.self_influence:
             out[f"tda/{section.method}/self_influence_max"] = float(section.values.max())
             if section.noisy_in_top is not None and section.ranking:
@@ -232,6 +244,7 @@ def build_report(
     noisy: Tensor | None = None,
     trace_path: str | os.PathLike | None = None,
     title: str = "Training data attribution",
+    evaluation: Evaluation | None = None,
 ) -> ReportContent:
     """Gather everything the reporters show.
 
@@ -249,6 +262,8 @@ def build_report(
         noisy: ``(N,)`` bool mask of training labels known to be wrong (e.g. flipped on purpose);
             shown next to examples and counted in the self-influence ranking.
         trace_path: the trace the scores came from (logged as a W&B artifact).
+        evaluation: the methods' measured LDS (``lightning-tda evaluate``), shown beside the scores it
+            was measured on, with the method to trust.
     """
     scores = [scores] if isinstance(scores, Scores) else list(scores)
     if not scores:
@@ -302,6 +317,7 @@ def build_report(
         k=k,
         trace_path=Path(trace_path) if trace_path is not None else None,
         images=any(v.rendered.image is not None for v in train_views.values()),
+        evaluation=evaluation,
     )
     for i, s in enumerate(scores):
         if s.kind == "pairwise":
@@ -314,7 +330,9 @@ def build_report(
                 )
                 for row, q in enumerate(s.query_ids)
             ]
-            content.methods.append(MethodSection(s.method, dict(s.config), s.values.numpy(), views))
+            method_section = MethodSection(s.method, dict(s.config), s.values.numpy(), views)
+            _attach_lds(method_section, s, evaluation)
+            content.methods.append(method_section)
         else:
             top_values, top_ids = ranked[i]
             ranking = scored(top_ids, top_values)
@@ -324,3 +342,19 @@ def build_report(
                 section.noisy_total = int(noisy.sum())
             content.self_influence.append(section)
     return content
+
+
+def _attach_lds(section: MethodSection, scores: Scores, evaluation: Evaluation | None) -> None:
+    """Show the method's measured LDS beside its scores only if they are the scores it was measured on."""
+    from lightning_tda.evaluation.record import scores_digest
+
+    measured = evaluation.method(scores.method) if evaluation is not None else None
+    if measured is None:
+        return
+    if measured.scores_digest == scores_digest(scores):
+        section.lds = measured
+    else:
+        section.lds_note = (
+            "These scores changed since `lightning-tda evaluate` measured this method's LDS; evaluate again to "
+            "measure them."
+        )

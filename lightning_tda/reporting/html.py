@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.image import imsave
 
+from lightning_tda.evaluation.record import Evaluation, MethodLDS
 from lightning_tda.reporting.content import ExampleView, MethodSection, ReportContent, SelfInfluenceSection
 from lightning_tda.reporting.figures import histogram_figure, png_bytes, query_figure
 
@@ -71,11 +72,48 @@ def _notes_html(section: MethodSection | SelfInfluenceSection) -> str:
     return unit + "".join(f'<p class="warning">⚠ {escape(w)}</p>' for w in section.warnings)
 
 
+def _lds_html(section: MethodSection) -> str:
+    """The method's LDS measured on this model, beside its scores."""
+    if section.lds is not None:
+        text = escape(_lds_text(section.lds))
+        return f'<p class="lds" data-method="{escape(section.method)}">Measured LDS on this model: {text}.</p>'
+    return f'<p class="warning">{escape(section.lds_note)}</p>' if section.lds_note else ""
+
+
+def _lds_text(measured: MethodLDS) -> str:
+    if not measured.defined:
+        return "undefined (no query's re-trained loss varied)"
+    return f"{measured.mean:.3f} [{measured.ci_low:.3f}, {measured.ci_high:.3f}]"
+
+
+def _evaluation_html(evaluation: Evaluation) -> str:
+    """Which method to trust: each method's LDS with its interval, and the verdict."""
+    trusted, sentence = evaluation.verdict()
+    rows = "".join(
+        f'<tr class="lds-row" data-method="{escape(m.method)}"><td>{escape(m.method)}'
+        f'{" (trust)" if m.method == trusted else ""}</td><td class="score">{escape(_lds_text(m))}</td>'
+        f"<td>{int(np.isfinite(m.per_query).sum())} of {len(m.per_query)}</td></tr>"
+        for m in sorted(evaluation.methods, key=lambda m: -m.mean if m.defined else np.inf)
+    )
+    return (
+        '<h2 id="evaluation">Which method to trust on this model</h2>'
+        f'<p class="verdict">{escape(sentence)}</p>'
+        f'<p class="meta">Linear datamodeling score (LDS): Spearman correlation between the scores\' predicted and '
+        f"the measured effect of training on {evaluation.num_subsets} random subsets of "
+        f"{evaluation.fraction:.0%} of the training set ({evaluation.num_seeds} seed(s) each), averaged over "
+        f"{len(evaluation.query_ids)} {escape(evaluation.query_split)} queries, with a {evaluation.confidence:.0%} "
+        f"bootstrap interval. Higher is better; 0 predicts nothing.</p>"
+        "<table><thead><tr><th>method</th><th>LDS [interval]</th><th>queries with an LDS</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
 def _method_html(section: MethodSection) -> str:
     parts = [
         f'<h2 id="method-{escape(section.method)}">{escape(section.method)}: {len(section.queries)} queries</h2>',
         f'<p class="meta">Scores matrix {section.values.shape[0]} queries × {section.values.shape[1]} training '
         f"examples; {np.mean(section.values > 0):.1%} positive.</p>",
+        _lds_html(section),
         _notes_html(section),
         f'<img class="figure" alt="{escape(section.method)} score histogram" '
         f'src="{_data_uri(png_bytes(histogram_figure(section.values, section.method)))}">',
@@ -135,7 +173,8 @@ def render_html(content: ReportContent) -> str:
     """The report as one HTML string."""
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     trace = f" from trace <code>{escape(str(content.trace_path))}</code>" if content.trace_path else ""
-    links = [f'<a href="#method-{escape(s.method)}">{escape(s.method)}</a>' for s in content.methods]
+    links = ['<a href="#evaluation">which method to trust</a>'] if content.evaluation is not None else []
+    links += [f'<a href="#method-{escape(s.method)}">{escape(s.method)}</a>' for s in content.methods]
     links += [
         f'<a href="#self-{escape(s.method)}">{escape(s.method)} self-influence</a>' for s in content.self_influence
     ]
@@ -145,6 +184,8 @@ def render_html(content: ReportContent) -> str:
         f"(removing it would raise the query's loss); negative = it hurt. Top {content.k} each way.</p>",
         f"<p>{' · '.join(links)}</p>",
     ]
+    if content.evaluation is not None:
+        body.append(_evaluation_html(content.evaluation))
     body += [_method_html(s) for s in content.methods]
     body += [_self_html(s) for s in content.self_influence]
     return (

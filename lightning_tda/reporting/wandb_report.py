@@ -3,7 +3,9 @@
 Per method: a table ``tda/<method>/queries`` with one row per query (the query rendered, its label,
 prediction and loss, then its ``k`` most helpful and ``k`` most harmful training examples rendered
 the same way, each with its id and score), a histogram ``tda/<method>/scores``, and for
-self-influence a ranking table ``tda/<method>/self_influence`` (highest first). The trace file,
+self-influence a ranking table ``tda/<method>/self_influence`` (highest first); after
+``lightning-tda evaluate``, a table ``tda/evaluation/lds`` of each method's LDS and a bar chart
+``tda/evaluation/lds_chart``. The trace file,
 which holds the scores under ``results/``, is logged as an artifact of type ``tda-trace``.
 
 Works in the run of Lightning's ``WandbLogger`` when the trainer has one, or in a run of its own.
@@ -17,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lightning_tda.reporting.content import ExampleView, ReportContent
 
@@ -61,6 +65,7 @@ def table_columns(k: int) -> list[str]:
     return columns
 
 
+LDS_COLUMNS = ["method", "lds", "ci_low", "ci_high", "queries_with_lds", "trusted"]
 SELF_COLUMNS = ["rank", "train_id", "example", "label", "prediction", "loss", "self_influence", "noisy_label"]
 
 
@@ -127,6 +132,8 @@ class WandbReporter:
                 table.add_data(*row)
             data[f"tda/{section.method}/queries"] = table
             data[f"tda/{section.method}/scores"] = wandb.Histogram(section.values.reshape(-1), num_bins=64)
+        if content.evaluation is not None:
+            data.update(_evaluation_data(content, wandb))
         for section in content.self_influence:
             table = wandb.Table(columns=SELF_COLUMNS)
             for rank, e in enumerate(section.ranking, start=1):
@@ -153,6 +160,19 @@ class WandbReporter:
         if own_run:
             run.finish()
         return result
+
+
+def _evaluation_data(content: ReportContent, wandb: Any) -> dict[str, Any]:
+    """``tda/evaluation/lds``: one row per evaluated method (its LDS, interval, whether to trust it), and
+    ``tda/evaluation/lds_chart``, a bar chart of the LDS per method."""
+    evaluation = content.evaluation
+    trusted, _ = evaluation.verdict()
+    table = wandb.Table(columns=LDS_COLUMNS)
+    for m in evaluation.methods:
+        mean, low, high = (v if m.defined else None for v in (m.mean, m.ci_low, m.ci_high))
+        table.add_data(m.method, mean, low, high, int(np.isfinite(m.per_query).sum()), m.method == trusted)
+    chart = wandb.plot.bar(table, "method", "lds", title="LDS per method (higher is better)")
+    return {"tda/evaluation/lds": table, "tda/evaluation/lds_chart": chart}
 
 
 def _cell(example: ExampleView, wandb: Any) -> Any:
