@@ -24,10 +24,10 @@ class LayerCapture:
 
     Use as a context manager. While ``enabled()`` returns True and autograd is on, each forward of a
     tracked layer stores ``activations[name]`` (rows from :meth:`TrackedLayer.activation_rows`,
-    detached), the number of rows ``row_counts[name]`` and the output tensor ``outputs[name]`` (unless
-    ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook on the output calls it with the
-    gradient rows ``(B, R, out)`` during backward. A module called several times per forward has its rows
-    concatenated along ``R``.
+    detached), the number of rows ``row_counts[name]`` (an int, or an int64 tensor when masked) and the
+    output tensor ``outputs[name]`` (unless ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook
+    on the output calls it with the gradient rows ``(B, R, out)`` during backward. A module called several
+    times per forward has its rows concatenated along ``R``.
 
     ``row_mask`` (``(B, T)`` bool, from ``Task.row_mask``; may be set per batch) drops padded positions
     from the rows of sequence layers. ``batch_size`` (may be set per batch) makes a layer whose input
@@ -57,7 +57,7 @@ class LayerCapture:
         self.row_mask = row_mask
         self.batch_size = batch_size
         self.activations: dict[str, Tensor] = {}
-        self.row_counts: dict[str, Tensor] = {}
+        self.row_counts: dict[str, Tensor | int] = {}
         self.outputs: dict[str, list[Tensor]] = {}
         self._handles: list[Any] = []
 
@@ -90,7 +90,7 @@ class LayerCapture:
                 if self.row_mask is not None:
                     rows, count = layer.masked_rows(inputs, rows, self.row_mask)
                 else:
-                    count = torch.tensor(float(rows.shape[0] * rows.shape[1]))
+                    count = rows.shape[0] * rows.shape[1]
                 previous = self.activations.get(layer.name)
                 self.activations[layer.name] = rows if previous is None else torch.cat([previous, rows], dim=1)
                 self.row_counts[layer.name] = self.row_counts.get(layer.name, 0) + count

@@ -17,8 +17,11 @@ factor's precision (:func:`factor_dtypes`): float64 for factors narrower than
 models), float32 for wider ones, where a float64 product of float32 rows costs twice the time for a
 relative difference of about 1e-7, far below the sampling error of the factor itself; the same
 precision is used to store the factor in the trace. Half-precision rows (mixed-precision training)
-are widened first; float64 rows always give float64 products. Everything stays on the rows' device
-(the model's); the sums move to the CPU only when a segment is written.
+are widened first; float64 rows always give float64 products. The products run with autocast turned
+off (:func:`full_precision`): the capture hooks run inside the training step's autocast, where a
+float32 matrix product would silently be computed in bf16/fp16 (a 1e-3 relative error, and an fp16
+bias column's row count overflowing at 65,505 rows). Counts are float64 on the device. Everything
+stays on the rows' device (the model's); the sums move to the CPU only when a segment is written.
 
 A factor much larger than its layer (a LoRA adapter's ``d × d`` output factor for a rank-``r``
 adapter, a large vocabulary's output factor) need not be recorded at all: :func:`recorded_factors`
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +51,12 @@ BATCHED_BYTES = 32 << 20  # memory of one batch of per-example products
 ALWAYS_RECORDED_ENTRIES = 2**18  # factors up to this many entries (2 MB in float64) are always recorded
 
 
+def full_precision(device: torch.device) -> AbstractContextManager:
+    """Autocast off on ``device``'s type: inside it a product of float32 tensors is computed in float32
+    even when the caller (a forward hook during a mixed-precision training step) runs under autocast."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def outer_product(rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``Σ_r x_r x_rᵀ`` over all rows of a ``(..., d)`` tensor: ``(d, d)`` on the rows' device, computed in
     ``dtype`` or the rows' dtype, whichever is wider (the summand added to float64 sums).
@@ -54,9 +64,13 @@ def outer_product(rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     Convolution rows arrive as ``(B, R, d)`` views of a contiguous ``(B, d, R)`` unfold; with many
     positions per example (``R ≥ BATCHED_MIN_POSITIONS``) they are multiplied example by example in
     batches, which skips copying them into one ``(B·R, d)`` matrix (measured 1.7x faster for the first
-    stage of a ResNet); with few positions one large product is faster.
+    stage of a ResNet); with few positions one large product is faster. Autocast is off inside.
     """
-    rows = rows.to(torch.promote_types(rows.dtype, dtype))
+    with full_precision(rows.device):
+        return _outer_product(rows.to(torch.promote_types(rows.dtype, dtype)))
+
+
+def _outer_product(rows: Tensor) -> Tensor:
     if rows.dim() == 3 and rows.shape[1] >= BATCHED_MIN_POSITIONS and rows.transpose(1, 2).is_contiguous():
         per_example = rows.transpose(1, 2)  # (B, d, R)
         d = per_example.shape[1]
@@ -89,7 +103,7 @@ def conv_input_product(
         conv: the layer (its kernel, padding, stride, dilation decide whether this applies).
         inputs: its input ``(B, C, H, W)``.
         has_bias: whether the rows end with a ones column.
-        dtype: computed in this dtype or the inputs', whichever is wider.
+        dtype: computed in this dtype or the inputs', whichever is wider (autocast off).
 
     Returns:
         ``(a_dim, a_dim)``, or None when the layer is not a
@@ -109,9 +123,15 @@ def conv_input_product(
         or inputs.shape[1] < FAST_CONV_MIN_CHANNELS
     ):
         return None
-    k, p = kh, kh // 2
-    batch, channels, height, width = inputs.shape
-    x = inputs.to(torch.promote_types(inputs.dtype, dtype))
+    with full_precision(inputs.device):
+        return _shifted_conv_product(conv, inputs.to(torch.promote_types(inputs.dtype, dtype)), has_bias)
+
+
+def _shifted_conv_product(conv: nn.Conv2d, x: Tensor, has_bias: bool) -> Tensor:
+    """:func:`conv_input_product` once it applies (``x`` already in the product's dtype)."""
+    k = conv.kernel_size[0]
+    p = k // 2
+    batch, channels, height, width = x.shape
     hp, wp = height + 2 * p, width + 2 * p
     image = hp * wp
     margin = 2 * p * (wp + 1)  # zeros around the flat buffer: every shifted read stays inside it
@@ -274,10 +294,10 @@ class KFACStatistics:
         self.recorded = {name: (recorded or {}).get(name, (True, True)) for name in self.layers}
         self.sums: dict[str, dict[str, Tensor]] = {}
         self.skipped_steps = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.last_step_finite = torch.ones((), dtype=torch.bool)
+        self.last_step_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.reset()
-        self._staged: dict[str, dict[str, list[tuple[Tensor | float, float]]]] = {}
-        self._last_step: dict[str, dict[str, list[tuple[Tensor | float, float]]]] = {}
+        self._staged: dict[str, dict[str, list[tuple[Tensor | int, Tensor | float]]]] = {}
+        self._last_step: dict[str, dict[str, list[tuple[Tensor | int, Tensor | float]]]] = {}
 
     def reset(self) -> None:
         """Zero every sum (used when a segment closes)."""
@@ -298,17 +318,17 @@ class KFACStatistics:
             "S_count": torch.zeros((), **options),
         }
 
-    def _stage(self, name: str, key: str, value: Tensor | float, scale: float = 1.0) -> None:
+    def _stage(self, name: str, key: str, value: Tensor | int, scale: Tensor | float = 1.0) -> None:
         self._staged.setdefault(name, {}).setdefault(key, []).append((value, scale))
 
-    def stage_activations(self, name: str, rows: Tensor, count: Tensor | float | None = None) -> None:
+    def stage_activations(self, name: str, rows: Tensor, count: Tensor | int | None = None) -> None:
         """Stage input rows of layer ``name`` (``LayerCapture.activations``: ``(B, R, a_dim)``, or token
         ids ``(B, R)`` for an embedding) and their number (``LayerCapture.row_counts``; default ``B·R``)."""
         layer = self.layers[name]
         if self.recorded[name][0]:
             product = layer.input_sum(rows) if layer.diagonal_input else outer_product(rows, self.dtypes[name][0])
             self._stage(name, "A_sum", product)
-        self._stage(name, "A_count", float(rows.shape[0] * rows.shape[1]) if count is None else count)
+        self._stage(name, "A_count", rows.shape[0] * rows.shape[1] if count is None else count)
 
     def stage_inputs(self, layer: TrackedLayer, inputs: Tensor, row_mask: Tensor | None = None) -> None:
         """Stage the raw input of ``layer`` (what its forward received; ``row_mask`` as in
@@ -324,7 +344,7 @@ class KFACStatistics:
                     self.stage_activations(name, layer.activation_rows(inputs))
                     return
                 self._stage(name, "A_sum", product)
-            self._stage(name, "A_count", float(_row_count(layer, inputs)))
+            self._stage(name, "A_count", _row_count(layer, inputs))
             return
         rows = layer.activation_rows(inputs)
         count = None
@@ -332,11 +352,12 @@ class KFACStatistics:
             rows, count = layer.masked_rows(inputs, rows, row_mask)
         self.stage_activations(name, rows, count)
 
-    def stage_gradients(self, name: str, rows: Tensor, scale: float = 1.0) -> None:
-        """Stage per-example output-gradient rows ``(B, R, out)``, multiplied by ``scale`` first."""
+    def stage_gradients(self, name: str, rows: Tensor, scale: Tensor | float = 1.0) -> None:
+        """Stage per-example output-gradient rows ``(B, R, out)``, multiplied by ``scale`` first (a number, or a
+        scalar tensor on the rows' device, e.g. a GradScaler's scale, read without a host synchronisation)."""
         if self.recorded[name][1]:
             self._stage(name, "S_sum", outer_product(rows, self.dtypes[name][1]), scale * scale)
-        self._stage(name, "S_count", float(rows.shape[0]))
+        self._stage(name, "S_count", rows.shape[0])
 
     def commit(self, keep_step: bool = False) -> None:
         """Add the staged step to the sums if all of it is finite; else add nothing and count the step.
@@ -344,7 +365,8 @@ class KFACStatistics:
 
         The check runs on the device without a host synchronization (``last_step_finite`` and
         ``skipped_steps`` are device tensors). It reads only the diagonals: an outer product ``Σ x xᵀ``
-        has a NaN/Inf entry only if its diagonal has one (``|Σ x_i y_i|² ≤ Σ x_i² Σ y_i²``).
+        has a NaN/Inf entry only if its diagonal has one (``|Σ x_i y_i|² ≤ Σ x_i² Σ y_i²``). Counts known
+        on the host (row numbers) reach the device as one float64 tensor per step, not one per layer.
         """
         staged, self._staged = self._staged, {}
         diagonals = [
@@ -354,17 +376,30 @@ class KFACStatistics:
             if key.endswith("_sum")
             for value, _ in terms
         ]
-        finite = torch.stack(diagonals).isfinite().all() if diagonals else torch.ones((), dtype=torch.bool)
-        finite = finite.to(self.device)
+        if diagonals:
+            finite = torch.stack(diagonals).isfinite().all().to(self.device)
+        else:
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
         self._last_step = staged if keep_step else {}
+        host_counts: list[tuple[Tensor, int]] = []
         for name, parts in staged.items():
             for key, terms in parts.items():
+                target = self.sums[name][key]
                 for value, scale in terms:
                     if key.endswith("_sum"):  # in place: the staged product is ours
-                        self.sums[name][key].add_(value.masked_fill_(~finite, 0), alpha=scale)
+                        value = value.masked_fill_(~finite, 0)
+                        if isinstance(scale, Tensor):
+                            target.add_(value.mul_(scale.to(value.dtype)))
+                        else:
+                            target.add_(value, alpha=scale)
+                    elif isinstance(value, Tensor):  # a masked row count, already on the device
+                        target.add_(value.to(torch.float64) * finite)
                     else:
-                        count = torch.as_tensor(value, dtype=torch.float64, device=self.device)
-                        self.sums[name][key].add_(count * finite)
+                        host_counts.append((target, value))
+        if host_counts:
+            counts = torch.tensor([count for _, count in host_counts], dtype=torch.float64).to(self.device) * finite
+            for (target, _), count in zip(host_counts, counts):
+                target.add_(count)
         self.skipped_steps += (~finite).double()
         self.last_step_finite = finite
 

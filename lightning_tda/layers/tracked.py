@@ -122,15 +122,16 @@ class TrackedLayer:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
         return rows
 
-    def masked_rows(self, inputs: Tensor, rows: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def masked_rows(self, inputs: Tensor, rows: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | int]:
         """Drop the rows of positions where the task's ``(B, T)`` row ``mask`` is False (padding).
 
         Applies when the layer's input starts with the mask's ``(B, T)`` (sequence layers; never a
-        Conv2d). Returns ``(rows, number of kept rows)``: dense rows are zeroed, token ids set to ``-1``.
+        Conv2d). Returns ``(rows, number of kept rows)``: dense rows are zeroed, token ids set to ``-1``;
+        the number is an int64 tensor on the mask's device (a Python int when the mask does not apply).
         """
         leading = inputs.shape if self.kind == "embedding" else inputs.shape[:-1]
         if self.kind == "conv2d" or len(leading) < 2 or tuple(leading[:2]) != tuple(mask.shape):
-            return rows, torch.tensor(float(rows.shape[0] * rows.shape[1]))
+            return rows, rows.shape[0] * rows.shape[1]
         keep = mask.bool().reshape(*mask.shape, *[1] * (len(leading) - 2)).expand(leading).reshape(rows.shape[:2])
         if self.kind == "embedding":
             return rows.masked_fill(~keep, -1), keep.sum()

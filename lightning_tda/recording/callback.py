@@ -55,6 +55,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor
@@ -72,6 +73,26 @@ from lightning_tda.recording.step_log import StepLogBuffer, loss_value
 from lightning_tda.recording.true_fisher import TrainingGraphFisher
 from lightning_tda.tasks import Task
 from lightning_tda.trace.writer import TraceWriteError, TraceWriter
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse a strategy the recorder cannot follow: one device, or DDP (every rank holds the whole model).
+
+    Sharded strategies (FSDP, DeepSpeed, model parallelism) hold a slice of each parameter and of Adam's
+    state per rank: ``state_dict()`` is a collective there (rank 0 alone would hang in it) and the layer
+    hooks would see sharded weights. They are refused at ``setup`` rather than half supported.
+    """
+    if isinstance(strategy, SingleDeviceStrategy) or (
+        isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+    ):
+        return
+    raise RuntimeError(
+        f"TDACallback does not support the {type(strategy).__name__} strategy: it shards the model's parameters "
+        f"and optimizer state across processes, and the recorder needs every parameter on every rank (checkpoints, "
+        f"layer statistics, Adam's second moments). Supported: a single device (strategy='auto' on one device) "
+        f"and DDP (strategy='ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true', ...). Train with DDP, or "
+        f"remove the callback."
+    )
 
 
 class TDACallback(L.Callback):
@@ -170,6 +191,7 @@ class TDACallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer.strategy)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 "TDACallback supports automatic optimization only: with manual optimization it cannot tell "
@@ -332,7 +354,9 @@ class TDACallback(L.Callback):
             self._stats_step = self.cadence.is_statistics_step(self.step)
         self._batch = batch
         self._batch_size = self.task.batch_size(batch)
-        self._stats_step = self._stats_step and not self._stopped
+        # after a write failure a single process stops taking statistics; under DDP every rank keeps taking
+        # (and reducing) them, so every collective still matches on every rank
+        self._stats_step = self._stats_step and not (self._stopped and trainer.world_size == 1)
         self._capturing = self._stats_step
         self._examples += self._batch_size
         self._fisher_done = False
@@ -344,14 +368,16 @@ class TDACallback(L.Callback):
             if self.fisher.kind == "empirical":
                 self._grad_scale = self._per_example_scale(trainer)
 
-    def _per_example_scale(self, trainer: L.Trainer) -> float:
-        """Factor turning autograd's output gradients into per-example gradients (statistics steps only:
-        reading a GradScaler's scale synchronizes with the device)."""
+    def _per_example_scale(self, trainer: L.Trainer) -> Tensor | float:
+        """Factor turning autograd's output gradients into per-example gradients. Under a GradScaler it is a
+        device tensor: the scale is read without a host synchronisation (``get_scale()`` would synchronise;
+        ``update()`` changes the scale in place only after this step's backward)."""
         scale = float(self._batch_size * trainer.accumulate_grad_batches)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale /= float(scaler.get_scale())
-        return scale
+        if scaler is None or not scaler.is_enabled():
+            return scale
+        current = scaler._get_scale_async()  # None before the first scaled loss: get_scale() is its initial value
+        return scale / (float(scaler.get_scale()) if current is None else current.double())
 
     def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
         self.stats.stage_gradients(layer.name, rows, self._grad_scale)
@@ -665,16 +691,16 @@ class TDACallback(L.Callback):
             self._stop_recording(str(err))
 
     def _stop_recording(self, reason: str) -> None:
-        """Training continues without the callback; the trace keeps every write completed before the fault.
+        """Training continues; the trace keeps every write completed before the fault, nothing more is written.
 
-        Statistics stop on this process; under DDP the other ranks keep taking (and reducing) theirs,
-        so every collective still matches, but nothing more is written.
+        Only writing stops (only rank 0 writes). Under DDP every rank, this one included, keeps taking and
+        reducing statistics and following the cadence's broadcasts, so every collective still matches (rank 0
+        skipping one would leave the others waiting in it); a single process stops taking statistics.
         """
         if self.writer is not None:
             self.writer.abandon()  # a no-op on a writer whose failure already abandoned the file
         self.writer = None
         self._stopped = True
-        self._teardown_capture()
         kept = self.num_segments_closed
         self._warnings.warn(
             f"TDACallback STOPPED RECORDING at optimizer step {self.step}: {reason} Training continues without "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -87,10 +88,19 @@ def test_a_resumed_run_writes_the_same_trace_as_an_uninterrupted_one(tmp_path):
     assert_same_trace(tmp_path / "straight.h5", tmp_path / "resumed.h5", rtol=1e-6, atol=1e-9)
 
 
-def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
+def run_script(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the training script; on a timeout (a hung DDP rank) kill its whole process group and fail."""
+    command = [sys.executable, str(SCRIPT), *args]
+    with subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(args)} did not finish within {timeout} s (a rank hung?):\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_a_killed_run_leaves_a_trace_with_every_closed_segment(tmp_path):
@@ -124,6 +134,27 @@ def test_ddp_on_two_processes_matches_one_process_over_the_same_data(tmp_path):
     assert_same_trace(tmp_path / "single.h5", tmp_path / "ddp.h5", rtol=1e-5, atol=1e-7, loss=False)
     with h5py.File(tmp_path / "ddp.h5", "r") as f:
         assert f["meta"].attrs["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_rank_0_write_failure_neither_hangs_nor_loses_closed_segments(tmp_path):
+    """Rank 0's disk fills at step 12 (after segment 0 closed at 8): training finishes on both ranks (no rank waits
+    in a collective rank 0 skipped; before the fix rank 0 stopped taking statistics and skipped the cadence's
+    broadcast), and the trace keeps segment 0 as one process over the same data records it. Three training
+    processes, about a minute on a busy machine: slow."""
+    single = run_script(str(tmp_path / "single.h5"), "--batch-size", "32", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    args = ("--devices", "2", "--batch-size", "16", "--disk-full-after-rows", "12")
+    ddp = run_script(str(tmp_path / "ddp.h5"), *args, cwd=tmp_path, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("trained 24 steps") == 2  # both ranks finished every step
+    assert "STOPPED RECORDING at optimizer step 12" in ddp.stderr and "No space left" in ddp.stderr
+    trace, reference = Trace.open(tmp_path / "ddp.h5"), Trace.open(tmp_path / "single.h5")
+    assert [(s.start_step, s.end_step) for s in trace.segments] == [(0, 8)]
+    assert [c.step for c in trace.checkpoints] in ([4, 8], [4, 8, 12])  # 12 if its write completed
+    for layer in trace.layer_names:
+        for key, value in trace.kfac_sums(0, layer).items():
+            torch.testing.assert_close(value, reference.kfac_sums(0, layer)[key], rtol=1e-5, atol=1e-7)
 
 
 def test_two_recorders_in_one_trainer_resume_independently(tmp_path):

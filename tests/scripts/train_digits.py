@@ -2,7 +2,7 @@
 
 Usage: python train_digits.py TRACE_PATH [--devices N] [--batch-size B] [--kill-at-step K]
                                            [--pause-at-step K --pause-file F] [--file-size-limit BYTES]
-                                           [--print-sizes]
+                                           [--print-sizes] [--disk-full-after-rows N]
 
 ``--kill-at-step`` sends SIGKILL to this process after that optimizer step, the way an
 out-of-memory killer or a pre-empted node ends a run: no Python cleanup runs.
@@ -10,9 +10,12 @@ out-of-memory killer or a pre-empted node ends a run: no Python cleanup runs.
 then open for writing). ``--file-size-limit`` caps the size of any file this process writes
 (``RLIMIT_FSIZE``; a write beyond it fails with EFBIG, the way a full disk fails with ENOSPC).
 ``--print-sizes`` prints ``size STEP BYTES`` of the trace after every step.
+``--disk-full-after-rows`` makes every trace write fail with ENOSPC (a full disk) once the trace holds that many
+step-log rows (only global rank 0 writes).
 """
 
 import argparse
+import errno
 import os
 import resource
 import signal
@@ -26,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import lightning_tda.trace.writer  # noqa: E402
 from lightning_tda import ClassificationTask, TDACallback  # noqa: E402
 from lightning_tda.demo import MLPClassifier  # noqa: E402
 
@@ -65,6 +69,18 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def fill_disk_after(rows: int) -> None:
+    """Trace writes fail with ENOSPC once the file holds ``rows`` step-log rows."""
+    reserve = lightning_tda.trace.writer.reserve_space
+
+    def reserve_or_fail(file, extra: int = 0) -> None:
+        if "steps/step" in file and file["steps/step"].shape[0] >= rows:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        reserve(file, extra)
+
+    lightning_tda.trace.writer.reserve_space = reserve_or_fail
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("trace")
@@ -76,7 +92,10 @@ def main() -> None:
     parser.add_argument("--pause-file", type=Path, default=None)
     parser.add_argument("--file-size-limit", type=int, default=None)
     parser.add_argument("--print-sizes", action="store_true")
+    parser.add_argument("--disk-full-after-rows", type=int, default=None)
     args = parser.parse_args()
+    if args.disk_full_after_rows is not None:
+        fill_disk_after(args.disk_full_after_rows)
     if args.file_size_limit is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, resource.RLIM_INFINITY))
