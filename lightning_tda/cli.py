@@ -121,7 +121,9 @@ class ReportOptions:
     without an API key); ``label_names`` by class id; ``renderer``: how an example is shown
     (``lightning_tda.reporting.ImageRenderer``, ``TextRenderer``, ``TabularRenderer``; default: chosen
     from the data, token ids decoded with the data module's ``tokenizer`` if it has one);
-    ``noisy_labels``: mark training labels the data module flipped on purpose (its ``flipped`` mask)."""
+    ``noisy_labels``: mark training labels the data module flipped on purpose (its ``flipped`` mask);
+    ``timeline``: methods with a time axis (SOURCE, TracInCP) also record when in training each example
+    mattered (``attribute_over_time``, the same single pass) and the reports show it."""
 
     k: int = 5
     self_top: int = 50
@@ -132,6 +134,7 @@ class ReportOptions:
     label_names: list[str] | None = None
     renderer: Any = None
     noisy_labels: bool = True
+    timeline: bool = True
 
 
 # ----------------------------------------------------------------------------------- the parser
@@ -384,11 +387,20 @@ def attribute(job: Job) -> list[str]:
         except ValueError as err:  # a hyper-parameter value the method refuses (its message names the fix)
             raise CLIError(f"methods[{spec.name}].init_args: {str(err).splitlines()[0]}") from err
         start = time.perf_counter()
-        scores = method.attribute(queries, train)
+        timeline = None
+        if job.config.report.timeline and method.has_time_axis():
+            timeline = method.attribute_over_time(queries, train)
+            timeline.query_ids = torch.as_tensor(ids, dtype=torch.int64)
+            scores = timeline.total()
+        else:
+            scores = method.attribute(queries, train)
         seconds = time.perf_counter() - start
         scores.query_ids = torch.as_tensor(ids, dtype=torch.int64)
         line = f"{spec.name}: scores {tuple(scores.shape)} in {seconds:.1f} s"
-        results = [scores]
+        results: list[Any] = [scores]
+        if timeline is not None:
+            line += f" (with a timeline over {len(timeline.segments)} segments)"
+            results.append(timeline)
         if job.config.attribution.self_influence and hasattr(method, "self_influence"):
             start = time.perf_counter()
             try:
@@ -428,9 +440,12 @@ def _launch_fabric(devices: int) -> Any:
 
 def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
     """Build the report from every result in the trace and write it (rank 0 only)."""
+    import torch
+
     from lightning_tda.evaluation.record import Evaluation
     from lightning_tda.reporting import WandbReporter, build_report, global_rank, write_reports
     from lightning_tda.scores import Scores
+    from lightning_tda.timeline import Timeline
     from lightning_tda.trace.reader import Trace
 
     if global_rank() != 0:
@@ -443,6 +458,16 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
     order = list(METHODS)
     names.sort(key=lambda n: (order.index(n.removesuffix("-self")) if n.removesuffix("-self") in order else 99, n))
     scores = [Scores.load(job.trace_path, name) for name in names]
+    timelines = []
+    if job.config.report.timeline:
+        pairwise = {s.method: s for s in scores if s.kind == "pairwise"}
+        for name in Timeline.available(job.trace_path):
+            timeline = Timeline.load(job.trace_path, name)
+            shown = pairwise.get(timeline.method)
+            if shown is not None and torch.equal(timeline.totals, shown.values):
+                timelines.append(timeline)
+            else:  # scores computed again without a timeline since: the stored timeline is not theirs
+                print(f"timeline {name!r} left out: it does not add up to the stored {timeline.method!r} scores")
     train, split = job.datasets()
     trace.load_checkpoint(job.model, trace.final_checkpoint.index)
     options = job.config.report
@@ -463,6 +488,7 @@ def report(job: Job, loggers: Sequence[Any] | None = None) -> Any:
         trace_path=job.trace_path,
         title=f"Training data attribution: {type(job.model).__name__} on {type(job.data).__name__}",
         evaluation=evaluation,
+        timelines=timelines,
     )
     wandb: Any = False
     if options.wandb:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 import yaml
 from test_reporting import _ReportParser
 from wandb_reader import OfflineRun, find_runs
 
-from lightning_tda import Scores
+from lightning_tda import Scores, Timeline
 from lightning_tda.cli import main
 from lightning_tda.reporting.wandb_report import SELF_COLUMNS, table_columns
 
@@ -60,17 +61,26 @@ def test_main_job_writes_an_offline_wandb_run_with_the_report(main_job):
     assert "train_loss" in {key for step in run.history for key in step}
     for method in METHODS:
         table = run.table(f"tda/{method}/queries")
-        assert table["columns"] == table_columns(K) and len(table["data"]) == QUERIES
+        assert table["columns"] == table_columns(K, timeline=method == "source") and len(table["data"]) == QUERIES
         assert [row[0] for row in table["data"]] == list(range(QUERIES))
         histogram = run.logged(f"tda/{method}/scores")
         assert histogram["_type"] == "histogram" and sum(histogram["values"]) == QUERIES * 449
         ranking = run.table(f"tda/{method}/self_influence")
         assert ranking["columns"] == SELF_COLUMNS and len(ranking["data"]) == SELF_TOP
+    # SOURCE has a time axis: its timeline (tiny.yaml: 2 segments) is in the run, and adds up to its scores
+    timeline = Timeline.load(out / "trace.h5", "source-timeline")
+    assert timeline.shape == (2, QUERIES, 449) and timeline.query_ids.tolist() == list(range(QUERIES))
+    assert torch.equal(timeline.totals, Scores.load(out / "trace.h5", "source").values)
+    rows = run.table("tda/source/timeline")["data"]
+    assert len(rows) == QUERIES * 2 * K * 2 and {row[3] for row in rows} == {1, 2}
+    assert run.table("tda/source/timeline_query_0_table")["data"]
+    assert "with a timeline over 2 segments" in main_job["stdout"]
     artifact = run.artifact("tda-trace")
     assert artifact["files"]["trace.h5"].size == (out / "trace.h5").stat().st_size
     assert artifact["metadata"]["methods"] == METHODS
-    # the trace in the artifact holds every method's scores and self-influence
+    # the trace in the artifact holds every method's scores and self-influence, and SOURCE's timeline
     assert sorted(Scores.available(out / "trace.h5")) == sorted(METHODS + [f"{m}-self" for m in METHODS])
+    assert Timeline.available(out / "trace.h5") == ["source-timeline"]
 
 
 def test_main_job_html_names_every_query_with_k_proponents_and_opponents(main_job):
@@ -80,6 +90,9 @@ def test_main_job_html_names_every_query_with_k_proponents_and_opponents(main_jo
     for found in parser.queries.values():
         assert len(found["proponent"]) == K and len(found["opponent"]) == K
     assert parser.external == []
+    html = (main_job["out"] / "report.html").read_text()
+    assert html.count('<p class="timeline"') == QUERIES and html.count("Most of its support came from steps") == QUERIES
+    assert html.count('<img class="figure timeline"') == QUERIES + 1
 
 
 def test_each_subcommand(main_job, tmp_path, capsys):
@@ -92,10 +105,12 @@ def test_each_subcommand(main_job, tmp_path, capsys):
     assert main(["fit", *common, "--trainer.logger", "false", "--trainer.max_epochs", "1"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"trace: {out / 'trace.h5'}")
 
-    # a baseline, asked for by name, on chosen test examples
-    assert main(["attribute", *common, "--method", "tracin", "--queries.ids", "[7, 2, 11]"]) == 0
-    assert "tracin: scores (3, 449)" in capsys.readouterr().out
+    # a baseline, asked for by name, on chosen test examples; without the timeline TracInCP would record
+    timeline_off = ["--report.timeline", "false"]
+    assert main(["attribute", *common, "--method", "tracin", "--queries.ids", "[7, 2, 11]", *timeline_off]) == 0
+    assert "tracin: scores (3, 449) in" in capsys.readouterr().out
     assert sorted(Scores.available(out / "trace.h5")) == ["tracin", "tracin-self"]
+    assert Timeline.available(out / "trace.h5") == []
     assert Scores.load(out / "trace.h5", "tracin").query_ids.tolist() == [7, 2, 11]
 
     elsewhere = tmp_path / "elsewhere"
@@ -220,6 +235,9 @@ def test_ddp_attribution_writes_the_report_once(main_job, tmp_path):
         sharded = Scores.load(out / "trace.h5", name).values
         single = Scores.load(main_job["out"] / "trace.h5", name).values
         assert (sharded - single).abs().max() <= 1e-4 * single.abs().max()
+    # each segment's part is summed across the processes too
+    sharded, single = (Timeline.load(d / "trace.h5", "source-timeline").values for d in (out, main_job["out"]))
+    assert (sharded - single).abs().max() <= 1e-4 * single.abs().max()
 
 
 USER_MODULE = '''

@@ -148,6 +148,11 @@ class AttributionMethod:
         """Scores ``(n_queries, n_train)``; positive = the training example helped the query."""
         raise NotImplementedError
 
+    @classmethod
+    def has_time_axis(cls) -> bool:
+        """Whether the method splits its scores over training time (:meth:`attribute_over_time`)."""
+        return cls.attribute_over_time is not AttributionMethod.attribute_over_time
+
     def attribute_over_time(self, queries: Data, train: Data, *, keep: int | None = None) -> Timeline:
         """The scores split over the trace's segments (:class:`~lightning_tda.timeline.Timeline`), in the one
         pass ``attribute`` makes; ``keep`` bounds the examples kept per query (see ``ScoreSums.timeline``)."""

@@ -23,9 +23,11 @@ from typing import Any
 from lightning_tda.reporting.content import (
     ExampleView,
     MethodSection,
+    QueryTimeline,
     QueryView,
     ReportContent,
     SelfInfluenceSection,
+    TimelineSection,
     build_report,
 )
 from lightning_tda.reporting.html import render_html, write_html_report
@@ -45,6 +47,7 @@ __all__ = [
     "ExampleView",
     "ImageRenderer",
     "MethodSection",
+    "QueryTimeline",
     "QueryView",
     "Rendered",
     "Renderer",
@@ -53,6 +56,7 @@ __all__ = [
     "SelfInfluenceSection",
     "TabularRenderer",
     "TextRenderer",
+    "TimelineSection",
     "WandbReporter",
     "WandbResult",
     "build_report",

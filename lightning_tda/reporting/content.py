@@ -4,7 +4,9 @@
 the trained model and its task, for predictions and losses) into a :class:`ReportContent`: for
 each method and query the rendered query with its top-k most helpful (largest positive scores)
 and most harmful (most negative) training examples, and for self-influence a ranking of training
-examples from the highest score down (likely mislabeled or atypical examples first).
+examples from the highest score down (likely mislabeled or atypical examples first). Given a
+method's :class:`~lightning_tda.timeline.Timeline`, its section also says when in training each
+query's proponents and opponents mattered (:class:`TimelineSection`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from lightning_tda.reporting.render import AutoRenderer, Rendered, Renderer
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import ClassificationTask, Task
+from lightning_tda.timeline import Timeline
 
 if TYPE_CHECKING:
     from lightning_tda.evaluation.record import Evaluation, MethodLDS
@@ -78,8 +81,48 @@ class _MethodNotes:
 
 
 @dataclass
+class QueryTimeline:
+    """When in training one query's shown proponents and opponents mattered.
+
+    ``helpful``/``harmful``: ``(S, k)`` per-segment scores of the query's proponents/opponents (the ids
+    of its :class:`QueryView`, in that order). ``support_segment``/``harm_segment``: the position of the
+    segment that carried the largest share (``support_share``/``harm_share``) of the proponents' summed
+    positive influence and of the opponents' summed negative influence. ``sentence`` says it in words.
+    """
+
+    helpful_ids: list[int]
+    harmful_ids: list[int]
+    helpful: np.ndarray
+    harmful: np.ndarray
+    support_segment: int
+    support_share: float
+    harm_segment: int
+    harm_share: float
+    sentence: str
+
+
+@dataclass
+class TimelineSection:
+    """A method's scores over training time: one entry per segment (``labels`` like
+    ``"steps 81–120 (segment 3 of 3, during the decay)"``, ``steps`` ``(S, 2)``), ``segment_values``
+    the kept per-segment scores of every query (for histograms), and one :class:`QueryTimeline` per
+    query in the order of the section's queries."""
+
+    segments: np.ndarray
+    steps: np.ndarray
+    labels: list[str]
+    segment_values: list[np.ndarray]
+    queries: list[QueryTimeline]
+
+    def short_label(self, position: int) -> str:
+        first, last = self.steps[position]
+        return f"segment {int(self.segments[position]) + 1} (steps {first}–{last})"
+
+
+@dataclass
 class MethodSection(_MethodNotes):
-    """One method's pairwise scores: ``values`` is the ``(Q, N)`` matrix, ``queries`` its views."""
+    """One method's pairwise scores: ``values`` is the ``(Q, N)`` matrix, ``queries`` its views;
+    ``timeline`` when the method has a time axis and its timeline was given."""
 
     method: str
     config: dict[str, Any]
@@ -87,6 +130,7 @@ class MethodSection(_MethodNotes):
     queries: list[QueryView]
     lds: MethodLDS | None = None  # measured by `lightning-tda evaluate` on these very scores
     lds_note: str = ""  # why an evaluated method shows no LDS (its scores changed since)
+    timeline: TimelineSection | None = None
 
 
 @dataclass
@@ -245,6 +289,7 @@ def build_report(
     trace_path: str | os.PathLike | None = None,
     title: str = "Training data attribution",
     evaluation: Evaluation | None = None,
+    timelines: Sequence[Timeline] = (),
 ) -> ReportContent:
     """Gather everything the reporters show.
 
@@ -264,8 +309,12 @@ def build_report(
         trace_path: the trace the scores came from (logged as a W&B artifact).
         evaluation: the methods' measured LDS (``lightning-tda evaluate``), shown beside the scores it
             was measured on, with the method to trust.
+        timelines: :class:`~lightning_tda.timeline.Timeline` of methods among ``scores`` (same method name,
+            queries and training examples): their sections say when in training each query's shown
+            proponents and opponents mattered.
     """
     scores = [scores] if isinstance(scores, Scores) else list(scores)
+    by_method = {t.method: t for t in timelines}
     if not scores:
         raise ValueError("build_report needs at least one Scores.")
     if k < 1:
@@ -332,6 +381,8 @@ def build_report(
             ]
             method_section = MethodSection(s.method, dict(s.config), s.values.numpy(), views)
             _attach_lds(method_section, s, evaluation)
+            if s.method in by_method:
+                method_section.timeline = timeline_section(by_method[s.method], s, views)
             content.methods.append(method_section)
         else:
             top_values, top_ids = ranked[i]
@@ -358,3 +409,51 @@ def _attach_lds(section: MethodSection, scores: Scores, evaluation: Evaluation |
             "These scores changed since `lightning-tda evaluate` measured this method's LDS; evaluate again to "
             "measure them."
         )
+
+
+def timeline_section(timeline: Timeline, scores: Scores, views: Sequence[QueryView]) -> TimelineSection:
+    """The :class:`TimelineSection` of ``timeline`` for the queries shown from ``scores``."""
+    if not torch.equal(timeline.train_ids, scores.train_ids) or not set(scores.query_ids.tolist()) <= set(
+        timeline.query_ids.tolist()
+    ):
+        raise ValueError(
+            f"The timeline of {timeline.method!r} covers other queries or training examples than its scores; "
+            f"pass the timeline computed with them (attribute_over_time on the same data)."
+        )
+    row_of = {int(q): row for row, q in enumerate(timeline.query_ids.tolist())}
+    labels = [timeline.label(position) for position in range(len(timeline.segments))]
+    queries = []
+    for view in views:
+        row = row_of[view.query.id]
+        helpful_ids, harmful_ids = [e.id for e in view.helpful], [e.id for e in view.harmful]
+        try:
+            helpful = timeline.series(row, helpful_ids).double().numpy()
+            harmful = timeline.series(row, harmful_ids).double().numpy()
+        except KeyError as err:
+            raise ValueError(f"{err.args[0]} The report shows {len(helpful_ids)} per side.") from err
+        support, support_share = _dominant(helpful.sum(axis=1))
+        harm, harm_share = _dominant(-harmful.sum(axis=1))
+        sentence = (
+            f"Most of its support came from {labels[support]}: {support_share:.0%} of the influence of its top "
+            f"{len(helpful_ids)} proponents. Its opponents hurt it most in {labels[harm]} ({harm_share:.0%})."
+        )
+        queries.append(
+            QueryTimeline(
+                helpful_ids, harmful_ids, helpful, harmful, support, support_share, harm, harm_share, sentence
+            )
+        )
+    return TimelineSection(
+        timeline.segments.numpy(),
+        timeline.steps.numpy(),
+        labels,
+        [timeline.values[s].numpy().reshape(-1) for s in range(len(timeline.segments))],
+        queries,
+    )
+
+
+def _dominant(per_segment: np.ndarray) -> tuple[int, float]:
+    """The segment with the largest positive part of ``per_segment`` ``(S,)`` and its share of the positive parts."""
+    positive = np.clip(per_segment, 0, None)
+    position = int(np.argmax(positive))
+    total = float(positive.sum())
+    return position, float(positive[position] / total) if total > 0 else 0.0

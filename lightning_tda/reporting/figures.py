@@ -1,5 +1,7 @@
-"""Matplotlib figures for the reports: one per query (its top proponents and opponents) and a
-score histogram per method. Uses the object-oriented API (no pyplot state, no display needed)."""
+"""Matplotlib figures for the reports: one per query (its top proponents and opponents), a score
+histogram per method, and for a method with a timeline one line chart per query (its proponents'
+and opponents' scores across the segments) and the per-segment score histograms. Uses the
+object-oriented API (no pyplot state, no display needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import textwrap
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_tda.reporting.content import ExampleView, QueryView
+from lightning_tda.reporting.content import ExampleView, QueryTimeline, QueryView, TimelineSection
 
 HELPFUL_COLOR = "#1a7f37"
 HARMFUL_COLOR = "#cf222e"
@@ -83,6 +85,46 @@ def histogram_figure(values: np.ndarray, method: str, title: str = "pairwise sco
     ax.set_xlabel("score", fontsize=8)
     ax.set_ylabel("count", fontsize=8)
     ax.set_yscale("log")
+    return fig
+
+
+def timeline_figure(section: TimelineSection, query: QueryTimeline, query_id: int, method: str) -> Figure:
+    """Lines across the segments (x: each segment's last step): the per-segment scores of the query's
+    proponents (green) and opponents (red), each labelled by training id."""
+    fig = Figure(figsize=(6.4, 3.0), dpi=90)
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.12, right=0.78, top=0.88, bottom=0.17)
+    x = section.steps[:, 1]
+    for ids, values, color in (
+        (query.helpful_ids, query.helpful, HELPFUL_COLOR),
+        (query.harmful_ids, query.harmful, HARMFUL_COLOR),
+    ):
+        for column, train_id in enumerate(ids):
+            ax.plot(x, values[:, column], marker="o", markersize=3, linewidth=1, color=color, label=f"#{train_id}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [f"{first}–{last}" for first, last in section.steps], fontsize=7)
+    ax.set_xlabel("segment (optimizer steps)", fontsize=8)
+    ax.set_ylabel("score in the segment", fontsize=8)
+    ax.set_title(f"{method}: query #{query_id} over training", fontsize=9)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig
+
+
+def timeline_histogram_figure(section: TimelineSection, method: str) -> Figure:
+    """The score distribution of each segment (every query, the kept examples), overlaid."""
+    fig = Figure(figsize=(5, 2.6), dpi=90)
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.88, bottom=0.2)
+    values = [np.asarray(v, dtype=np.float64) for v in section.segment_values]
+    bins = np.histogram_bin_edges(np.concatenate(values), bins=60)
+    for position, segment_values in enumerate(values):
+        ax.hist(segment_values, bins=bins, histtype="step", label=section.short_label(position))
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_title(f"{method}: scores per segment", fontsize=9)
+    ax.set_xlabel("score in the segment", fontsize=8)
+    ax.set_ylabel("count", fontsize=8)
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
     return fig
 
 

@@ -3,6 +3,8 @@
 One file, no scripts, no external resources: images (example thumbnails, one figure per query,
 one histogram per method) are inline base64 PNGs. Every query names its id and lists its ``k``
 proponents (most helpful) and opponents (most harmful) with ids, labels, predictions and scores.
+For a method with a timeline, each query also gets a line chart of its proponents' and opponents'
+scores across the training segments and a sentence saying when its support came.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from matplotlib.image import imsave
 
 from lightning_tda.evaluation.record import Evaluation, MethodLDS
 from lightning_tda.reporting.content import ExampleView, MethodSection, ReportContent, SelfInfluenceSection
-from lightning_tda.reporting.figures import histogram_figure, png_bytes, query_figure
+from lightning_tda.reporting.figures import (
+    histogram_figure,
+    png_bytes,
+    query_figure,
+    timeline_figure,
+    timeline_histogram_figure,
+)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -39,6 +47,7 @@ li img, td img, h3 img { vertical-align: middle; margin-right: 0.4rem; border: 1
 table { border-collapse: collapse; font-size: 0.88rem; }
 th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: left; }
 img.figure { max-width: 100%; height: auto; }
+.timeline { margin: 0.3rem 0; font-size: 0.92rem; }
 pre { background: #f6f8fa; padding: 0.5rem; overflow-x: auto; font-size: 0.8rem; }
 """
 
@@ -120,17 +129,33 @@ def _method_html(section: MethodSection) -> str:
         f"<details><summary>hyper-parameters</summary><pre>{escape(json.dumps(section.config, indent=1))}</pre>"
         f"</details>",
     ]
-    for view in section.queries:
+    if section.timeline is not None:
+        figure = _data_uri(png_bytes(timeline_histogram_figure(section.timeline, section.method)))
+        parts.append(
+            f'<p class="meta">Over training: {len(section.timeline.labels)} segments, '
+            f"{escape('; '.join(section.timeline.labels))}.</p>"
+            f'<img class="figure timeline" alt="{escape(section.method)} scores per segment" src="{figure}">'
+        )
+    for position, view in enumerate(section.queries):
         q = view.query
         thumb = _thumbnail(q.rendered.image, 56) if q.rendered.image is not None else ""
         text = "" if q.rendered.image is not None else f"<p>{escape(q.rendered.text)}</p>"
         prediction = f", predicted {escape(q.prediction)}" if q.prediction else ""
         loss = f", loss {q.loss:.3g}" if np.isfinite(q.loss) else ""
         figure = _data_uri(png_bytes(query_figure(view, section.method)))
+        over_time = ""
+        if section.timeline is not None:
+            when = section.timeline.queries[position]
+            chart = _data_uri(png_bytes(timeline_figure(section.timeline, when, q.id, section.method)))
+            over_time = (
+                f'<p class="timeline" data-support-segment="{int(section.timeline.segments[when.support_segment])}">'
+                f"{escape(when.sentence)}</p>"
+                f'<img class="figure timeline" alt="query {q.id} influence over training" src="{chart}">'
+            )
         parts.append(
             f'<section class="query" data-method="{escape(section.method)}" data-query-id="{q.id}">'
             f"<h3>{thumb}Query #{q.id}: label {escape(q.label)}{prediction}{loss}</h3>{text}"
-            f'<img class="figure" alt="query {q.id} proponents and opponents" src="{figure}">'
+            f'<img class="figure" alt="query {q.id} proponents and opponents" src="{figure}">{over_time}'
             '<div class="columns"><div class="helpful">'
             f"<h4>{len(view.helpful)} most helpful (proponents)</h4><ol>"
             + "".join(_example_html(e, "proponent") for e in view.helpful)

@@ -1,7 +1,8 @@
 """Reports for the Lightning loggers other than W&B: each gets what it can hold.
 
 * TensorBoard: tables as Markdown text, per-query figures and histograms as images, scalars; each
-  method's unit and warnings (:meth:`ReportContent.notes`) as text.
+  method's unit and warnings (:meth:`ReportContent.notes`) as text; for a method with a timeline its
+  table, per-query timeline charts and per-segment histograms.
 * CSV: scalars through ``log_metrics``; tables as CSV files, figures as PNG files and the notes as
   ``notes.txt`` in ``<log_dir>/tda/``.
 * MLflow: tables as CSV artifacts, figures as PNG artifacts, notes as text, scalars as metrics.
@@ -21,8 +22,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_tda.reporting.content import ExampleView, ReportContent
-from lightning_tda.reporting.figures import histogram_figure, query_figure
-from lightning_tda.reporting.wandb_report import SELF_COLUMNS, table_columns
+from lightning_tda.reporting.figures import histogram_figure, query_figure, timeline_figure, timeline_histogram_figure
+from lightning_tda.reporting.wandb_report import (
+    SELF_COLUMNS,
+    TIMELINE_COLUMNS,
+    support_segment,
+    table_columns,
+    timeline_rows,
+)
 
 
 def _text_cell(example: ExampleView) -> str:
@@ -34,15 +41,19 @@ def tables(content: ReportContent) -> dict[str, tuple[list[str], list[list[Any]]
     out: dict[str, tuple[list[str], list[list[Any]]]] = {}
     for section in content.methods:
         rows = []
-        for view in section.queries:
+        for position, view in enumerate(section.queries):
             q = view.query
             row: list[Any] = [q.id, _text_cell(q), q.label, q.prediction, q.loss]
             for examples in (view.helpful, view.harmful):
                 for rank in range(content.k):
                     e = examples[rank] if rank < len(examples) else None
                     row += [_text_cell(e), e.id, e.score] if e is not None else ["", "", ""]
+            if section.timeline is not None:
+                row.append(support_segment(section, position))
             rows.append(row)
-        out[f"{section.method}_queries"] = (table_columns(content.k), rows)
+        out[f"{section.method}_queries"] = (table_columns(content.k, section.timeline is not None), rows)
+        if section.timeline is not None:
+            out[f"{section.method}_timeline"] = (TIMELINE_COLUMNS, timeline_rows(section))
     for section in content.self_influence:
         rows = [
             [rank, e.id, _text_cell(e), e.label, e.prediction, e.loss, e.score, "" if e.noisy is None else e.noisy]
@@ -71,11 +82,18 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
 
 
 def figures(content: ReportContent, max_queries: int | None = None) -> Iterator[tuple[str, Figure]]:
-    """``(name, figure)``: a score histogram per method and one figure per query."""
+    """``(name, figure)``: a score histogram per method and one figure per query; for a method with a
+    timeline also the per-segment histograms and one timeline chart per query."""
     for section in content.methods:
         yield f"{section.method}/scores_histogram", histogram_figure(section.values, section.method)
         for view in section.queries[:max_queries]:
             yield f"{section.method}/query_{view.query.id}", query_figure(view, section.method)
+        timeline = section.timeline
+        if timeline is not None:
+            yield f"{section.method}/timeline_histogram", timeline_histogram_figure(timeline, section.method)
+            for view, when in list(zip(section.queries, timeline.queries))[:max_queries]:
+                chart = timeline_figure(timeline, when, view.query.id, section.method)
+                yield f"{section.method}/timeline_query_{view.query.id}", chart
     for section in content.self_influence:
         yield (
             f"{section.method}/self_influence_histogram",
@@ -103,6 +121,9 @@ def log_to_logger(content: ReportContent, logger: Any, max_figures: int | None =
             writer.add_text(key, text)
         for section in content.methods:
             writer.add_histogram(f"tda/{section.method}/scores", section.values.reshape(-1))
+            if section.timeline is not None:
+                for segment, values in zip(section.timeline.segments, section.timeline.segment_values):
+                    writer.add_histogram(f"tda/{section.method}/timeline_segment_{int(segment) + 1}", values)
         for section in content.self_influence:
             writer.add_histogram(f"tda/{section.method}/self_influence", section.values)
         for name, fig in figures(content, max_figures):

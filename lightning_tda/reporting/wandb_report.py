@@ -8,6 +8,12 @@ self-influence a ranking table ``tda/<method>/self_influence`` (highest first); 
 ``tda/evaluation/lds_chart``. The trace file,
 which holds the scores under ``results/``, is logged as an artifact of type ``tda-trace``.
 
+For a method with a timeline: a table ``tda/<method>/timeline`` (one row per query, shown
+proponent or opponent and segment, with the segment's steps and score), per query a line chart
+``tda/<method>/timeline_query_<id>`` of those scores across the segments, a column
+``support_segment`` in the queries table naming the segment that carried most of the query's top
+proponents' influence, and a histogram ``tda/<method>/timeline_segment_<n>`` per segment.
+
 Works in the run of Lightning's ``WandbLogger`` when the trainer has one, or in a run of its own.
 Without ``WANDB_API_KEY`` (and no explicit ``WANDB_MODE``) the run is offline: nothing needs a
 network, and ``wandb sync <run dir>`` uploads it later.
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_tda.reporting.content import ExampleView, ReportContent
+from lightning_tda.reporting.content import ExampleView, MethodSection, ReportContent
 
 
 def default_mode() -> str:
@@ -56,13 +62,50 @@ class WandbResult:
         return f"W&B run {self.run_id} (local files in {self.run_dir})"
 
 
-def table_columns(k: int) -> list[str]:
-    """Column names of the per-query table."""
+def table_columns(k: int, timeline: bool = False) -> list[str]:
+    """Column names of the per-query table (with ``support_segment`` last for a method with a timeline)."""
     columns = ["query_id", "query", "label", "prediction", "query_loss"]
     for side in ("helpful", "harmful"):
         for rank in range(1, k + 1):
             columns += [f"{side}_{rank}", f"{side}_{rank}_id", f"{side}_{rank}_score"]
-    return columns
+    return columns + ["support_segment"] if timeline else columns
+
+
+TIMELINE_COLUMNS = ["query_id", "train_id", "role", "segment", "first_step", "last_step", "score"]
+
+
+def timeline_rows(section: MethodSection) -> list[list[Any]]:
+    """Rows of the ``timeline`` table: every shown proponent and opponent of every query, per segment."""
+    rows: list[list[Any]] = []
+    if section.timeline is None:
+        return rows
+    timeline = section.timeline
+    for view, when in zip(section.queries, timeline.queries):
+        for role, ids, values in (
+            ("proponent", when.helpful_ids, when.helpful),
+            ("opponent", when.harmful_ids, when.harmful),
+        ):
+            for column, train_id in enumerate(ids):
+                for position, segment in enumerate(timeline.segments):
+                    first, last = timeline.steps[position]
+                    rows.append(
+                        [
+                            view.query.id,
+                            train_id,
+                            role,
+                            int(segment) + 1,
+                            int(first),
+                            int(last),
+                            float(values[position, column]),
+                        ]
+                    )
+    return rows
+
+
+def support_segment(section: MethodSection, position: int) -> str:
+    """The label of the segment that carried most of query ``position``'s top proponents' influence."""
+    timeline = section.timeline
+    return timeline.short_label(timeline.queries[position].support_segment) if timeline is not None else ""
 
 
 LDS_COLUMNS = ["method", "lds", "ci_low", "ci_high", "queries_with_lds", "trusted"]
@@ -113,8 +156,8 @@ class WandbReporter:
             )
         data: dict[str, Any] = {}
         for section in content.methods:
-            table = wandb.Table(columns=table_columns(content.k))
-            for view in section.queries:
+            table = wandb.Table(columns=table_columns(content.k, section.timeline is not None))
+            for position, view in enumerate(section.queries):
                 row = [
                     view.query.id,
                     _cell(view.query, wandb),
@@ -129,6 +172,8 @@ class WandbReporter:
                             row += [_cell(e, wandb), e.id, e.score]
                         else:
                             row += [None, None, None]
+                if section.timeline is not None:
+                    row.append(support_segment(section, position))
                 table.add_data(*row)
             data[f"tda/{section.method}/queries"] = table
             data[f"tda/{section.method}/scores"] = wandb.Histogram(section.values.reshape(-1), num_bins=64)
