@@ -177,6 +177,8 @@ class WandbReporter:
                 table.add_data(*row)
             data[f"tda/{section.method}/queries"] = table
             data[f"tda/{section.method}/scores"] = wandb.Histogram(section.values.reshape(-1), num_bins=64)
+            if section.timeline is not None:
+                data.update(_timeline_data(section, wandb))
         if content.evaluation is not None:
             data.update(_evaluation_data(content, wandb))
         for section in content.self_influence:
@@ -205,6 +207,28 @@ class WandbReporter:
         if own_run:
             run.finish()
         return result
+
+
+def _timeline_data(section: MethodSection, wandb: Any) -> dict[str, Any]:
+    """The timeline table, one line chart per query and one histogram per segment."""
+    timeline = section.timeline
+    data: dict[str, Any] = {f"tda/{section.method}/timeline": wandb.Table(TIMELINE_COLUMNS, timeline_rows(section))}
+    steps = [int(last) for _, last in timeline.steps]
+    for view, when in zip(section.queries, timeline.queries):
+        ys = [when.helpful[:, j].tolist() for j in range(len(when.helpful_ids))]
+        ys += [when.harmful[:, j].tolist() for j in range(len(when.harmful_ids))]
+        keys = [f"+#{i}" for i in when.helpful_ids] + [f"-#{i}" for i in when.harmful_ids]
+        data[f"tda/{section.method}/timeline_query_{view.query.id}"] = wandb.plot.line_series(
+            xs=steps,
+            ys=ys,
+            keys=keys,
+            title=f"{section.method}: query #{view.query.id}, proponents (+) and opponents (−) per segment",
+            xname="last step of the segment",
+        )
+    for position, segment in enumerate(timeline.segments):
+        values = timeline.segment_values[position]
+        data[f"tda/{section.method}/timeline_segment_{int(segment) + 1}"] = wandb.Histogram(values, num_bins=64)
+    return data
 
 
 def _evaluation_data(content: ReportContent, wandb: Any) -> dict[str, Any]:
