@@ -24,6 +24,7 @@ Schema (version 2; see ``docs/trace-schema.md`` for the full description)::
     /second_moments/<i>/<layer>  Adam's bias-corrected v̂ after checkpoint i's step (float32, the layer's
                          gradient-matrix layout; Adam-family optimizers only, optional)
     /results/<name>      attribution scores (written by :class:`lightning_tda.scores.Scores`)
+    /results/evaluation  each method's measured LDS (``lightning-tda evaluate``, :mod:`lightning_tda.evaluation.record`)
     /cache/<slot>        fitted factors cached by attribution methods with cache="trace" (see storage.py)
 
 Steps are counted by the recorder itself: ``step`` = number of optimizer steps completed when
