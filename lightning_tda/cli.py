@@ -616,7 +616,7 @@ def _check_evaluation_options(config: Namespace) -> None:
 
 def _evaluation_job(job: Job) -> Job:
     """The job with the evaluation's queries and methods (every configured one unless named, baselines
-    included): what ``attribute`` scores and the report shows."""
+    included) and no self-influence (the LDS does not measure it): what ``attribute`` scores."""
     options = job.config.evaluation
     specs = [_method_spec(entry, i) for i, entry in enumerate(job.config.methods)]
     if options.methods is not None:
@@ -630,6 +630,7 @@ def _evaluation_job(job: Job) -> Job:
     config.methods = [{"name": s.name, "init_args": s.init_args, "baseline": False} for s in specs]
     if options.queries is not None:
         config.queries = options.queries
+    config.attribution.self_influence = False
     scoring = copy.copy(job)
     scoring.config = config
     return scoring
