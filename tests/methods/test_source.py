@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace, TraceError
-from lightning_tda.curvature.eigen import decay_response, exp_decay
+from lightning_tda.curvature.eigen import LayerEigenbasis, decay_response, exp_decay
 from lightning_tda.demo import MLPRegressor, load_concrete
 from lightning_tda.evaluation import UnrolledTraining
 from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions, TracInCP
+from lightning_tda.methods.source import LayerDynamics, SegmentOperators
 
 N_TRAIN, N_QUERIES, STEPS, LR = 800, 12, 150, 0.05
 
@@ -727,3 +728,23 @@ def test_methods_without_a_time_axis_say_which_have_one(sgd_traces, concrete):
         method.attribute_over_time(concrete["queries"], concrete["train"])
     for cls in (EKFACInfluence, DataInf, ForwardINF):
         assert "attribute_over_time" not in vars(cls)
+
+
+def test_adam_segment_jacobian_never_amplifies():
+    """S̄ᵀ of an Adam segment with a non-diagonal curvature and a preconditioner spread over three orders of
+    magnitude is a contraction; the uncapped diagonal correction e^{t(p̄ − P)d} made it amplify by orders of
+    magnitude (CNN: 3e19). When P = p̄·1 it is exactly the EK-FAC exponential at the rate p̄."""
+    generator = torch.Generator().manual_seed(0)
+    q_s = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))[0]
+    eigenvalues = torch.rand(6, 5, generator=generator, dtype=torch.float64) * 4
+    basis = LayerEigenbasis("layer", q_a, q_s, eigenvalues)
+    spread = 10 ** (3 * torch.rand(6, 5, generator=generator, dtype=torch.float64))
+    vectors = torch.randn(20, 6, 5, generator=generator, dtype=torch.float64)
+    for decoupled, weight_decay in ((False, 0.0), (True, 0.01)):
+        dynamics = LayerDynamics(2.0, weight_decay, decoupled, spread)
+        propagated = SegmentOperators({"layer": basis}, {"layer": dynamics}).propagate({"layer": vectors})["layer"]
+        assert (propagated.flatten(1).norm(dim=1) <= vectors.flatten(1).norm(dim=1) * (1 + 1e-12)).all()
+    flat = LayerDynamics(2.0, 0.0, False, torch.full((6, 5), 3.0, dtype=torch.float64))
+    propagated = SegmentOperators({"layer": basis}, {"layer": flat}).propagate({"layer": vectors})["layer"]
+    torch.testing.assert_close(propagated, basis.apply(vectors, torch.exp(-2.0 * 3.0 * eigenvalues)))
