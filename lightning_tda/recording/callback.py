@@ -55,6 +55,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import WarningCache
@@ -65,6 +66,7 @@ from lightning_tda.layers.covariances import KFACStatistics, recorded_factors
 from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.layers.tracked import SUPPORTED_LAYERS, UNTRACKED_NOTE, TrackedLayer, find_layers
 from lightning_tda.recording.cadence import BudgetCadence, FixedCadence
+from lightning_tda.recording.cost import RecordingCost, cost_scalars
 from lightning_tda.recording.loss_check import TrainingLossCheck
 from lightning_tda.recording.optimizer import AdamSecondMoments, layer_param_groups, optimizer_record
 from lightning_tda.recording.options import IF_EXISTS, RecordingOptions
@@ -72,6 +74,7 @@ from lightning_tda.recording.segments import OpenSegment, SegmentPolicy, as_poli
 from lightning_tda.recording.step_log import StepLogBuffer, loss_value
 from lightning_tda.recording.true_fisher import TrainingGraphFisher
 from lightning_tda.tasks import Task
+from lightning_tda.trace.records import describe_cost
 from lightning_tda.trace.writer import TraceWriteError, TraceWriter
 
 
@@ -179,6 +182,7 @@ class TDACallback(L.Callback):
         self._trainer_for_state: L.Trainer | None = None
         self._loss_check: TrainingLossCheck | None = None
         self._second_moments: AdamSecondMoments | None = None
+        self._cost = RecordingCost()
         self._reset_micro_batch()
 
     @property
@@ -226,6 +230,29 @@ class TDACallback(L.Callback):
             raise RuntimeError(f"TDACallback records exactly one optimizer; this run has {len(trainer.optimizers)}.")
         optimizer = trainer.optimizers[0]
         started = time.perf_counter()
+        self._cost = RecordingCost()
+        with self._cost.timed("trace_creation"):
+            self._start_recording(trainer, pl_module, optimizer)
+        self._cost.first_step = self.step
+        self.cadence.spend(time.perf_counter() - started)
+        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
+        # statistics steps capture the training forward itself: input rows are reduced to their products at
+        # once; with the true Fisher the layer outputs and the model's output are kept for one more backward
+        # through the training graph (on_before_backward), so no second forward pass is needed
+        self._capture = LayerCapture(
+            self.layers,
+            enabled=lambda: self._capturing,
+            on_gradient=self._on_gradient_rows if self.fisher.kind == "empirical" else None,
+            keep_outputs=self.fisher.kind == "true",
+            on_inputs=self._on_layer_inputs,
+        ).__enter__()
+        if self.fisher.kind == "true":
+            self._true_fisher = TrainingGraphFisher(self.layers, self.task, self.fisher, self._generator)
+            self._true_fisher.attach(pl_module, capturing=lambda: self._capturing)
+
+    def _start_recording(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        """Statistics, the trace (created with its header and initial checkpoint, or opened to continue), the plan
+        of segments and the loss check."""
         self._device = pl_module.device
         self.stats = KFACStatistics(
             self.layers, device=pl_module.device, recorded=self.recorded, factor_dtype=self.options.factor_dtype
@@ -255,23 +282,9 @@ class TDACallback(L.Callback):
                     layer_groups=layer_param_groups(optimizer, self.layers),
                     recorded=self.recorded,
                 )
-                self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
-                self.writer.flush()
-        self.cadence.spend(time.perf_counter() - started)
-        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
-        # statistics steps capture the training forward itself: input rows are reduced to their products at
-        # once; with the true Fisher the layer outputs and the model's output are kept for one more backward
-        # through the training graph (on_before_backward), so no second forward pass is needed
-        self._capture = LayerCapture(
-            self.layers,
-            enabled=lambda: self._capturing,
-            on_gradient=self._on_gradient_rows if self.fisher.kind == "empirical" else None,
-            keep_outputs=self.fisher.kind == "true",
-            on_inputs=self._on_layer_inputs,
-        ).__enter__()
-        if self.fisher.kind == "true":
-            self._true_fisher = TrainingGraphFisher(self.layers, self.task, self.fisher, self._generator)
-            self._true_fisher.attach(pl_module, capturing=lambda: self._capturing)
+                with self._cost.timed("initial_checkpoint"):
+                    self.writer.write_checkpoint("initial", pl_module.state_dict(), {"step": 0}, "native")
+                    self.writer.flush()
 
     def _open_writer(self, resuming: bool) -> None:
         continuing = resuming or self.run_id is not None
@@ -349,6 +362,10 @@ class TDACallback(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        with self._cost.timed("bookkeeping"):
+            self._start_batch(trainer, pl_module, batch)
+
+    def _start_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if self._step_started is None:  # the first micro-batch of an optimizer step
             self._step_started = time.perf_counter()
             self._stats_step = self.cadence.is_statistics_step(self.step)
@@ -361,7 +378,8 @@ class TDACallback(L.Callback):
         self._examples += self._batch_size
         self._fisher_done = False
         if self._loss_check is not None and self._loss_check.covers(self.step):
-            self._loss_check.before_training_step(pl_module.device)
+            with self._cost.timed("loss_check"):
+                self._loss_check.before_training_step(pl_module.device)
         if self._capturing:
             self._capture.row_mask = self.task.row_mask(batch)
             self._capture.batch_size = self._batch_size
@@ -380,20 +398,23 @@ class TDACallback(L.Callback):
         return scale / (float(scaler.get_scale()) if current is None else current.double())
 
     def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
-        self.stats.stage_gradients(layer.name, rows, self._grad_scale)
+        with self._cost.timed("statistics"):
+            self.stats.stage_gradients(layer.name, rows, self._grad_scale)
 
     def _on_layer_inputs(self, layer: TrackedLayer, inputs: Tensor, row_mask: Tensor | None) -> None:
-        self.stats.stage_inputs(layer, inputs, row_mask)
+        with self._cost.timed("statistics"):
+            self.stats.stage_inputs(layer, inputs, row_mask)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         """True Fisher from the training graph, before the training backward (:mod:`~.true_fisher`)."""
         if not (self._stats_step and self._true_fisher is not None and self._capturing):
             return
-        rows = self._true_fisher.from_training_graph(self._capture, self._batch)
-        if rows is not None:
-            for layer, layer_rows in rows.items():
-                self.stats.stage_gradients(layer, layer_rows)
-            self._fisher_done = True
+        with self._cost.timed("statistics"):
+            rows = self._true_fisher.from_training_graph(self._capture, self._batch)
+            if rows is not None:
+                for layer, layer_rows in rows.items():
+                    self.stats.stage_gradients(layer, layer_rows)
+                self._fisher_done = True
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """True Fisher by a second forward pass, when it could not use the training graph."""
@@ -401,31 +422,40 @@ class TDACallback(L.Callback):
         if self._true_fisher is not None:
             self._true_fisher.forget_calls()
         if self._loss_check is not None:  # parameters are not updated yet: the Task's loss at the same point
-            self._loss_check.after_backward(pl_module, self._batch, trainer.precision_plugin.train_step_context())
+            with self._cost.timed("loss_check"):
+                self._loss_check.after_backward(pl_module, self._batch, trainer.precision_plugin.train_step_context())
         if not (self._stats_step and self._true_fisher is not None) or self._fisher_done:
             return
-        autocast = trainer.precision_plugin.train_step_context()  # the training step's autocast, if any
-        rows = self._true_fisher.by_second_forward(pl_module, self._batch, self._batch_size, autocast)
-        for layer, layer_rows in rows.items():
-            self.stats.stage_gradients(layer, layer_rows)
+        with self._cost.timed("statistics"):
+            autocast = trainer.precision_plugin.train_step_context()  # the training step's autocast, if any
+            rows = self._true_fisher.by_second_forward(pl_module, self._batch, self._batch_size, autocast)
+            for layer, layer_rows in rows.items():
+                self.stats.stage_gradients(layer, layer_rows)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self._stepped = True
-        self._lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        with self._cost.timed("bookkeeping"):
+            self._stepped = True
+            self._lrs = [float(group["lr"]) for group in optimizer.param_groups]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        with self._cost.timed("bookkeeping"):
+            self._end_batch(trainer, pl_module, outputs, batch)
+
+    def _end_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         loss = loss_value(outputs, self._device)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         if self._loss_check is not None and not self._loss_check.done:  # first steps only: float() syncs
-            self._loss_check.after_batch(float(loss), trainer.accumulate_grad_batches, batch)
+            with self._cost.timed("loss_check"):
+                self._loss_check.after_batch(float(loss), trainer.accumulate_grad_batches, batch)
         if self._stats_step:
-            self._capture.clear()
-            observes = type(self.policy).observe is not SegmentPolicy.observe
-            self.stats.commit(keep_step=observes)
-            if observes and bool(self.stats.last_step_finite):
-                self.policy.observe(self.stats.last_step())  # an adaptive policy reads the step (one host sync)
+            with self._cost.timed("statistics"):
+                self._capture.clear()
+                observes = type(self.policy).observe is not SegmentPolicy.observe
+                self.stats.commit(keep_step=observes)
+                if observes and bool(self.stats.last_step_finite):
+                    self.policy.observe(self.stats.last_step())  # an adaptive policy reads the step (one host sync)
         self._capturing = False
         if self._stepped:
             seconds = time.perf_counter() - self._step_started
@@ -441,7 +471,8 @@ class TDACallback(L.Callback):
         seg = self._segment
         seg.add_step(self._lrs, self._stats_step)
         if self._stats_step:
-            seg.second_moments.add(self._second_moments.read(trainer.optimizers[0]))
+            with self._cost.timed("statistics"):
+                seg.second_moments.add(self._second_moments.read(trainer.optimizers[0]))
         row = {
             "step": self.step,
             "global_step": trainer.global_step,
@@ -460,8 +491,9 @@ class TDACallback(L.Callback):
         if self.step in self.checkpoint_plan:
             self._write_checkpoint(trainer, pl_module)
         if self._should_close(trainer):
-            self._close_segment(trainer, pl_module, self._close_reason())
-            self._open_segment()
+            with self._cost.timed("io"):
+                self._close_segment(trainer, pl_module, self._close_reason())
+                self._open_segment()
         self.cadence.spend(time.perf_counter() - started)
 
     def _should_close(self, trainer: L.Trainer) -> bool:
@@ -554,6 +586,11 @@ class TDACallback(L.Callback):
 
     # ----------------------------------------------------------------------------- checkpoints
     def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with self._cost.timed("checkpoints"):
+            self._save_checkpoint(trainer, pl_module)
+        self.num_checkpoints += 1
+
+    def _save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._segment.last_checkpoint_step = self.step
         if self.writer is not None:
             # every name of a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight), so loading the
@@ -571,15 +608,17 @@ class TDACallback(L.Callback):
             with self._recording():
                 name = f"{self.num_checkpoints:06d}"
                 self.writer.write_checkpoint(name, state, attrs, self.options.checkpoint_dtype, second_moments)
-                self._step_log.flush(self.writer)
+                with self._cost.timed("io"):
+                    self._step_log.flush(self.writer)
                 self.writer.flush()
-        self.num_checkpoints += 1
 
     # ------------------------------------------------------------------------------ endings
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_loss_check()
-        self._close_segment(trainer, pl_module, "end")
-        self._open_segment()
+        with self._cost.timed("io"):
+            self._close_segment(trainer, pl_module, "end")
+            self._open_segment()
+        self._report_cost(trainer)
         if self.step == 0:
             self._warnings.warn(
                 f"TDACallback: training made no optimizer step, so the trace {self.path} has no segments or "
@@ -596,6 +635,21 @@ class TDACallback(L.Callback):
                 f"TDACallback: trace {self.path}: {self.step} steps, {self.num_segments_closed} segments, "
                 f"{self.num_checkpoints} checkpoints."
             )
+
+    def _report_cost(self, trainer: L.Trainer) -> None:
+        """What recording this fit cost: one line for the user, the record in the trace, the numbers in a W&B
+        run's summary (when the trainer logs to W&B)."""
+        if self.step == self._cost.first_step:
+            return
+        record = self._cost.record(self.step)
+        rank_zero_info(f"TDACallback: recording cost {describe_cost(record)}.")
+        if self.writer is not None:
+            with self._recording():
+                self.writer.record_cost(record)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary.update(cost_scalars(record))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.run_id is None:
@@ -727,6 +781,10 @@ class TDACallback(L.Callback):
     def _finish_loss_check(self) -> None:
         if self._loss_check is None or self._loss_check.done:
             return
+        with self._cost.timed("loss_check"):
+            self._record_loss_check()
+
+    def _record_loss_check(self) -> None:
         result = self._loss_check.finish()
         if result.warns:
             rank_zero_warn(f"TDACallback loss check: {result.message}")

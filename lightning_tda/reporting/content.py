@@ -24,10 +24,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
+from lightning_tda.recording.cost import combined_cost, cost_scalars
 from lightning_tda.reporting.render import AutoRenderer, Rendered, Renderer
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import ClassificationTask, Task
 from lightning_tda.timeline import Timeline
+from lightning_tda.trace import Trace
 
 if TYPE_CHECKING:
     from lightning_tda.evaluation.record import Evaluation, MethodLDS
@@ -186,6 +188,10 @@ class ReportContent:
                 out[f"tda/{section.method}/noisy_precision_at_{len(section.ranking)}"] = section.noisy_in_top / len(
                     section.ranking
                 )
+        if self.trace_path is not None:
+            costs = Trace.open(self.trace_path).recording_costs()
+            if costs:  # what recording cost, over every fit of the trace
+                out.update(cost_scalars(combined_cost(costs)))
         return out
 
 

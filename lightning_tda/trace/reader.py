@@ -30,6 +30,7 @@ from lightning_tda.trace.records import (
     SegmentInfo,
     StepLog,
     check_covariance,
+    describe_cost,
     load_array,
     loss_check_records,
     read_checkpoints,
@@ -37,6 +38,7 @@ from lightning_tda.trace.records import (
     read_meta,
     read_optimizer,
     read_segments,
+    recording_cost_records,
     state_shapes,
     step_log_shape,
     stored_bytes,
@@ -174,6 +176,13 @@ class Trace:
         :class:`lightning_tda.recording.loss_check.LossCheckResult`. Empty for traces recorded without it."""
         with self._read() as r:
             return loss_check_records(r)
+
+    def recording_costs(self) -> list[dict[str, Any]]:
+        """What recording cost, one record per fit: ``first_step``, ``last_step``, ``training_seconds`` and
+        ``seconds`` per kind (:data:`~lightning_tda.trace.schema.COST_KINDS`), checked. Empty for traces
+        recorded before the cost was."""
+        with self._read() as r:
+            return recording_cost_records(r)
 
     def steps(self) -> StepLog:
         """The full step log, its values checked (steps 1..n, non-negative finite learning rates...)."""
@@ -396,6 +405,9 @@ class Trace:
         for check in checks:
             verdict, message = check.get("verdict"), check.get("message")
             lines.append(f"  loss check (from step {check.get('first_step')}): {verdict}: {message}")
+        for cost in self.recording_costs():
+            covered = f"steps {cost['first_step'] + 1}-{cost['last_step']}"
+            lines.append(f"  recording cost ({covered}): {describe_cost(cost)}")
         with self._read() as r:
             for title, name in (("results", "results"), ("cache inside the trace", "cache")):
                 keys = r.members(name) if r.has(name) else []

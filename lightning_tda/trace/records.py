@@ -27,6 +27,7 @@ from lightning_tda.trace.checks import (
 )
 from lightning_tda.trace.schema import (
     ARCHITECTURE,
+    COST_KINDS,
     INT_COLUMNS,
     MAX_FEATURES,
     MAX_LAYERS,
@@ -158,6 +159,52 @@ def loss_check_records(r: TraceReader) -> list[dict[str, Any]]:
     if not r.has("meta/loss_check"):
         return []
     return [record for record in r.json("meta/loss_check", list) if isinstance(record, dict)]
+
+
+def recording_cost_records(r: TraceReader) -> list[dict[str, Any]]:
+    """The JSON list ``meta/recording_cost``, each record checked: ``first_step`` ≤ ``last_step`` (steps of the
+    trace the fit covered), ``training_seconds`` (the fit's wall time from the start of training to its end,
+    recording included) and ``seconds`` (the callback's own time per kind of :data:`COST_KINDS`), all finite
+    and non-negative. Empty for traces recorded before the cost was."""
+    if not r.has("meta/recording_cost"):
+        return []
+    records = r.json("meta/recording_cost", list)
+    checked = []
+    for position, record in enumerate(records):
+        where = f"meta/recording_cost record {position}"
+        if not isinstance(record, dict) or not isinstance(record.get("seconds"), dict):
+            raise r.error(where, "is not a JSON object with a 'seconds' object")
+        first = expect_int(r, f"{where} first_step", record.get("first_step"), 0)
+        last = expect_int(r, f"{where} last_step", record.get("last_step"), first)
+        seconds = {
+            kind: expect_float(r, f"{where} seconds[{kind!r}]", record["seconds"].get(kind, 0.0), 0.0)
+            for kind in COST_KINDS
+        }
+        training = expect_float(r, f"{where} training_seconds", record.get("training_seconds"), 0.0)
+        checked.append({"first_step": first, "last_step": last, "training_seconds": training, "seconds": seconds})
+    return checked
+
+
+def cost_percent(record: Mapping[str, Any]) -> float:
+    """The callback's cost as a percentage of the time training takes without it (its total seconds over the
+    fit's training seconds minus them)."""
+    spent = sum(record["seconds"].values())
+    without = record["training_seconds"] - spent
+    return 100.0 * spent / without if without > 0 else float("inf")
+
+
+def describe_cost(record: Mapping[str, Any]) -> str:
+    """One line: the total, its percentage of training time and the seconds of each kind that took any."""
+    seconds = record["seconds"]
+    labels = {"io": "I/O"}
+    kinds = ", ".join(
+        f"{labels.get(kind, kind.replace('_', ' '))} {value:.2f} s" for kind, value in seconds.items() if value >= 0.005
+    )
+    spent = sum(seconds.values())
+    return (
+        f"{spent:.2f} s, {cost_percent(record):.1f}% on top of {record['training_seconds'] - spent:.1f} s of training "
+        f"({kinds or 'nothing measurable'})"
+    )
 
 
 def read_meta(r: TraceReader) -> dict[str, Any]:

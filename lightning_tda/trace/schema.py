@@ -10,6 +10,7 @@ Schema (version 2; see ``docs/trace-schema.md`` for the full description)::
     /meta/optimizer      JSON string: optimizer class and per-group hyper-parameters
     /meta/config         JSON string: the callback's configuration
     /meta/loss_check     JSON string: list of the callback's Task-vs-training_step loss checks, one per fit
+    /meta/recording_cost JSON string: list of the callback's measured cost (seconds per kind), one per fit
     /layers/names        tracked layer names, in order; /layers/<name> attrs: kind, in/out features,
                          has_bias, param_group (optimizer group of its weight), A_recorded,
                          S_recorded (whether its K-FAC factors are in the segments)
@@ -55,6 +56,8 @@ SCHEMA_VERSION = 2
 LIBVER = ("earliest", "v110")
 STEP_COLUMNS = ("step", "global_step", "epoch", "segment", "batch_size", "loss", "statistics")
 INT_COLUMNS = {"step", "global_step", "epoch", "segment", "batch_size", "statistics"}
+# what the callback's own time is spent on (meta/recording_cost): fixed costs of a fit first, then per-step ones
+COST_KINDS = ("trace_creation", "initial_checkpoint", "loss_check", "statistics", "checkpoints", "io", "bookkeeping")
 
 MAX_LAYERS = 100_000
 MAX_PARAM_GROUPS = 10_000

@@ -28,7 +28,7 @@ from lightning_tda.trace.checks import TraceError, TraceReader
 from lightning_tda.trace.lock import TraceLock
 from lightning_tda.trace.probe import is_parsed, mark_parsed
 from lightning_tda.trace.reader import Trace
-from lightning_tda.trace.records import loss_check_records
+from lightning_tda.trace.records import loss_check_records, recording_cost_records
 from lightning_tda.trace.schema import (
     FORMAT,
     INT_COLUMNS,
@@ -391,6 +391,19 @@ class TraceWriter:
         if "loss_check" in meta:
             del meta["loss_check"]
         meta.create_dataset("loss_check", data=to_json(records))
+
+    @_write_guarded
+    def record_cost(self, record: Mapping[str, Any]) -> None:
+        """Add what recording one fit cost (``first_step``, ``last_step``, ``training_seconds``, ``seconds`` per
+        kind) to ``meta/recording_cost``, replacing an earlier record of the same first step (a resumed fit)."""
+        meta = self.file["meta"]
+        earlier = recording_cost_records(TraceReader(self.file, self.path))
+        records = [r for r in earlier if r["first_step"] != record["first_step"]]
+        records.append(dict(record))
+        reserve_space(self.file, len(to_json(records)) + OBJECT_OVERHEAD)
+        if "recording_cost" in meta:
+            del meta["recording_cost"]
+        meta.create_dataset("recording_cost", data=to_json(records))
 
     # --- resume ---------------------------------------------------------------------------------
     @_write_guarded

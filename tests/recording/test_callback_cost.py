@@ -7,6 +7,8 @@ for their layer left out, and float64 statistics under bf16 autocast.
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import lightning as L
 import numpy as np
@@ -18,11 +20,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace
+from lightning_tda.cli import main
 from lightning_tda.demo import MLPClassifier
 from lightning_tda.layers.covariances import conv_input_product, outer_product
 from lightning_tda.layers.tracked import find_layers
 from lightning_tda.recording.cadence import BudgetCadence
+from lightning_tda.recording.cost import RecordingCost
 from lightning_tda.trace import TraceError
+from lightning_tda.trace.records import cost_percent
+from lightning_tda.trace.schema import COST_KINDS
 
 
 def loader(n: int = 128, width: int = 64, batch_size: int = 16) -> DataLoader:
@@ -267,3 +273,77 @@ def test_a_hugging_face_training_call_is_reused_for_the_true_fisher(tmp_path):
     for layer in reused.layer_names:
         for key, value in reused.kfac_sums(0, layer).items():
             torch.testing.assert_close(value, second.kfac_sums(0, layer)[key], rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------- the measured cost
+def test_timed_sections_exclude_the_sections_nested_in_them(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 4.0, 10.0, 10.0, 10.0, 11.5])  # created, each section's start and end, record()
+    monkeypatch.setattr("lightning_tda.recording.cost.time.perf_counter", lambda: next(clock))
+    cost = RecordingCost()
+    with cost.timed("io"):  # 1.0 .. 10.0, of which 3.0 .. 4.0 is a checkpoint inside it
+        with cost.timed("checkpoints"):
+            pass
+    with cost.timed("statistics"):
+        pass
+    assert cost.seconds["io"] == 8.0 and cost.seconds["checkpoints"] == 1.0 and cost.seconds["statistics"] == 0.0
+    record = cost.record(last_step=5)
+    assert record["training_seconds"] == 11.5 and record["first_step"] == 0 and cost.total == 9.0
+    assert cost_percent(record) == pytest.approx(100 * 9.0 / 2.5)
+
+
+def test_the_recorded_cost_is_in_the_trace_and_shown_by_inspect(tmp_path, capsys):
+    path = tmp_path / "trace.h5"
+    L.seed_everything(0, verbose=False)
+    tda = TDACallback(path, task=ClassificationTask(), segments=2, every_n_steps=2)
+    quiet_trainer(max_epochs=2, callbacks=[tda]).fit(MLPClassifier(sizes=[64, 16, 10]), loader())  # 16 steps
+    (cost,) = Trace.open(path).recording_costs()
+    assert (cost["first_step"], cost["last_step"]) == (0, 16)
+    assert set(cost["seconds"]) == set(COST_KINDS)
+    for kind in ("trace_creation", "initial_checkpoint", "loss_check", "statistics", "checkpoints", "io"):
+        assert cost["seconds"][kind] > 0, kind
+    assert sum(cost["seconds"].values()) < cost["training_seconds"]
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "recording cost (steps 1-16): " in out and "% on top of" in out and "statistics" in out
+    # a second fit appends its own record
+    quiet_trainer(max_epochs=1, callbacks=[TDACallback(path, task=ClassificationTask(), if_exists="append")]).fit(
+        MLPClassifier(sizes=[64, 16, 10]), loader()
+    )
+    assert [(c["first_step"], c["last_step"]) for c in Trace.open(path).recording_costs()] == [(0, 16), (16, 24)]
+
+
+@pytest.mark.parametrize(
+    "record, problem",
+    [
+        ({"first_step": 0, "last_step": 4, "training_seconds": 1.0, "seconds": {"io": -1.0}}, "seconds\\['io'\\]"),
+        ({"first_step": 5, "last_step": 4, "training_seconds": 1.0, "seconds": {}}, "last_step"),
+        ({"first_step": 0, "last_step": 4, "training_seconds": "NaN", "seconds": {}}, "training_seconds"),
+        ({"first_step": 0, "last_step": 4, "training_seconds": 1.0}, "'seconds' object"),
+    ],
+)
+def test_a_malformed_cost_record_is_refused_naming_it(tmp_path, record, problem):
+    path = tmp_path / "trace.h5"
+    quiet_trainer(max_epochs=1, callbacks=[TDACallback(path, task=ClassificationTask(), segments=1)]).fit(
+        MLPClassifier(sizes=[64, 16, 10]), loader(n=32)
+    )
+    with h5py.File(path, "a") as f:
+        del f["meta/recording_cost"]
+        f["meta"].create_dataset("recording_cost", data=json.dumps([record]))
+    with pytest.raises(TraceError, match=f"meta/recording_cost record 0.*{problem}"):
+        Trace.open(path).recording_costs()
+
+
+def test_the_cost_goes_into_the_summary_of_the_trainers_wandb_run(tmp_path):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+    from wandb_reader import OfflineRun, find_runs
+
+    logger = WandbLogger(project="tests", save_dir=str(tmp_path), offline=True)
+    tda = TDACallback(tmp_path / "trace.h5", task=ClassificationTask(), segments=1, every_n_steps=2)
+    quiet_trainer(max_epochs=1, callbacks=[tda], logger=logger).fit(MLPClassifier(sizes=[64, 16, 10]), loader())
+    wandb.finish()
+    (cost,) = Trace.open(tmp_path / "trace.h5").recording_costs()
+    summary = OfflineRun.read(find_runs(tmp_path)[0]).summary
+    assert summary["tda/recording/seconds"] == pytest.approx(sum(cost["seconds"].values()))
+    assert summary["tda/recording/checkpoints_seconds"] == pytest.approx(cost["seconds"]["checkpoints"])
+    assert summary["tda/recording/percent_of_training"] == pytest.approx(cost_percent(cost))

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from wandb_reader import OfflineRun, find_runs
 
-from lightning_tda import ClassificationTask, RegressionTask, Scores
+from lightning_tda import ClassificationTask, RegressionTask, Scores, Trace
 from lightning_tda.demo import ConcreteDataModule, DigitsDataModule
+from lightning_tda.recording.cost import combined_cost
 from lightning_tda.reporting import (
     AutoRenderer,
     ImageRenderer,
@@ -36,6 +37,7 @@ from lightning_tda.reporting import (
     write_reports,
 )
 from lightning_tda.reporting.wandb_report import SELF_COLUMNS, table_columns
+from lightning_tda.trace.records import cost_percent
 
 K = 4
 QUERY_IDS = [3, 1, 4, 15, 9]
@@ -181,6 +183,10 @@ def test_wandb_run_holds_tables_histograms_and_trace_artifact(report_case, tmp_p
     assert artifact["metadata"]["methods"] == ["similarity"]
     assert run.summary["tda/similarity/mean_score"] == pytest.approx(float(pairwise.values.mean()), rel=1e-5)
     assert run.summary["tda/similarity/unit"] == UNIT and run.summary["tda/similarity/warnings"] == WARNING
+    cost = combined_cost(Trace.open(trace).recording_costs())  # what recording the trace cost
+    assert run.summary["tda/recording/seconds"] == pytest.approx(sum(cost["seconds"].values()))
+    assert run.summary["tda/recording/statistics_seconds"] == pytest.approx(cost["seconds"]["statistics"])
+    assert run.summary["tda/recording/percent_of_training"] == pytest.approx(cost_percent(cost))
 
 
 def test_wandb_report_goes_into_the_wandb_logger_run(report_case, tmp_path):
