@@ -33,8 +33,9 @@ Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -425,6 +426,20 @@ class KFACStatistics:
     def flat_tensors(self) -> list[Tensor]:
         """All sums in a fixed order (for cross-process reduction and checkpointing)."""
         return [self.sums[name][key] for name in sorted(self.sums) for key in FACTORS]
+
+    def summed(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Any]:
+        """The sums ``{layer: {A_sum, A_count, S_sum, S_count}}`` on the CPU, and the skipped-step count under
+        ``"__skipped__"``; with ``reduce`` (a sum across processes) summed over every process by one collective
+        on a single flat tensor."""
+        flat = self.flat_tensors() + [self.skipped_steps.reshape(())]
+        if reduce is not None:
+            sizes = [t.numel() for t in flat]
+            joined = reduce(torch.cat([t.reshape(-1) for t in flat]))
+            flat = [part.reshape(t.shape) for part, t in zip(joined.split(sizes), flat)]
+        on_host = iter([t.cpu() for t in flat])
+        result: dict[str, Any] = {name: {key: next(on_host) for key in FACTORS} for name in sorted(self.sums)}
+        result["__skipped__"] = next(on_host)
+        return result
 
     def load_flat_tensors(self, tensors: Sequence[Tensor]) -> None:
         tensors = iter(tensors)

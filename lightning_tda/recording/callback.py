@@ -274,7 +274,7 @@ class TDACallback(L.Callback):
             with self._recording():
                 self.writer.write_header(
                     run_id=self.run_id,
-                    meta=self._meta(trainer, pl_module),
+                    meta=self.options.run_meta(trainer, pl_module, self.task, self.cadence.describe()),
                     optimizer=optimizer_record(optimizer),
                     config=self.options.to_config(self.policy),
                     layers=self.layers,
@@ -326,28 +326,6 @@ class TDACallback(L.Callback):
         batches = trainer.num_training_batches
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
         self.boundaries = self.policy.plan(self.step, total, steps_per_epoch)
-
-    def _meta(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        size = self.options.dataset_size
-        if size is None:
-            try:
-                size = len(trainer.train_dataloader.dataset)
-            except (AttributeError, TypeError):
-                size = -1
-        return {
-            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
-            "task_class": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
-            "fisher": self.fisher.kind,
-            **self.cadence.describe(),
-            "world_size": trainer.world_size,
-            "dataset_size": size,
-            "checkpoint_dtype": self.options.checkpoint_dtype,
-            "factor_dtype": self.options.factor_dtype,
-            "max_factor_ratio": -1.0 if self.options.max_factor_ratio is None else float(self.options.max_factor_ratio),
-            "sequence_mode": "expand",
-            "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "precision": str(trainer.precision),
-        }
 
     # ------------------------------------------------------------------------------- per batch
     def _reset_micro_batch(self) -> None:
@@ -567,22 +545,10 @@ class TDACallback(L.Callback):
 
     def _reduced_sums(self, trainer: L.Trainer) -> dict[str, Any]:
         """K-FAC sums summed over ranks, on the CPU, plus the skipped-step count under ``"__skipped__"``."""
-        flat = self.stats.flat_tensors() + [self.stats.skipped_steps.reshape(())]
-        if trainer.world_size > 1:
-            sizes = [t.numel() for t in flat]
-            joined = torch.cat([t.reshape(-1) for t in flat]).to(trainer.strategy.root_device)
-            joined = trainer.strategy.reduce(joined, reduce_op="sum")
-            flat = [part.reshape(t.shape) for part, t in zip(joined.split(sizes), flat)]
-        flat = [t.cpu() for t in flat]
-        result: dict[str, Any] = {}
-        position = 0
-        for name in sorted(self.stats.sums):
-            result[name] = {}
-            for key in ("A_sum", "A_count", "S_sum", "S_count"):
-                result[name][key] = flat[position]
-                position += 1
-        result["__skipped__"] = flat[-1]
-        return result
+        if trainer.world_size == 1:
+            return self.stats.summed()
+        strategy = trainer.strategy
+        return self.stats.summed(lambda flat: strategy.reduce(flat.to(strategy.root_device), reduce_op="sum"))
 
     # ----------------------------------------------------------------------------- checkpoints
     def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -117,6 +117,31 @@ class RecordingOptions:
             del recorded["overhead_budget"], recorded["min_statistics_steps"]
         return recorded
 
+    def run_meta(self, trainer: Any, model: Any, task: Any, cadence: dict[str, Any]) -> dict[str, Any]:
+        """What the trace's ``/meta`` attributes record about this run: the classes that ran, the cadence
+        (``cadence``: the statistics cadence's description), the trainer's world size, accumulation and precision,
+        and the options that shape what was stored."""
+        size = self.dataset_size
+        if size is None:
+            try:
+                size = len(trainer.train_dataloader.dataset)
+            except (AttributeError, TypeError):
+                size = -1
+        return {
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
+            "fisher": self.fisher,
+            **cadence,
+            "world_size": trainer.world_size,
+            "dataset_size": size,
+            "checkpoint_dtype": self.checkpoint_dtype,
+            "factor_dtype": self.factor_dtype,
+            "max_factor_ratio": -1.0 if self.max_factor_ratio is None else float(self.max_factor_ratio),
+            "sequence_mode": "expand",
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision": str(trainer.precision),
+        }
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
