@@ -268,7 +268,11 @@ class TDACallback(L.Callback):
         else:
             self._plan_fit(trainer)
             self._open_segment()
-        self._start_loss_check(trainer, restored)
+        # every rank replays its own batches (a replayed forward may hold collectives); rank 0 warns and records
+        saved = (restored or {}).get("loss_check")
+        self._loss_check = TrainingLossCheck.for_fit(
+            self.task, self.options.loss_check_steps, str(trainer.precision), self.step + 1, saved
+        )
         if self.writer is not None and self.writer.created:
             self.run_id = uuid.uuid4().hex[:12]
             with self._recording():
@@ -729,21 +733,6 @@ class TDACallback(L.Callback):
         )
 
     # ------------------------------------------------------------------------------ loss check
-    def _start_loss_check(self, trainer: L.Trainer, restored: dict[str, Any] | None) -> None:
-        """Check the first ``loss_check_steps`` steps of this fit; a resumed fit continues the check it saved.
-        Every rank replays its own batches (a replayed forward may hold collectives: SyncBatchNorm, FSDP);
-        rank 0 warns and records."""
-        self._loss_check = None
-        if self.options.loss_check_steps == 0:
-            return
-        tolerance = 1e-2 if "16" in str(trainer.precision) else 1e-4  # half precision rounds losses to ~3 digits
-        self._loss_check = TrainingLossCheck(
-            self.task, self.options.loss_check_steps, tolerance, first_step=self.step + 1
-        )
-        saved = (restored or {}).get("loss_check")
-        if saved is not None:
-            self._loss_check.load_state_dict(saved)
-
     def _finish_loss_check(self) -> None:
         if self._loss_check is None or self._loss_check.done:
             return

@@ -361,6 +361,20 @@ class TrainingLossCheck:
         self._rng: tuple[Tensor, Tensor | None] | None = None
         self._losses: Tensor | None = None
 
+    @classmethod
+    def for_fit(
+        cls, task: Task, steps: int, precision: str, first_step: int, saved: dict[str, Any] | None
+    ) -> TrainingLossCheck | None:
+        """The check of a fit's first ``steps`` optimizer steps (``None`` when ``steps`` is 0), at a tolerance for
+        the trainer's ``precision`` (half precision rounds losses to about 3 digits); a resumed fit continues the
+        check it ``saved``."""
+        if steps == 0:
+            return None
+        check = cls(task, steps, 1e-2 if "16" in precision else 1e-4, first_step=first_step)
+        if saved is not None:
+            check.load_state_dict(saved)
+        return check
+
     @property
     def last_step(self) -> int:
         return self.first_step + self.steps - 1
