@@ -122,11 +122,27 @@ class Task:
 
 
 def sample_classes(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One class per row of ``logits (..., C)`` drawn from its softmax: int64 ``(...)``."""
+    """One class per row of ``logits (..., C)`` drawn from its softmax: int64 ``(...)``.
+
+    On an accelerator the draw is an exponential race, ``argmax_c p_c / E_c`` with ``E_c ~ Exp(1)`` (class ``c``
+    wins with probability ``p_c``), which never waits for the device (``torch.multinomial`` checks its input
+    on the host on some torch versions and devices); on the CPU, where nothing waits, ``torch.multinomial``
+    keeps the draws of earlier traces.
+    """
     probs = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]).float(), dim=-1)
     # non-finite outputs: sample uniformly; the step's statistics are then dropped as non-finite
     probs = torch.where(probs.isfinite().all(dim=-1, keepdim=True), probs, torch.ones_like(probs))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).reshape(logits.shape[:-1])
+    if probs.device.type == "cpu":
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        drawn = exponential_race(probs, generator)
+    return drawn.reshape(logits.shape[:-1])
+
+
+def exponential_race(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One column per row of ``probs (N, C)`` (non-negative, rows need not be normalised), drawn with
+    probability proportional to its entry: ``argmax_c p_c / E_c``, ``E_c ~ Exp(1)``; int64 ``(N,)``."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
 
 
 class ClassificationTask(Task):

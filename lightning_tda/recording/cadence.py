@@ -14,14 +14,19 @@ took them).
 Decisions are made at statistics steps only (the next optional one is planned there), so under
 DDP one broadcast of rank 0's plan per statistics step keeps every rank on the same steps. Nothing
 here imports Lightning; time is passed in by the caller, so the rules are testable with a fake clock.
+:class:`StepTimer` measures the steps: on a GPU with CUDA events (the host's clock would measure only
+kernel launches), read at statistics steps, so plain steps never wait for the device.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import deque
 from typing import Any
+
+import torch
 
 PLAIN_WINDOW = 16  # plain-step durations kept for the median
 EXTRA_WINDOW = 5  # statistics-step extra costs kept for the median
@@ -171,3 +176,48 @@ class BudgetCadence:
         self.credit = float(state["credit"])
         self.next_optional = state["next_optional"]
         self.required = list(state["required"])
+
+
+class StepTimer:
+    """Durations of optimizer steps, measured without a host synchronisation per step.
+
+    On a CUDA device each step is bracketed by two CUDA events recorded on the current stream: their
+    interval is the device's time for the step's work, which the host's clock cannot see (kernels are
+    launched asynchronously). The events are read by :meth:`take`, which waits for the last one (one
+    synchronisation, done at statistics steps, where the statistics synchronise anyway). Elsewhere
+    (CPU) ``time.perf_counter`` measures the step as it runs.
+
+    Args:
+        device: the model's device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.events = torch.device(device).type == "cuda"
+        self._started: Any = None
+        self._pending: list[tuple[int, Any, Any, bool]] = []
+
+    def _now(self) -> Any:
+        if not self.events:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        """An optimizer step begins (its first micro-batch)."""
+        self._started = self._now()
+
+    def stop(self, step: int, statistics_step: bool) -> None:
+        """Optimizer step ``step`` ended (whether it took statistics is kept with its duration)."""
+        self._pending.append((step, self._started, self._now(), statistics_step))
+        self._started = None
+
+    def take(self) -> list[tuple[int, float, bool]]:
+        """``(step, seconds, statistics_step)`` of every step stopped since the last call, in order."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        if self.events:
+            pending[-1][2].synchronize()
+            return [(step, start.elapsed_time(end) / 1000.0, stats) for step, start, end, stats in pending]
+        return [(step, end - start, stats) for step, start, end, stats in pending]

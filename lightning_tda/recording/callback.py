@@ -65,7 +65,7 @@ from lightning_tda.layers.capture import LayerCapture
 from lightning_tda.layers.covariances import KFACStatistics, recorded_factors
 from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.layers.tracked import SUPPORTED_LAYERS, UNTRACKED_NOTE, TrackedLayer, find_layers
-from lightning_tda.recording.cadence import BudgetCadence, FixedCadence
+from lightning_tda.recording.cadence import BudgetCadence, FixedCadence, StepTimer
 from lightning_tda.recording.cost import RecordingCost, cost_scalars
 from lightning_tda.recording.loss_check import TrainingLossCheck
 from lightning_tda.recording.optimizer import AdamSecondMoments, layer_param_groups, optimizer_record
@@ -183,6 +183,7 @@ class TDACallback(L.Callback):
         self._loss_check: TrainingLossCheck | None = None
         self._second_moments: AdamSecondMoments | None = None
         self._cost = RecordingCost()
+        self._timer: StepTimer | None = None
         self._reset_micro_batch()
 
     @property
@@ -254,6 +255,8 @@ class TDACallback(L.Callback):
         """Statistics, the trace (created with its header and initial checkpoint, or opened to continue), the plan
         of segments and the loss check."""
         self._device = pl_module.device
+        # only the budget cadence reads step durations (on a GPU from CUDA events, read at statistics steps)
+        self._timer = StepTimer(pl_module.device) if isinstance(self.cadence, BudgetCadence) else None
         self.stats = KFACStatistics(
             self.layers, device=pl_module.device, recorded=self.recorded, factor_dtype=self.options.factor_dtype
         )
@@ -339,7 +342,7 @@ class TDACallback(L.Callback):
         self._lrs: list[float] = []
         self._loss_sum: Tensor | None = None
         self._examples = 0
-        self._step_started: float | None = None
+        self._step_open = False
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -348,8 +351,10 @@ class TDACallback(L.Callback):
             self._start_batch(trainer, pl_module, batch)
 
     def _start_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        if self._step_started is None:  # the first micro-batch of an optimizer step
-            self._step_started = time.perf_counter()
+        if not self._step_open:  # the first micro-batch of an optimizer step
+            self._step_open = True
+            if self._timer is not None:
+                self._timer.start()
             self._stats_step = self.cadence.is_statistics_step(self.step)
         self._batch = batch
         self._batch_size = self.task.batch_size(batch)
@@ -440,9 +445,11 @@ class TDACallback(L.Callback):
                     self.policy.observe(self.stats.last_step())  # an adaptive policy reads the step (one host sync)
         self._capturing = False
         if self._stepped:
-            seconds = time.perf_counter() - self._step_started
-            self.cadence.record_step(self.step, seconds, self._stats_step)
+            if self._timer is not None:
+                self._timer.stop(self.step, self._stats_step)
             if self._stats_step:
+                for step, seconds, statistics_step in self._timer.take() if self._timer is not None else ():
+                    self.cadence.record_step(step, seconds, statistics_step)
                 planned = self.cadence.plan_next(self.step)
                 if trainer.world_size > 1:  # every rank takes statistics on rank 0's steps
                     self.cadence.follow(trainer.strategy.broadcast(planned, src=0))

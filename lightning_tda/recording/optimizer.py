@@ -57,7 +57,8 @@ class AdamSecondMoments:
     def read(self, optimizer: Any) -> dict[str, Tensor]:
         """``{layer: v̂}`` now, for every tracked layer whose parameters the optimizer keeps ``exp_avg_sq`` of
         (empty for SGD). ``v̂ = v / (1 − β₂^t)``; the step count ``t`` is read from the optimizer state without
-        a host synchronisation (a capturable or fused Adam keeps it on the device)."""
+        a host synchronisation (a capturable or fused Adam keeps it on the device, and it is used there; Adam
+        otherwise keeps it as a CPU tensor, read on the host)."""
         parts: dict[str, dict[str, Tensor]] = {}
         for group in optimizer.param_groups:
             betas = group.get("betas")
@@ -71,7 +72,10 @@ class AdamSecondMoments:
                 layer, part = slot
                 second = state["exp_avg_sq"].detach()
                 step = state["step"]  # 1 − β₂ᵗ cancels for small t: formed in float64
-                steps = step.to(second.device, torch.float64) if isinstance(step, Tensor) else float(step)
+                if isinstance(step, Tensor) and step.device.type != "cpu":  # fused/capturable: stays on the device
+                    steps = step.to(torch.float64)
+                else:  # a number, or a CPU tensor: reading it waits for no device (no host-device copy either)
+                    steps = float(step)
                 parts.setdefault(layer.name, {})[part] = (second / (1 - betas[1] ** steps)).float()
         return {
             layer.name: layer.as_matrix(parts[layer.name]["weight"], parts[layer.name].get("bias"))

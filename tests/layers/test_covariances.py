@@ -64,3 +64,14 @@ def test_host_counts_reach_the_device_once_per_step(monkeypatch):
     stats.commit()
     assert len(created) == 1 and sorted(created[0][0]) == [4] * 4  # every layer's A and S count in one tensor
     assert all(stats.sums[layer.name]["A_count"] == 4 for layer in layers)
+
+
+def test_the_sync_free_class_draw_has_the_softmax_distribution():
+    """The true Fisher's draw on accelerators (an exponential race) picks each class with its probability."""
+    from lightning_tda.tasks import exponential_race
+
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0]).expand(200_000, 4)
+    drawn = exponential_race(probs, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4).double() / len(drawn)
+    torch.testing.assert_close(frequencies, probs[0].double(), rtol=0, atol=0.005)  # 3.5 standard errors
+    assert frequencies[3] == 0

@@ -1,8 +1,11 @@
-"""The recorder under mixed precision and unusual strategies: bf16 autocast leaves the recorded factors at
-float32 precision, and a sharded strategy is refused at setup with the supported ones named."""
+"""The recorder under mixed precision, strategies and devices: bf16 autocast leaves the recorded factors at
+float32 precision, a sharded strategy is refused at setup with the supported ones named, and the callback never
+waits for the device on steps without statistics (and a fixed number of times, whatever the number of layers, on
+steps with them)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from types import SimpleNamespace
 
 import lightning as L
@@ -10,6 +13,8 @@ import pytest
 import torch
 from conftest import quiet_trainer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
@@ -64,3 +69,74 @@ def test_sharded_strategies_are_refused_at_setup(tmp_path, sharded):
 def test_single_device_and_ddp_are_accepted():
     check_strategy(SingleDeviceStrategy(torch.device("cpu")))
     check_strategy(DDPStrategy())
+
+
+# ----------------------------------------------------------------------------------- host synchronisation
+HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
+HOOKS += ("on_train_batch_end",)
+READS = {Tensor.item, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__, Tensor.tolist}
+READS |= {Tensor.cpu, Tensor.numpy, Tensor.__array__}
+
+
+class DeviceReads(TorchFunctionMode):
+    """Counts the tensor calls that make the host wait for the device (a value read, a copy to the host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_host = func is Tensor.to and any(str(a).startswith("cpu") for a in [*args[1:], *kwargs.values()])
+        if func in READS or to_host:
+            self.calls.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+def reads_per_step(tmp_path, sizes: list[int], every_n_steps) -> tuple[dict[int, Counter], Trace]:
+    """Device reads made by the callback's hooks during each optimizer step (0-based), and the trace of a
+    32-step run with one segment and one checkpoint (at its end)."""
+    reads: dict[int, Counter] = {}
+    path = tmp_path / f"{len(sizes)}-{every_n_steps}.h5"
+    tda = TDACallback(
+        path, task=ClassificationTask(), segments=1, checkpoints_per_segment=1, every_n_steps=every_n_steps,
+        loss_check_steps=0, min_statistics_steps=3,
+    )  # fmt: skip
+
+    def counted(hook):
+        def run(*args, **kwargs):
+            step = tda.step
+            with DeviceReads() as mode:
+                result = hook(*args, **kwargs)
+            reads.setdefault(step, Counter()).update(mode.calls)
+            return result
+
+        return run
+
+    for name in HOOKS:
+        setattr(tda, name, counted(getattr(tda, name)))
+    L.seed_everything(0, verbose=False)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(256, sizes[0], generator=generator), torch.randint(0, 10, (256,)))
+    quiet_trainer(max_epochs=1, callbacks=[tda]).fit(MLPClassifier(sizes=sizes), DataLoader(data, batch_size=8))
+    return reads, Trace.open(path)
+
+
+@pytest.mark.parametrize("every_n_steps", ["auto", 4])
+def test_no_device_reads_on_steps_without_statistics(tmp_path, every_n_steps):
+    reads, trace = reads_per_step(tmp_path, [16, 8, 10], every_n_steps)
+    statistics = trace.steps().statistics
+    assert len(reads) == len(statistics) == 32 and 3 <= statistics.sum() < 32
+    last = len(statistics) - 1  # the checkpoint and the segment's write
+    assert sum(reads[last].values()) > 0  # the counter sees reads where there are some
+    plain = {step: calls for step, calls in reads.items() if not statistics[step] and step != last}
+    assert plain and all(not calls for calls in plain.values()), {s: c for s, c in plain.items() if c}
+
+
+def test_device_reads_on_statistics_steps_do_not_grow_with_the_number_of_layers(tmp_path):
+    counts = {}
+    for sizes in ([16, 8, 10], [16, 8, 8, 8, 8, 10]):
+        reads, trace = reads_per_step(tmp_path, sizes, 4)
+        statistics = trace.steps().statistics
+        counts[len(sizes)] = {sum(reads[step].values()) for step in range(31) if statistics[step]}
+    assert len(counts[3]) == 1 and counts[3] == counts[6], counts  # a fixed number per step (measured 0)
