@@ -347,3 +347,38 @@ def test_the_cost_goes_into_the_summary_of_the_trainers_wandb_run(tmp_path):
     assert summary["tda/recording/seconds"] == pytest.approx(sum(cost["seconds"].values()))
     assert summary["tda/recording/checkpoints_seconds"] == pytest.approx(cost["seconds"]["checkpoints"])
     assert summary["tda/recording/percent_of_training"] == pytest.approx(cost_percent(cost))
+
+
+def test_convolution_factors_recorded_without_unfolding_equal_the_unfolded_inputs_seen(tmp_path, monkeypatch):
+    """End to end through the callback: a ResNet's 16-channel stride-1 3×3 convolutions take the fast path
+    (conv_input_product), and the recorded A_sum equals the float64 product of the unfolded inputs they saw."""
+    import lightning_tda.layers.covariances as covariances
+    from lightning_tda.demo import ResNet
+
+    fast_path = []
+    original = covariances.conv_input_product
+    monkeypatch.setattr(
+        covariances, "conv_input_product", lambda *a, **k: fast_path.append(original(*a, **k)) or fast_path[-1]
+    )
+    L.seed_everything(0, verbose=False)
+    model = ResNet(width=16, blocks=[1, 1, 1, 1], in_channels=1)
+    name = "net.3.conv1"  # 16 → 16 channels, 3×3, stride 1, on 8×8 inputs
+    conv = model.get_submodule(name)
+    seen: list[torch.Tensor] = []
+    conv.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].detach().clone()) if torch.is_grad_enabled() else None
+    )
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(32, 1, 8, 8, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    )
+    path = tmp_path / "resnet.h5"
+    tda = TDACallback(path, task=ClassificationTask(), segments=1, every_n_steps=1, loss_check_steps=0)
+    quiet_trainer(max_epochs=1, callbacks=[tda]).fit(model, DataLoader(data, batch_size=8))
+    assert any(product is not None for product in fast_path)
+    layer = find_layers(nn.Sequential(conv))[0][0]
+    rows = layer.activation_rows(torch.cat(seen).double())  # (B, 64, 144)
+    exact = outer_product(rows, torch.float64)
+    recorded = Trace.open(path).kfac_sums(0, name)
+    assert recorded["A_count"] == 32 * 64
+    torch.testing.assert_close(recorded["A_sum"], exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))

@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.demo import MLPClassifier
+from lightning_tda.recording.cadence import BudgetCadence, StepTimer
+from lightning_tda.recording.segments import CurvatureDrift
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "train_digits.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -64,9 +66,11 @@ class CrashAtEpoch(L.Callback):
             raise RuntimeError("simulated failure")
 
 
-def fit_digits(path: Path, callbacks=(), ckpt_path=None, **trainer_kwargs) -> None:
+def fit_digits(path: Path, callbacks=(), ckpt_path=None, recording=None, **trainer_kwargs) -> None:
+    """4 epochs of 8 steps; ``recording``: the callback's options (default: statistics on every step)."""
     L.seed_everything(0, verbose=False)
-    tda = TDACallback(path, task=ClassificationTask(), every_n_steps=1)  # true Fisher: sampled targets
+    options = recording or {"every_n_steps": 1}
+    tda = TDACallback(path, task=ClassificationTask(), **options)  # true Fisher: sampled targets
     trainer = quiet_trainer(max_epochs=4, callbacks=[tda, *callbacks], **trainer_kwargs)
     model = MLPClassifier(sizes=[64, 32, 10], lr=0.1)
     trainer.fit(model, DataLoader(dataset(), batch_size=32, shuffle=False), ckpt_path=ckpt_path)
@@ -85,6 +89,39 @@ def test_a_resumed_run_writes_the_same_trace_as_an_uninterrupted_one(tmp_path):
     assert crashed.num_steps == 24 and [s.index for s in crashed.segments] == [0, 1]
 
     fit_digits(tmp_path / "resumed.h5", ckpt_path=tmp_path / "ckpt" / "epoch=1-step=16.ckpt")
+    assert_same_trace(tmp_path / "straight.h5", tmp_path / "resumed.h5", rtol=1e-6, atol=1e-9)
+
+
+def fixed_step_durations(self: StepTimer, step: int, statistics_step: bool) -> None:
+    """A deterministic clock for the budget cadence: a plain step takes 1 s, a statistics step 4 s."""
+    self._pending.append((step, 0.0, 4.0 if statistics_step else 1.0, statistics_step))
+
+
+@pytest.mark.parametrize("policy", ["budget", "drift"])
+def test_resuming_continues_the_budget_cadence_and_a_drift_policy(tmp_path, monkeypatch, policy):
+    """The default cadence (every_n_steps="auto", its timings, credit and plan) and CurvatureDrift (its running
+    means) are resumed from the Lightning checkpoint: the resumed trace is the uninterrupted one."""
+    monkeypatch.setattr(StepTimer, "stop", fixed_step_durations)
+    monkeypatch.setattr(BudgetCadence, "spend", lambda self, seconds: None)  # writes take no time here
+
+    def recording():
+        if policy == "budget":  # 3 s extra per statistics step, 0.5 s earned per plain step: every ~7th step
+            return {"every_n_steps": "auto", "overhead_budget": 0.5, "min_statistics_steps": 1}
+        return {"segments": CurvatureDrift(threshold=0.3, min_steps=2, decay=0.5), "every_n_steps": 1}
+
+    fit_digits(tmp_path / "straight.h5", recording=recording())
+    straight = Trace.open(tmp_path / "straight.h5")
+    if policy == "budget":  # optional steps were taken beyond the required one per segment
+        assert 3 < straight.steps().statistics.sum() < 16
+    else:
+        reasons = [segment.reason for segment in straight.segments]
+        assert reasons.count("drift") >= 2 and any(s.end_step > 16 for s in straight.segments[:-1]), reasons
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        fit_digits(
+            tmp_path / "resumed.h5", [checkpoints, CrashAtEpoch(3)], recording=recording(), enable_checkpointing=True
+        )
+    fit_digits(tmp_path / "resumed.h5", ckpt_path=tmp_path / "ckpt" / "epoch=1-step=16.ckpt", recording=recording())
     assert_same_trace(tmp_path / "straight.h5", tmp_path / "resumed.h5", rtol=1e-6, atol=1e-9)
 
 

@@ -6,7 +6,8 @@ bytes, deleted and resized datasets, attributes and JSON rewritten with random v
 links and virtual datasets pointing out of the file, NaN/Inf/negative/asymmetric values). A child
 process opens, inspects, reads every tensor and checkpoint, reads scores and caches, and attributes
 (every 5th case) for each copy: any exception other than ``TraceError``/``ValueError`` fails the test.
-The child runs with its address space capped and a per-case alarm, so an allocation sized by a number
+The child runs with its address space capped (``MEMORY_MB`` beyond what it maps once its imports are done,
+so a CUDA build of torch fits) and a per-case alarm, so an allocation sized by a number
 in the file, a hang or a segfault in HDF5 shows up as a failed case (the child is restarted after it).
 The parent writes cases while the child works through them (two cores).
 """
@@ -26,7 +27,7 @@ from hostile_traces import exercise, mutate, record_base_trace
 
 SEED = 13
 CASES = 200
-MEMORY_MB = 2000
+MEMORY_MB = 2000  # address space the child may add after its imports
 SECONDS_PER_CASE = 30
 BUDGET_SECONDS = 300  # a hard stop far above a normal run (about 25 s of CPU time in all)
 SCRIPT = Path(__file__).parents[1] / "hostile_traces.py"
