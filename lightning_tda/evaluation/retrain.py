@@ -326,7 +326,9 @@ class RetrainRunner:
         keys = [_key(indices, seed, self.query_fingerprint, self.recipe_key) for indices, seed in jobs]
         results = self._read(keys)
         missing = {key: job for key, job in zip(keys, jobs) if key not in results}
-        if missing and self.cache is not None:
+        if not missing:
+            return [results[key] for key in keys]
+        if self.cache is not None:
             Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
         for done, (key, outcome) in enumerate(self._train(missing), start=1):
             indices, seed = missing[key]

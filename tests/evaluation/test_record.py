@@ -171,7 +171,7 @@ def test_a_damaged_retraining_cache_is_refused_with_the_fix(tmp_path):
     runner = RetrainRunner(_Constant(), ClassificationTask(), queries, cache=cache)
     jobs = [(np.array([0, 1]), 0), (np.array([1, 2]), 1)]
     first = runner.run(jobs)
-    again = RetrainRunner(_Constant(), ClassificationTask(), queries, cache=cache)
+    again = RetrainRunner(_Constant(), ClassificationTask(), queries, cache=cache, workers=2)  # nothing to start
     np.testing.assert_array_equal(again.run(jobs)[1].measurement, first[1].measurement)
     assert again.num_trained == 0
     with h5py.File(cache, "a") as f:
