@@ -280,6 +280,9 @@ class KFACStatistics:
         recorded: per layer name, whether ``(A, S)`` are recorded (default: both); an unrecorded
             factor's rows are ignored and its sum stays empty (shape ``(0, 0)``); counts are kept.
         factor_dtype: precision of the per-step products (see :func:`factor_dtypes`).
+        max_examples: :meth:`stage_inputs` and :meth:`stage_gradients` use the first this many examples of
+            what they are given (``None``: all); the counts are those of the examples used, so the factors
+            are the same means over fewer examples (the recorder's ``statistics_examples``).
     """
 
     def __init__(
@@ -288,8 +291,10 @@ class KFACStatistics:
         device: torch.device | str | None = None,
         recorded: Mapping[str, tuple[bool, bool]] | None = None,
         factor_dtype: str = "auto",
+        max_examples: int | None = None,
     ) -> None:
         self.layers = {layer.name: layer for layer in layers}
+        self.max_examples = max_examples
         self.dtypes = {layer.name: factor_dtypes(layer, factor_dtype) for layer in layers}
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.recorded = {name: (recorded or {}).get(name, (True, True)) for name in self.layers}
@@ -336,6 +341,9 @@ class KFACStatistics:
         :class:`~lightning_tda.layers.capture.LayerCapture`): the same sums as :meth:`stage_activations` of its
         (masked) rows, computed without unfolding a convolution's input where :func:`conv_input_product`
         applies, and without forming its rows when ``A`` is not recorded and no mask applies."""
+        if self.max_examples is not None:
+            inputs = inputs[: self.max_examples]
+            row_mask = None if row_mask is None else row_mask[: self.max_examples]
         name = layer.name
         if layer.kind == "conv2d":  # never masked (masked_rows leaves convolutions alone)
             product = None
@@ -356,6 +364,8 @@ class KFACStatistics:
     def stage_gradients(self, name: str, rows: Tensor, scale: Tensor | float = 1.0) -> None:
         """Stage per-example output-gradient rows ``(B, R, out)``, multiplied by ``scale`` first (a number, or a
         scalar tensor on the rows' device, e.g. a GradScaler's scale, read without a host synchronisation)."""
+        if self.max_examples is not None:
+            rows = rows[: self.max_examples]
         if self.recorded[name][1]:
             self._stage(name, "S_sum", outer_product(rows, self.dtypes[name][1]), scale * scale)
         self._stage(name, "S_count", rows.shape[0])

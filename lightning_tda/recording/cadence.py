@@ -5,15 +5,17 @@ and with the true Fisher one more forward and backward pass); how much, relative
 step, depends on the architecture far more than on any rule about segment length: on the digits
 MLP it is about one step, on a ResNet's 3×3 convolutions (whose input factor is 9·C wide) several.
 :class:`BudgetCadence` therefore measures it. It times plain steps and statistics steps, and every
-other cost the recorder adds (checkpoints, segment writes), and spaces statistics steps so that the
-extra time stays within ``budget`` × the training time, while every planned segment still gets at
-least ``min_per_segment`` statistics steps, spread evenly over it. When the minimum alone costs
-more than the budget, the minimum wins (the statistics are needed; the trace records which steps
-took them).
+other cost the recorder adds (checkpoints, segment writes, the loss check), and spaces statistics steps
+so that the extra time stays within ``budget`` × the training time. Every planned segment gets
+``min_per_segment`` statistics steps spread evenly over it when the budget can pay for them, fewer when
+it cannot, but never fewer than one: a segment needs its covariances, so one statistics step per segment
+is the only cost allowed to exceed the budget (on very short runs, or where one statistics step costs
+more than the budget of a whole segment). The trace records which steps took statistics.
 
-Decisions are made at statistics steps only (the next optional one is planned there), so under
-DDP one broadcast of rank 0's plan per statistics step keeps every rank on the same steps. Nothing
-here imports Lightning; time is passed in by the caller, so the rules are testable with a fake clock.
+Decisions are made at statistics steps only (the next optional step, how many statistics steps the
+budget affords per step, the rest of the segment's required steps), so under DDP one broadcast of rank
+0's :class:`Plan` per statistics step keeps every rank on the same steps. Nothing here imports
+Lightning; time is passed in by the caller, so the rules are testable with a fake clock.
 :class:`StepTimer` measures the steps: on a GPU with CUDA events (the host's clock would measure only
 kernel launches), read at statistics steps, so plain steps never wait for the device.
 """
@@ -24,12 +26,22 @@ import math
 import statistics
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 PLAIN_WINDOW = 16  # plain-step durations kept for the median
 EXTRA_WINDOW = 5  # statistics-step extra costs kept for the median
+
+
+class Plan(NamedTuple):
+    """What rank 0 decided at a statistics step (broadcast under DDP): the next optional statistics step,
+    the statistics steps the budget affords per training step (None before costs are measured), and the
+    required statistics steps of the open segment."""
+
+    next_optional: int | None
+    affordable_rate: float | None
+    required: list[int]
 
 
 class FixedCadence:
@@ -52,10 +64,10 @@ class FixedCadence:
     def spend(self, seconds: float) -> None:
         pass
 
-    def plan_next(self, step: int) -> int | None:
+    def plan_next(self, step: int) -> Plan | None:
         return None
 
-    def follow(self, next_optional: int | None) -> None:
+    def follow(self, plan: Plan | None) -> None:
         pass
 
     def describe(self) -> dict[str, Any]:
@@ -77,13 +89,15 @@ class BudgetCadence:
     statistics step's extra cost is its duration minus the median plain step. Each plain step earns
     ``budget`` × the median plain step of credit; costs are paid from it. At each statistics step
     :meth:`plan_next` picks the next optional one: the first step at which the credit will cover the
-    median extra cost. Besides these, the ``min_per_segment`` *required* steps sit at the middles of
-    equal parts of the planned segment. Before any statistics step has been timed only required
-    steps are taken.
+    median extra cost. Besides these, each planned segment has *required* steps at the middles of equal
+    parts of it: ``min_per_segment`` of them, or as many as the budget affords over the segment (the
+    budget per step over the median extra cost, less any debt), at least one. Before any statistics
+    step has been timed the first segment plans ``min_per_segment``; after its first statistics step
+    the rest of it is re-planned with the measured cost.
 
     Args:
         budget: allowed extra time as a fraction of the training time (0.05 = 5%).
-        min_per_segment: statistics steps every planned segment gets regardless of cost.
+        min_per_segment: statistics steps a planned segment gets when the budget affords them (at least 1).
     """
 
     def __init__(self, budget: float = 0.05, min_per_segment: int = 4) -> None:
@@ -98,35 +112,63 @@ class BudgetCadence:
         self.credit = 0.0
         self.next_optional: int | None = None
         self.required: list[int] = []
+        self.affordable_rate: float | None = None  # statistics steps the budget pays for per training step
+        self.other_seconds = 0.0  # costs of recording besides statistics steps, so far
+        self.steps_seen = 0
+        self.segment_end: int | None = None
 
     # --- segments ---------------------------------------------------------------------------------
     def open_segment(self, start_step: int, planned_steps: int | None) -> None:
         """A segment starts after ``start_step`` steps and is planned to last ``planned_steps`` (None:
         unknown; then only the budget spaces statistics, plus one required step at its start)."""
         if not planned_steps:
-            self.required = [start_step]
+            self.required, self.segment_end = [start_step], None
             return
-        count = min(self.min_per_segment, planned_steps)
-        self.required = sorted({start_step + int((i + 0.5) * planned_steps / count) for i in range(count)})
+        self.segment_end = start_step + planned_steps
+        self.required = spread(start_step, planned_steps, self._required_count(planned_steps, 0))
+
+    def _required_count(self, steps: int, taken: int) -> int:
+        """Required statistics steps among the next ``steps`` of a segment that has ``taken`` already:
+        up to ``min_per_segment`` in all, as many as the budget affords, at least one per segment."""
+        count = min(self.min_per_segment - taken, steps)
+        if self.affordable_rate is not None:
+            count = min(count, math.floor(self.affordable_rate * steps))
+        return max(count, 1 if taken == 0 else 0, 0)
 
     # --- decisions --------------------------------------------------------------------------------
     def is_statistics_step(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based) takes statistics."""
         return step in self.required or step == self.next_optional
 
-    def plan_next(self, step: int) -> int | None:
-        """After statistics step ``step``: the next optional statistics step (None before costs are known)."""
+    def plan_next(self, step: int) -> Plan:
+        """After statistics step ``step``: the next optional statistics step (None before costs are known),
+        what the budget affords per step, and the rest of the open segment's required steps re-planned
+        with them."""
         if not self.extra or not self.plain:
             self.next_optional = None
-            return None
+            return self.plan
         earned_per_step = self.budget * self.plain_seconds
         wait = math.ceil(max(0.0, self.extra_seconds - self.credit) / earned_per_step) if earned_per_step > 0 else 1
         self.next_optional = step + max(1, wait)
-        return self.next_optional
+        # what is left per step for statistics once the other costs (checkpoints, writes) are paid, per extra cost
+        left = max(0.0, earned_per_step - self.other_seconds / max(1, self.steps_seen))
+        self.affordable_rate = left / self.extra_seconds if self.extra_seconds > 0 else None
+        if self.segment_end is not None and step + 1 < self.segment_end:  # fewer required steps if unaffordable
+            done = [s for s in self.required if s <= step]
+            rest = self.segment_end - step - 1
+            count = self._required_count(rest, len(done))
+            if count < len(self.required) - len(done):
+                self.required = done + spread(step + 1, rest, count)
+        return self.plan
 
-    def follow(self, next_optional: int | None) -> None:
+    @property
+    def plan(self) -> Plan:
+        return Plan(self.next_optional, self.affordable_rate, list(self.required))
+
+    def follow(self, plan: Plan) -> None:
         """Adopt a plan made elsewhere (rank 0's, under DDP)."""
-        self.next_optional = next_optional
+        self.next_optional, self.affordable_rate, required = plan
+        self.required = list(required)
 
     # --- measurements -----------------------------------------------------------------------------
     @property
@@ -146,11 +188,13 @@ class BudgetCadence:
                 self.credit -= extra
         else:
             self.plain.append(seconds)
+        self.steps_seen += 1
         self.credit = min(self.credit + self.budget * self.plain_seconds, self.credit_cap)
 
     def spend(self, seconds: float) -> None:
-        """Another cost of recording (a checkpoint, a segment write) is paid from the budget."""
+        """Another cost of recording (a checkpoint, a segment write, the loss check) is paid from the budget."""
         self.credit -= seconds
+        self.other_seconds += seconds
 
     @property
     def credit_cap(self) -> float:
@@ -168,6 +212,10 @@ class BudgetCadence:
             "credit": self.credit,
             "next_optional": self.next_optional,
             "required": list(self.required),
+            "affordable_rate": self.affordable_rate,
+            "other_seconds": self.other_seconds,
+            "steps_seen": self.steps_seen,
+            "segment_end": self.segment_end,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -176,6 +224,16 @@ class BudgetCadence:
         self.credit = float(state["credit"])
         self.next_optional = state["next_optional"]
         self.required = list(state["required"])
+        self.affordable_rate = state.get("affordable_rate")  # absent in states saved before it was planned
+        self.segment_end = state.get("segment_end")
+        self.other_seconds = float(state.get("other_seconds", 0.0))
+        self.steps_seen = int(state.get("steps_seen", 0))
+
+
+def spread(start: int, steps: int, count: int) -> list[int]:
+    """``count`` steps at the middles of equal parts of the ``steps`` steps after ``start``."""
+    count = min(count, steps)
+    return sorted({start + int((i + 0.5) * steps / count) for i in range(count)}) if count > 0 else []
 
 
 class StepTimer:

@@ -24,12 +24,14 @@ convolution with C input channels the input factor is 9·C wide, several times t
 forward pass) plus, with the true Fisher, one more forward and backward pass. How much that is
 relative to a training step depends on the model, so ``every_n_steps="auto"`` measures it
 (:class:`~lightning_tda.recording.cadence.BudgetCadence`): statistics steps are spaced so that their extra
-time, plus the checkpoints and segment writes, stays within ``overhead_budget`` of the training
-time, and every planned segment still gets ``min_statistics_steps`` of them (the minimum wins when
-both cannot hold). The chosen steps therefore depend on the machine's speed; pass an integer
-``every_n_steps`` for a trace that is reproducible step for step. The EK-FAC eigenvalue correction
-of the attribution methods re-estimates the eigenvalues from the training set, and the streamed
-eigenbasis was measured no better with statistics on every step than on every 7th (BENCHMARKS.md,
+time, plus the checkpoints, segment writes and the loss check, stays within ``overhead_budget`` of the
+training time; every planned segment gets ``min_statistics_steps`` of them when the budget affords them,
+fewer when it does not, and at least one (the one cost allowed past the budget). What recording cost is
+measured by kind (:mod:`~lightning_tda.recording.cost`), printed at the end of ``fit``, kept in the trace
+and put into the summary of the trainer's W&B run. The chosen steps therefore depend on the machine's
+speed; pass an integer ``every_n_steps`` for a trace that is reproducible step for step. The EK-FAC
+eigenvalue correction of the attribution methods re-estimates the eigenvalues from the training set, and
+the streamed eigenbasis was measured no better with statistics on every step than on every 7th (BENCHMARKS.md,
 EK-FAC section), so sampling steps costs attribution little.
 
 Everything runs on the model's device: sums, the NaN/Inf check and the loss column stay there and
@@ -107,8 +109,9 @@ class TDACallback(L.Callback):
             the true Fisher's sampled targets and for batch sizes.
         segments, checkpoints_per_segment, fisher, every_n_steps, layers, exclude, checkpoint_dtype, if_exists,
         dataset_size, seed, exact_fisher_outputs, loss_check_steps, overhead_budget, min_statistics_steps,
-        factor_dtype, max_factor_ratio: what is recorded and how; collected into ``self.options``, a
-        :class:`~lightning_tda.recording.options.RecordingOptions`, which documents each and checks them.
+        factor_dtype, max_factor_ratio, statistics_examples: what is recorded and how; collected into
+        ``self.options``, a :class:`~lightning_tda.recording.options.RecordingOptions`, which documents each and
+        checks them.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class TDACallback(L.Callback):
         min_statistics_steps: int = 4,
         factor_dtype: str = "auto",
         max_factor_ratio: float | None = 16.0,
+        statistics_examples: int | None = None,
     ) -> None:
         self.options = RecordingOptions(
             segments=segments,
@@ -149,6 +153,7 @@ class TDACallback(L.Callback):
             min_statistics_steps=min_statistics_steps,
             factor_dtype=factor_dtype,
             max_factor_ratio=max_factor_ratio,
+            statistics_examples=statistics_examples,
         )
         self.path = str(path)
         self.task = task
@@ -184,6 +189,7 @@ class TDACallback(L.Callback):
         self._second_moments: AdamSecondMoments | None = None
         self._cost = RecordingCost()
         self._timer: StepTimer | None = None
+        self._loss_check_paid = 0.0  # of the loss check's seconds, those the cadence was told about
         self._reset_micro_batch()
 
     @property
@@ -232,6 +238,7 @@ class TDACallback(L.Callback):
         optimizer = trainer.optimizers[0]
         started = time.perf_counter()
         self._cost = RecordingCost()
+        self._loss_check_paid = 0.0
         with self._cost.timed("trace_creation"):
             self._start_recording(trainer, pl_module, optimizer)
         self._cost.first_step = self.step
@@ -258,7 +265,11 @@ class TDACallback(L.Callback):
         # only the budget cadence reads step durations (on a GPU from CUDA events, read at statistics steps)
         self._timer = StepTimer(pl_module.device) if isinstance(self.cadence, BudgetCadence) else None
         self.stats = KFACStatistics(
-            self.layers, device=pl_module.device, recorded=self.recorded, factor_dtype=self.options.factor_dtype
+            self.layers,
+            device=pl_module.device,
+            recorded=self.recorded,
+            factor_dtype=self.options.factor_dtype,
+            max_examples=self.options.statistics_examples,
         )
         self._generator = torch.Generator(device=pl_module.device)
         self._generator.manual_seed(self.options.seed + trainer.global_rank)
@@ -447,6 +458,10 @@ class TDACallback(L.Callback):
         if self._stepped:
             if self._timer is not None:
                 self._timer.stop(self.step, self._stats_step)
+            # the loss check's replayed forwards are a cost of recording, paid from the budget like checkpoints
+            checking = self._cost.seconds["loss_check"] - self._loss_check_paid
+            self._loss_check_paid += checking
+            self.cadence.spend(checking)
             if self._stats_step:
                 for step, seconds, statistics_step in self._timer.take() if self._timer is not None else ():
                     self.cadence.record_step(step, seconds, statistics_step)
@@ -484,6 +499,7 @@ class TDACallback(L.Callback):
                 self._close_segment(trainer, pl_module, self._close_reason())
                 self._open_segment()
         self.cadence.spend(time.perf_counter() - started)
+        self._loss_check_paid = self._cost.seconds["loss_check"]  # finishing the check was paid just now
 
     def _should_close(self, trainer: L.Trainer) -> bool:
         if self._new_segment_requested or self.step in self.boundaries:

@@ -49,14 +49,21 @@ class RecordingOptions:
         loss_check_steps: on this many optimizer steps at the start of each fit, compare the batch mean of
             ``task.train_loss`` with the loss ``training_step`` returned (one extra forward per batch, no
             backward); the result is warned about when they differ and recorded in the trace. 0 turns it off.
-        overhead_budget: with ``every_n_steps="auto"``, the extra time statistics, checkpoints and
-            segment writes may add, as a fraction of the training time.
+        overhead_budget: with ``every_n_steps="auto"``, the extra time statistics, checkpoints, segment
+            writes and the loss check may add, as a fraction of the training time.
         min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets
-            even when they cost more than the budget.
+            when the budget affords them; fewer when it does not, but at least one per segment (the one
+            cost allowed past the budget).
         factor_dtype: precision of each step's K-FAC products and of the sums stored in the trace (they are
             accumulated in float64 either way): ``"float32"``, ``"float64"``, or ``"auto"``: float32 for
             factors at least 256 wide (a convolution's or a transformer's), where it halves the trace and
             the products' time, float64 for narrower ones.
+        statistics_examples: take each statistics step's K-FAC products from the first this many examples of
+            each micro-batch (per rank) instead of all of it: a statistics step then costs that fraction of
+            the products (the true Fisher's extra backward still runs over the whole batch), and the budget
+            affords more of them. ``None`` (the default) uses the whole batch. The counts are those of the
+            examples used, so the factors stay means; with a shuffled loader the first examples are a
+            random subset.
         max_factor_ratio: a K-FAC factor with more than this many times as many entries as its layer has
             parameters (and more than 2^18 entries) is not recorded, e.g. a LoRA adapter's ``d × d`` output
             factor; DataInf and recomputing methods do not need it. ``None`` records every factor.
@@ -78,6 +85,7 @@ class RecordingOptions:
     min_statistics_steps: int = 4
     factor_dtype: str = "auto"
     max_factor_ratio: float | None = 16.0
+    statistics_examples: int | None = None
 
     def __post_init__(self) -> None:
         def refuse(name: str, fix: str) -> None:
@@ -103,6 +111,10 @@ class RecordingOptions:
             refuse("factor_dtype", "use 'auto' (float32 from 256 wide), 'float32' or 'float64'.")
         if self.max_factor_ratio is not None and not self.max_factor_ratio > 0:
             refuse("max_factor_ratio", "use a positive ratio, or None to record every factor.")
+        if self.statistics_examples is not None and (
+            not _is_int(self.statistics_examples) or self.statistics_examples < 1
+        ):
+            refuse("statistics_examples", "use a positive number of examples, or None for the whole batch.")
         if self.if_exists not in IF_EXISTS:
             refuse("if_exists", "use 'error', 'overwrite' or 'append'.")
 
