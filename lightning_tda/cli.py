@@ -683,7 +683,7 @@ def _check_reproducible(job: Job) -> int:
     configs = job.config.get("config") or []
     where = f"The config {configs[-1]}" if configs else "The config"
     try:
-        return check_replay(recorded, recorder.losses, seed, where)
+        return check_replay(recorded, recorder.losses, seed, where, recorder.planned_steps)
     except NotReproducibleError as err:
         raise CLIError(str(err)) from err
 

@@ -208,16 +208,17 @@ class UserData(L.LightningDataModule):
 '''
 
 
-@pytest.mark.parametrize("seeded", [True, False])
-def test_a_config_whose_training_does_not_replay_is_refused_with_the_cause(seeded, tmp_path, monkeypatch, capsys):
-    """Only the unseeded data order is refused; the same model with a seeded order replays exactly."""
+@pytest.mark.parametrize("case", ["seeded", "unseeded", "recorded_with_other_epochs"])
+def test_a_config_whose_training_does_not_replay_is_refused_with_the_cause(case, tmp_path, monkeypatch, capsys):
+    """A data order drawn from the operating system, or a trace recorded with other trainer arguments, is refused
+    before anything is re-trained; the same model with a seeded order, evaluated as recorded, replays exactly."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "usermodel", raising=False)
     (tmp_path / "usermodel.py").write_text(UNSEEDED_MODULE)
     config = {
         "output_dir": "out",
         "model": {"class_path": "usermodel.UserNet"},
-        "data": {"class_path": "usermodel.UserData", "init_args": {"seeded": seeded}},
+        "data": {"class_path": "usermodel.UserData", "init_args": {"seeded": case != "unseeded"}},
         "task": {"class_path": "lightning_tda.ClassificationTask"},
         "trainer": {**TINY["trainer"], "max_epochs": 1, "logger": False},
         "callback": {"segments": 1, "every_n_steps": 1},
@@ -227,10 +228,12 @@ def test_a_config_whose_training_does_not_replay_is_refused_with_the_cause(seede
         "evaluation": {"subsets": 2, "workers": 1},
     }
     (tmp_path / "user.yaml").write_text(yaml.safe_dump(config))
+    if case == "recorded_with_other_epochs":
+        assert main(["fit", "--config", "user.yaml", "--trainer.max_epochs", "2"]) == 0
     status = main(["evaluate", "--config", "user.yaml"])
     captured = capsys.readouterr()
     sys.modules.pop("usermodel", None)
-    if seeded:
+    if case == "seeded":
         assert status == 0, captured.err[-2000:]
         assert "replayed 5 steps with seed_everything=0; losses match the trace" in captured.out
         assert "ground truth: 2 fits trained now" in captured.out
@@ -239,11 +242,16 @@ def test_a_config_whose_training_does_not_replay_is_refused_with_the_cause(seede
     errors = [line for line in captured.err.splitlines() if line.startswith("lightning-tda: error:")]
     assert len(errors) == 1, captured.err
     line = errors[0]
-    assert line.startswith("lightning-tda: error: The config user.yaml: training is not reproducible"), line
-    assert re.search(r"gave a loss of [\d.]+ at step 1 where the trace recorded [\d.]+", line), line
-    for cause in ("unseeded data order or augmentation", "dropout", "nondeterministic ops", "num_workers"):
-        assert cause in line
-    assert "re-record the trace with `lightning-tda fit`" in line
+    if case == "unseeded":
+        assert line.startswith("lightning-tda: error: The config user.yaml: training is not reproducible"), line
+        assert re.search(r"gave a loss of [\d.]+ at step 1 where the trace recorded [\d.]+", line), line
+        for cause in ("unseeded data order or augmentation", "dropout", "nondeterministic ops", "num_workers"):
+            assert cause in line
+        assert "re-record the trace with `lightning-tda fit`" in line
+    else:
+        expected = "The config user.yaml: this recipe trains 5 optimizer steps but the trace recorded 10"
+        assert line.startswith(f"lightning-tda: error: {expected}"), line
+        assert "--trainer.max_epochs on the command line" in line
     assert not (tmp_path / "out" / "ground_truth.h5").exists()  # refused before re-training anything
     assert Evaluation.load(tmp_path / "out" / "trace.h5") is None
 

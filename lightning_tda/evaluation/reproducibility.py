@@ -5,7 +5,8 @@ is a function of its seed. :class:`StepLossRecorder` records, on a replay with t
 of every optimizer step exactly as :class:`~lightning_tda.TDACallback` logs it (the sum of the
 micro-batch losses ``training_step`` returned), and :func:`check_replay` compares it with the trace's
 step log (``Trace.steps().loss``), raising :class:`NotReproducibleError` naming the likely causes and
-the fix at the first step that differs beyond float tolerance.
+the fix at the first step that differs beyond float tolerance, or when the recipe plans another number of
+optimizer steps than the trace recorded (other trainer arguments, or a run stopped early).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class StepLossRecorder(L.Callback):
     Attributes:
         losses: one float per optimizer step, the sum of that step's micro-batch losses (NaN when
             ``training_step`` returned no loss).
+        planned_steps: the optimizer steps the full fit would take (``trainer.estimated_stepping_batches``).
     """
 
     def __init__(self, max_steps: int) -> None:
@@ -53,8 +55,12 @@ class StepLossRecorder(L.Callback):
             raise ValueError(f"StepLossRecorder(max_steps={max_steps}): record at least one step.")
         self.max_steps = max_steps
         self.losses: list[float] = []
+        self.planned_steps: float | None = None
         self._pending = 0.0
         self._stepped = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.planned_steps = trainer.estimated_stepping_batches
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         self._stepped = True
@@ -71,7 +77,13 @@ class StepLossRecorder(L.Callback):
                 trainer.should_stop = True
 
 
-def check_replay(recorded: np.ndarray, replayed: list[float] | np.ndarray, seed: int, where: str) -> int:
+def check_replay(
+    recorded: np.ndarray,
+    replayed: list[float] | np.ndarray,
+    seed: int,
+    where: str,
+    planned_steps: float | None = None,
+) -> int:
     """Compare the replay's step losses with the first ones ``recorded`` in the trace; returns the number
     of steps compared.
 
@@ -80,11 +92,20 @@ def check_replay(recorded: np.ndarray, replayed: list[float] | np.ndarray, seed:
         replayed: float losses of the replay's first steps (at most ``n`` are compared).
         seed: the seed both runs used (named in the error).
         where: what was replayed (the config's path), named in the error.
+        planned_steps: optimizer steps the replayed recipe would take in full; must be ``n``.
 
     Raises:
-        NotReproducibleError: at the first step whose losses differ beyond float tolerance, or when the
-            replay took no step.
+        NotReproducibleError: when the recipe plans another number of steps than the trace recorded, at
+            the first step whose losses differ beyond float tolerance, or when the replay took no step.
     """
+    if planned_steps is not None and planned_steps != len(recorded):
+        raise NotReproducibleError(
+            f"{where}: this recipe trains {planned_steps} optimizer steps but the trace recorded {len(recorded)}, so "
+            f"re-trained models would not measure the traced run. The trace was recorded with other trainer "
+            f"arguments (e.g. --trainer.max_epochs on the command line: pass the same ones to evaluate), or its "
+            f"training stopped early (an EarlyStopping callback or an interruption: the replay and the re-training "
+            f"run without the config's callbacks). Re-record the trace with `lightning-tda fit` and this config."
+        )
     replayed = np.asarray(replayed, dtype=np.float64)
     count = min(len(recorded), len(replayed))
     if count == 0:

@@ -123,6 +123,9 @@ def test_a_replay_with_the_recorded_losses_passes_and_any_other_is_refused():
     assert "seed_everything=7 gave a loss of 1.7017 at step 4 where the trace recorded 1.7." in message
     with pytest.raises(NotReproducibleError, match="took no optimizer step"):
         check_replay(recorded, [], seed=7, where="The config c.yaml")
+    assert check_replay(recorded, recorded, seed=7, where="The config c.yaml", planned_steps=5) == 5
+    with pytest.raises(NotReproducibleError, match="this recipe trains 10 optimizer steps but the trace recorded 5"):
+        check_replay(recorded, recorded, seed=7, where="The config c.yaml", planned_steps=10)
 
 
 def test_the_step_loss_recorder_sums_micro_batches_and_stops_after_its_steps():
@@ -151,6 +154,7 @@ def test_the_step_loss_recorder_sums_micro_batches_and_stops_after_its_steps():
         optimizer.zero_grad()
         expected.append(total)
     np.testing.assert_allclose(recorder.losses, expected, rtol=1e-5)
+    assert recorder.planned_steps == 5 * 64 // 16  # 5 epochs of 4 optimizer steps, though it stopped after 3
 
 
 # --- the re-training cache and recipe -------------------------------------------------------------
