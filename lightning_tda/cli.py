@@ -600,6 +600,14 @@ def _check_evaluation_options(config: Namespace) -> None:
             f"the same (choose the evaluation's queries with evaluation.queries.count or ids)",
         ),
     ]
+    if config.attribution.devices != 1:
+        problems.append(
+            (
+                True,
+                f"attribution.devices={config.attribution.devices}: evaluate attributes in one process (its extra "
+                "processes would re-run the evaluation); pass --attribution.devices 1",
+            )
+        )
     devices = config.trainer.get("devices")
     if (isinstance(devices, int) and devices > 1) or (isinstance(devices, list) and len(devices) > 1):
         problems.append(

@@ -256,11 +256,20 @@ def test_a_config_whose_training_does_not_replay_is_refused_with_the_cause(case,
     assert Evaluation.load(tmp_path / "out" / "trace.h5") is None
 
 
-def test_evaluation_options_are_checked_before_any_work(tmp_path, capsys):
-    config = {**TINY, "trainer": {**TINY["trainer"], "logger": False}, "evaluation": {"subsets": 1}}
-    config["output_dir"] = str(tmp_path)
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--evaluation.subsets", "1"], "evaluation.subsets=1: use at least 2 (20+ for a tight interval)."),
+        (["--evaluation.fraction", "1.0"], "evaluation.fraction=1.0: use a fraction between 0 and 1."),
+        (["--evaluation.queries.split", "val"], "evaluation.queries.split='val' differs from queries.split='test'"),
+        (["--evaluation.methods", "[magic]"], "evaluation.methods: unknown ['magic']"),
+        (["--attribution.devices", "2"], "attribution.devices=2: evaluate attributes in one process"),
+    ],
+)
+def test_evaluation_options_are_checked_before_any_work(options, expected, tmp_path, capsys):
+    config = {**TINY, "trainer": {**TINY["trainer"], "logger": False}, "output_dir": str(tmp_path)}
     (tmp_path / "c.yaml").write_text(json.dumps(config))
-    assert main(["evaluate", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert main(["evaluate", "--config", str(tmp_path / "c.yaml"), *options]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line == "lightning-tda: error: evaluation.subsets=1: use at least 2 (20+ for a tight interval)."
+    assert line.startswith(f"lightning-tda: error: {expected}"), line
     assert not (tmp_path / "trace.h5").exists()
