@@ -744,13 +744,16 @@ def evaluate(job: Job) -> Any:
     finally:
         progress.close()
     print(f"ground truth: {truth.num_trained} fits trained now, {total - truth.num_trained} read from {cache}")
-    measured = []
+    measured, confidence = [], None
     for name in names:
         scores = Scores.load(job.trace_path, name)
-        measured.append(MethodLDS.of(scores, lds(scores, truth)))
+        result = lds(scores, truth)
+        measured.append(MethodLDS.of(scores, result))
+        confidence = result.confidence
         print(f"LDS {measured[-1].describe()}")
+    split_name = scoring.config.queries.split
     evaluation = Evaluation(
-        measured, options.subsets, options.seeds, options.fraction, scoring.config.queries.split, ids, 0.95, str(cache)
+        measured, options.subsets, options.seeds, options.fraction, split_name, ids, confidence, str(cache)
     )
     evaluation.save(job.trace_path)
     report(scoring, loggers)
