@@ -273,3 +273,18 @@ def test_evaluation_options_are_checked_before_any_work(options, expected, tmp_p
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"lightning-tda: error: {expected}"), line
     assert not (tmp_path / "trace.h5").exists()
+
+
+def test_progress_without_a_terminal_prints_each_fit_with_its_eta(monkeypatch, capsys):
+    from lightning_tda import cli
+
+    clock = iter([100.0, 110.0, 10900.0])  # started; 2 fits done after 10 s; 3 after three hours
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    progress = cli.FitProgress("ground truth")
+    progress(2, 5)
+    progress(3, 5)
+    progress.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "ground truth: 2/5 fits, 5.0 s per fit, ETA 0m15s",
+        "ground truth: 3/5 fits, 3600.0 s per fit, ETA 2h00m00s",
+    ]
