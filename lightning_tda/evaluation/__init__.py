@@ -7,6 +7,8 @@
 * :func:`unrolled_scores` / :class:`UnrolledTraining`: the exact unrolled derivative of a traced run
   (a float64 replay differentiated through every optimizer step), the reference for small models.
 * ``plot_*`` PNGs and :func:`log_to_wandb`.
+* :class:`Evaluation`: each method's measured LDS as ``lightning-tda evaluate`` keeps it in a trace
+  (``Evaluation.load(trace_path)``), with :meth:`Evaluation.verdict`, the method to trust.
 
 Re-training uses your own ``train_fn(subset_indices, seed) -> model``; :class:`LightningTrainFn`
 builds one around a Lightning ``Trainer`` for any LightningModule. Example::
@@ -33,15 +35,18 @@ from lightning_tda.evaluation.detection import (
 )
 from lightning_tda.evaluation.lds import GroundTruth, LDSResult, bootstrap_mean, draw_subsets, lds, lds_ground_truth
 from lightning_tda.evaluation.plots import log_to_wandb, plot_counterfactual, plot_lds, plot_leakage, plot_mislabel
+from lightning_tda.evaluation.record import Evaluation, MethodLDS
 from lightning_tda.evaluation.retrain import LightningTrainFn, Outcome, RetrainRunner, measure
 from lightning_tda.evaluation.unrolled import ReplayCheck, UnrolledTraining, replay_batches, unrolled_scores
 
 __all__ = [
     "CounterfactualResult",
+    "Evaluation",
     "GroundTruth",
     "LDSResult",
     "LeakageResult",
     "LightningTrainFn",
+    "MethodLDS",
     "MislabelResult",
     "Outcome",
     "ReplayCheck",
