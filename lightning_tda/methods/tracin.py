@@ -1,16 +1,21 @@
-"""TracInCP (Pruthi et al. 2020): learning-rate-weighted gradient dot products over checkpoints.
+"""TracInCP (Pruthi et al. 2020): update-weighted gradient dot products over checkpoints.
 
-``τ(z_q, z_m) = Σ_c Σ_l η_{c,l} ⟨∇θ_l f(z_q, θ_c), ∇θ_l ℓ(z_m, θ_c)⟩`` over the trace's checkpoints
-``c`` (docs/algorithms.md §4), where ``η_{c,l}`` is the learning rate of layer ``l``'s optimizer param
-group at the step that produced checkpoint ``c`` (from the trace's step log). A gradient step on
-``z_m`` lowers the query measurement by about ``η ⟨∇f, g⟩``, so positive = helpful.
+``τ(z_q, z_m) = Σ_c Σ_l η_{c,l} ⟨∇θ_l f(z_q, θ_c), P_{c,l} ∇θ_l ℓ(z_m, θ_c)⟩`` over the trace's
+checkpoints ``c`` (docs/algorithms.md §4), where ``η_{c,l}`` is the learning rate of layer ``l``'s
+optimizer param group at the step that produced checkpoint ``c`` (from the trace's step log) and
+``P_{c,l}`` the optimizer's preconditioner there: for Adam/AdamW the diagonal ``1/(√v̂_c + ε)`` of the
+bias-corrected second moment the trace records at every checkpoint (elementwise, per parameter), so
+the pairing follows the update the optimizer actually applied, ``η P g``; for SGD ``P = I`` (plain
+TracInCP, also available for Adam runs with ``preconditioned=False``). A step on ``z_m`` lowers the
+query measurement by about ``η ⟨∇f, P g⟩``, so positive = helpful. Adam's first-moment average
+has weights summing to 1, so it adds no factor.
 
 Unit: the predicted change of the query's measurement when ``z_m`` is removed. Over T optimizer
 steps an example is in a batch of B with probability B/N and weighs 1/B there, so each step
-contributes ``η_t/N ⟨∇f, g⟩`` on average; each of the C checkpoints stands for T/C steps. The scores
-are therefore ``τ · T/(C·N)``; the paper leaves this constant out, and it changes no ranking. The
-decay of an example's effect over later steps, momentum and Adam's preconditioning are not
-modelled (as in the paper; SOURCE models all three). Against re-training on 16 settings its scale
+contributes ``η_t/N ⟨∇f, P g⟩`` on average; each of the C checkpoints stands for T/C steps. The
+scores are therefore ``τ · T/(C·N)``; the paper leaves this constant out, and it changes no ranking.
+The decay of an example's effect over later steps and SGD's momentum are not modelled (as in the
+paper; SOURCE models both). Against re-training on 16 settings its scale
 came out 0.3–39x the measured effects (median 1.6x, BENCHMARKS.md), the largest over-predictions on
 converged models; momentum's steady-state factor ``1/(1 − β)`` would multiply that by 10, which is
 why it is left out.
@@ -40,6 +45,9 @@ class TracInCP(AttributionMethod):
     Args:
         trace, model, task: see :class:`~lightning_tda.methods.base.AttributionMethod`.
         checkpoints: checkpoint indices to sum over (default: all of the trace's checkpoints).
+        preconditioned: weight the training gradients by Adam's recorded preconditioner
+            ``1/(√v̂ + ε)`` at each checkpoint. Default ``None``: when the trace holds it for every
+            chosen checkpoint and layer (Adam/AdamW runs); ``True`` raises if it does not.
         options: the shared :class:`~lightning_tda.methods.base.MethodOptions`.
     """
 
@@ -53,6 +61,7 @@ class TracInCP(AttributionMethod):
         task: Task,
         *,
         checkpoints: Sequence[int] | None = None,
+        preconditioned: bool | None = None,
         options: MethodOptions | None = None,
     ) -> None:
         super().__init__(
@@ -70,6 +79,43 @@ class TracInCP(AttributionMethod):
             raise ValueError(f"checkpoints={checkpoints!r}: the trace has checkpoints {available}; choose among them.")
         self.checkpoints = chosen
         self.learning_rates = self._learning_rates()
+        self.preconditioned = self._check_preconditioned(preconditioned)
+
+    def _check_preconditioned(self, preconditioned: bool | None) -> bool:
+        """Whether to precondition: ``preconditioned``, or (``None``) whether the trace holds Adam's v̂ at
+        every chosen checkpoint for every layer."""
+        if preconditioned not in (None, True, False):
+            raise ValueError(f"TracInCP(preconditioned={preconditioned!r}): use True, False or None (automatic).")
+        if preconditioned is False:
+            return False
+        missing = [
+            (c, layer.name)
+            for c in self.checkpoints
+            for layer in self.layers
+            if self.trace.checkpoint_preconditioner(c, layer.name) is None
+        ]
+        if preconditioned and missing:
+            checkpoint, layer = missing[0]
+            raise TraceError(
+                f"TracInCP(preconditioned=True): {self.trace.path} holds no Adam second moment for checkpoint "
+                f"{checkpoint}, layer {layer!r} ({len(missing)} missing); the run used {self.trace.optimizer_class}. "
+                f"Only Adam/AdamW runs recorded by this version have it: pass preconditioned=False."
+            )
+        return not missing
+
+    def _update_weights(self, checkpoint: int) -> dict[str, float | Tensor]:
+        """``{layer: η}`` or, preconditioned, ``{layer: η·P}`` with ``P = 1/(√v̂ + ε)`` an ``(out, a_dim)``
+        float64 matrix on the method's device: what multiplies a training gradient in the update."""
+        rates = self.learning_rates[checkpoint]
+        if not self.preconditioned:
+            return dict(rates)
+        groups = {info.name: info.param_group for info in self.trace.layers}
+        weights: dict[str, float | Tensor] = {}
+        for layer in self.layers:
+            second_moment = self.trace.checkpoint_preconditioner(checkpoint, layer.name)
+            eps = float(self.trace.optimizer["param_groups"][groups[layer.name]].get("eps", 1e-8))
+            weights[layer.name] = rates[layer.name] / (second_moment.to(self.device).sqrt() + eps)
+        return weights
 
     def _learning_rates(self) -> dict[int, dict[str, float]]:
         """``{checkpoint: {layer: η}}``: each layer's param-group learning rate at the checkpoint's step."""
@@ -90,7 +136,11 @@ class TracInCP(AttributionMethod):
         return rates
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"checkpoints": self.checkpoints}
+        return super().config() | {
+            "checkpoints": self.checkpoints,
+            "preconditioned": self.preconditioned,
+            "update": "η·(1/(√v̂+ε))·g (Adam's preconditioner at each checkpoint)" if self.preconditioned else "η·g",
+        }
 
     def _per_example_steps(self, n_train: int) -> float:
         """``T/(C·N)``: the optimizer steps each checkpoint stands for, per training example."""
@@ -108,9 +158,9 @@ class TracInCP(AttributionMethod):
         for checkpoint in checkpoints:
             sums.enter(segment_of[checkpoint])
             self.load_checkpoint(checkpoint)
-            rates = self.learning_rates[checkpoint]
+            weights = self._update_weights(checkpoint)
             query_matrices = {
-                name: rates[name] * g
+                name: (weights[name] * g).to(g.dtype)
                 for name, g in self.query_matrices(queries, f"query gradients @ checkpoint {checkpoint}").items()
             }
             for ids, batch in self.train_batches(train, f"TracIn @ checkpoint {checkpoint}"):
@@ -128,14 +178,19 @@ class TracInCP(AttributionMethod):
         return self.timeline(self._score(queries, train, over_time=True), keep)
 
     def self_influence(self, train: Data) -> Scores:
-        """``Σ_c η_c ‖g(z, θ_c)‖² · T/(C·N)`` for every training example, shape ``(N,)``."""
+        """``Σ_c η_c ⟨g(z, θ_c), P_c g(z, θ_c)⟩ · T/(C·N)`` for every training example, shape ``(N,)``."""
         n_train = len(self.loader(train, "train").dataset)
         values = torch.zeros(n_train, dtype=torch.float64, device=self.device)
         for checkpoint in self.checkpoints:
             self.load_checkpoint(checkpoint)
-            rates = self.learning_rates[checkpoint]
+            weights = self._update_weights(checkpoint)
             for ids, batch in self.train_batches(train, f"TracIn self-influence @ checkpoint {checkpoint}"):
-                grads = self.gradient_rows(batch, "train")
-                values[ids.to(self.device)] += sum(rates[name] * g.squared_norms() for name, g in grads.items())
+                ids = ids.to(self.device)
+                for name, g in self.gradient_rows(batch, "train").items():
+                    if not isinstance(weights[name], Tensor):
+                        values[ids] += weights[name] * g.squared_norms()
+                        continue
+                    for chunk, dense in g.chunks():
+                        values[ids[chunk]] += g[chunk].self_dot(weights[name] * dense)
         values = self.sum_across_processes(values) * self._per_example_steps(n_train)
         return self.scores(values, None, n_train, kind="self")

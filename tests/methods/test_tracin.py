@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from conftest import quiet_trainer
@@ -34,8 +35,6 @@ class TwoGroupMLP(MLPClassifier):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    import lightning as L
-
     L.seed_everything(0, verbose=False)
     path = tmp_path_factory.mktemp("tracin") / "trace.h5"
     dm = DigitsDataModule(batch_size=64, seed=0)
@@ -141,3 +140,119 @@ def test_timeline_splits_the_direct_loop_by_segment(run):
     partial = chosen.attribute_over_time(run["queries"], run["train"])
     assert partial.segments.tolist() == [0, 1]
     torch.testing.assert_close(partial.total().values, chosen.attribute(run["queries"], run["train"]).values)
+
+
+# --- Adam-aware TracInCP -------------------------------------------------------------------------
+ADAM_SIZES = [64, 10, 10]
+ADAM_EPS = {"0": 1e-6, "2": 1e-8}  # per param group, so the test sees which ε each layer uses
+
+
+class TwoGroupAdamW(MLPClassifier):
+    """AdamW in two param groups (different learning rates and ε) with a linear warm-up, so η and P differ
+    per layer and per checkpoint."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": self.net[0].parameters(), "lr": 0.01, "eps": ADAM_EPS["0"]},
+                {"params": self.net[2].parameters(), "lr": 0.003, "eps": ADAM_EPS["2"]},
+            ],
+            weight_decay=0.01,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class SecondMoments(L.Callback):
+    """Keeps Adam's bias-corrected ``v̂ = v/(1 − β₂^t)`` of every parameter after each optimizer step ``t``,
+    read straight from the optimizer (independently of the trace): ``by_step[t][parameter name]``."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        beta2 = optimizer.param_groups[0]["betas"][1]
+        v_hat, step = {}, 0
+        for name, param in pl_module.named_parameters():
+            state = optimizer.state[param]
+            step = int(float(state["step"]))
+            v_hat[name.removeprefix("net.")] = state["exp_avg_sq"].double() / (1 - beta2**step)
+        self.by_step[step] = v_hat
+
+
+@pytest.fixture(scope="module")
+def adam_run(tmp_path_factory):
+    L.seed_everything(0, verbose=False)
+    path = tmp_path_factory.mktemp("tracin_adam") / "trace.h5"
+    dm = DigitsDataModule(batch_size=32, seed=0)
+    recorder = SecondMoments()
+    callback = TDACallback(str(path), task=ClassificationTask(), segments=3, checkpoints_per_segment=2)
+    quiet_trainer(max_epochs=1, limit_train_batches=6, callbacks=[callback, recorder]).fit(
+        TwoGroupAdamW(sizes=ADAM_SIZES), dm
+    )
+    return {
+        "trace": Trace.open(path),
+        "second_moments": recorder.by_step,
+        "train": Subset(dm.train_set, range(40)),
+        "queries": Subset(dm.test_set, range(5)),
+    }
+
+
+def direct_adam_tracin(trace: Trace, second_moments, train, queries) -> torch.Tensor:
+    """Σ_c η_c ⟨∇f(q, θ_c), P_c ∇ℓ(z, θ_c)⟩ · T/(C·N) per parameter tensor, with P_c = 1/(√v̂_c + ε) from the
+    optimizer's own state at checkpoint c's step and plain autograd per example."""
+    net = TwoGroupAdamW(sizes=ADAM_SIZES).net.double()
+    x, y = _stack(train)
+    xq, yq = _stack(queries)
+    steps = trace.steps()
+    group = {"0": 0, "2": 1}
+
+    def loss(params, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(net, params, (xi[None],)), yi[None])
+
+    def per_example(params, inputs, targets):
+        return [torch.autograd.grad(loss(params, a, b), list(params.values())) for a, b in zip(inputs, targets)]
+
+    total = torch.zeros(len(xq), len(x), dtype=torch.float64)
+    for checkpoint in trace.checkpoints:
+        state = trace.checkpoint_state(checkpoint.index)
+        params = {k.removeprefix("net."): v.double().requires_grad_() for k, v in state.items()}
+        lr = steps.lr[list(steps.step).index(checkpoint.step)]
+        v_hat = second_moments[checkpoint.step]
+        train_grads, query_grads = per_example(params, x, y), per_example(params, xq, yq)
+        for position, name in enumerate(params):
+            layer = name.split(".")[0]
+            update = lr[group[layer]] / (v_hat[name].sqrt() + ADAM_EPS[layer])
+            g = torch.stack([grads[position] * update for grads in train_grads]).flatten(1)
+            q = torch.stack([grads[position] for grads in query_grads]).flatten(1)
+            total += q @ g.T
+    return total * len(steps) / (len(trace.checkpoints) * 1438)
+
+
+def test_adam_tracin_weights_each_checkpoint_by_the_update_adam_applied(adam_run):
+    trace = adam_run["trace"]
+    assert len(trace.checkpoints) == 6 and [c.step for c in trace.checkpoints] == list(range(1, 7))
+    assert trace.dataset_size == 1438
+    method = TracInCP(trace, TwoGroupAdamW(sizes=ADAM_SIZES), ClassificationTask())
+    assert method.preconditioned and method.config()["preconditioned"] is True
+    scores = method.attribute(adam_run["queries"], adam_run["train"])
+    expected = direct_adam_tracin(trace, adam_run["second_moments"], adam_run["train"], adam_run["queries"])
+    assert torch.allclose(scores.values.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    # the preconditioner matters here: plain TracInCP differs by far more than the tolerance
+    plain = TracInCP(trace, TwoGroupAdamW(sizes=ADAM_SIZES), ClassificationTask(), preconditioned=False)
+    assert plain.config()["preconditioned"] is False
+    plain_values = plain.attribute(adam_run["queries"], adam_run["train"]).values.double()
+    assert (plain_values - expected).abs().max() > 0.5 * expected.abs().max()
+    own = method.self_influence(adam_run["train"]).values.double()
+    diagonal = direct_adam_tracin(trace, adam_run["second_moments"], adam_run["train"], adam_run["train"]).diagonal()
+    assert torch.allclose(own, diagonal, rtol=1e-4, atol=1e-6 * diagonal.abs().max())
+
+
+def test_preconditioned_tracin_needs_adam_moments(run):
+    method = TracInCP(run["trace"], TwoGroupMLP(sizes=SIZES), ClassificationTask())
+    assert method.preconditioned is False and method.config()["update"] == "η·g"
+    with pytest.raises(TraceError, match="preconditioned=False"):
+        TracInCP(run["trace"], TwoGroupMLP(sizes=SIZES), ClassificationTask(), preconditioned=True)
+    with pytest.raises(ValueError, match="preconditioned='yes'"):
+        TracInCP(run["trace"], TwoGroupMLP(sizes=SIZES), ClassificationTask(), preconditioned="yes")
