@@ -117,6 +117,12 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
             ``explosion`` × (1 + its value at θ̂)), step it again from θ̂ with α divided by
             ``backoff_factor``, per query, until it does not; the α each query used is recorded in
             the scores' config and a warning names how many were backed off. ``False`` raises instead.
+        preconditioned: step along Adam's direction ``P̃ ⊙ ∇f`` instead of ``∇f``, with ``P`` the final
+            checkpoint's preconditioner ``1/(√v̂ + ε)`` recorded in the trace, divided by its mean over
+            the tracked parameters (``P̃``, mean 1; parameters outside the tracked layers get 1), so the
+            step follows the update the optimizer would apply while the unit keeps its scale: to first
+            order the loss changes, divided by the reach, give ``⟨∇ℓ(z), P̃ ∇f(z_q)⟩``. ``True`` needs an
+            Adam/AdamW trace. Default ``False`` (BENCHMARKS.md, "Methods that follow the optimizer").
         vectorize: evaluate the parameter sets of a query batch together with ``torch.func.vmap``.
             Models vmap cannot run (``.item()`` in ``forward``, in-place buffer updates) fall back
             to a loop over the parameter sets automatically, with a warning; ``False`` forces it.
@@ -168,6 +174,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         modules: Sequence[str] | None = None,
         normalize: bool = True,
         backoff: bool = True,
+        preconditioned: bool = False,
         vectorize: bool = True,
         options: MethodOptions | None = None,
     ) -> None:
@@ -196,6 +203,10 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         self.lr = self._check_lr(self._default_lr() if lr is None else lr)
         self.fixed: Params = {n: p.detach() for n, p in named.items() if n not in self.original}
         self.fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
+        if preconditioned not in (True, False):
+            raise ValueError(f"ForwardINF(preconditioned={preconditioned!r}): use True or False.")
+        self.preconditioned = preconditioned
+        self.step_scale: Params | None = self._step_scale() if preconditioned else None
 
     # --- set-up ---------------------------------------------------------------------------------
     @staticmethod
@@ -228,6 +239,32 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         raise ValueError(
             f"The trace {self.trace.path} records no positive learning rate to default α to; pass lr= explicitly."
         )
+
+    def _step_scale(self) -> Params:
+        """``{moving parameter: P̃}``, the final checkpoint's ``P = 1/(√v̂ + ε)`` over its mean on the tracked
+        moving parameters (1 on the others), each shaped like its parameter, in its dtype."""
+        groups = {info.name: info.param_group for info in self.trace.layers}
+        scales: dict[str, Tensor] = {}
+        for layer in self.layers:
+            second_moment = self.trace.checkpoint_preconditioner(self.checkpoint, layer.name)
+            if second_moment is None:
+                raise TraceError(
+                    f"ForwardINF(preconditioned=True): {self.trace.path} holds no Adam second moment for layer "
+                    f"{layer.name!r} at the final checkpoint (the run used {self.trace.optimizer_class}); "
+                    f"pass preconditioned=False."
+                )
+            eps = float(self.trace.optimizer["param_groups"][groups[layer.name]].get("eps", 1e-8))
+            matrix = 1.0 / (second_moment.to(self.device).sqrt() + eps)
+            scales.update({n: t for n, t in layer.split_matrix(matrix).items() if n in self.original})
+        if not scales:
+            raise ValueError(
+                "ForwardINF(preconditioned=True): none of the moving parameters belongs to a tracked layer, so the "
+                "trace holds no preconditioner for them; pass preconditioned=False."
+            )
+        mean = torch.cat([t.reshape(-1) for t in scales.values()]).mean()
+        return {
+            n: (scales[n] / mean).to(p.dtype) if n in scales else torch.ones_like(p) for n, p in self.original.items()
+        }
 
     def _select_moving(self) -> list[str]:
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -262,6 +299,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
             "normalize": self.normalize,
             "lr_rule": f"{self.relative_step}·‖θ̂‖" if self.lr_rule == "relative" else self.lr_rule,
             "backoff": self.backoff,
+            "preconditioned": self.preconditioned,
             "moving_parameters": len(self.moving_names),
             "checkpoint": self.checkpoint,
             "query_batch_size": self.query_batch_size,
@@ -312,8 +350,10 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
 
     def _update(self, params: Params, grads: Params, alphas: Tensor) -> tuple[Params, Tensor]:
         """``θ ± α·g`` (or ``± α·g/‖g‖`` with ``normalize``) for stacked ``(P, ...)`` parameter sets,
-        each with its own step size ``alphas (P,)``. Also returns the step as a multiple of the
-        gradient, ``(P,)`` float64: ``α``, or ``α/‖g‖`` with ``normalize``."""
+        each with its own step size ``alphas (P,)``; ``g`` is ``P̃ ⊙ ∇f`` when preconditioned. Also returns
+        the step as a multiple of ``g``, ``(P,)`` float64: ``α``, or ``α/‖g‖`` with ``normalize``."""
+        if self.step_scale is not None:
+            grads = {n: g * self.step_scale[n] for n, g in grads.items()}
         effective = alphas.double()
         if self.normalize:  # the norm in float64: a well-fit query's ‖g‖² underflows float32
             norms = sum(g.reshape(g.shape[0], -1).double().pow(2).sum(1) for g in grads.values()).sqrt()
