@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from lightning_tda.batches import Data
 from lightning_tda.layers.gradients import total_dot
