@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_tda.batches import Data, as_loader, move_to, progress_bar
+from lightning_tda.methods.base import optimizer_name
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace.reader import Trace
@@ -117,7 +118,7 @@ class OptimizerSpec:
 
     @classmethod
     def from_trace(cls, trace: Trace) -> OptimizerSpec:
-        name = str(trace.optimizer.get("name", trace.optimizer_class.rsplit(".", 1)[-1]))
+        name = optimizer_name(trace)
         groups = trace.optimizer.get("param_groups", [])
         if name not in ("SGD", "Adam", "AdamW"):
             raise ValueError(f"The unrolled reference replays {SUPPORTED_TEXT}; the trace {trace.path} used {name}.")

@@ -73,13 +73,17 @@ class MethodOptions:
             self.layers = [self.layers]
 
 
+def optimizer_name(trace: Trace) -> str:
+    """The recorded optimizer's name (``"SGD"``, ``"Adam"``, ``"AdamW"``, ...), from the trace's record or class."""
+    return str(trace.optimizer.get("name", trace.optimizer_class.rsplit(".", 1)[-1]))
+
+
 def _momentum_factors(trace: Trace, groups: int) -> np.ndarray:
     """``(groups,)``: how far one unit of learning rate moves the parameters in steady state per
     optimizer param group, ``(1 − dampening)/(1 − β)`` for SGD with momentum β, 1 otherwise (Adam's
     preconditioner is not modelled)."""
     factors = np.ones(groups)
-    kind = str(trace.optimizer.get("name", trace.optimizer_class.rsplit(".", 1)[-1]))
-    if kind == "SGD":
+    if optimizer_name(trace) == "SGD":
         for index, group in enumerate(trace.optimizer.get("param_groups", [])[:groups]):
             beta = float(group.get("momentum", 0.0) or 0.0)
             if 0 < beta < 1:

@@ -47,7 +47,7 @@ from lightning_tda.curvature.fit import COVARIANCE_SOURCES, CURVATURES, cache_ke
 from lightning_tda.curvature.passes import PassData, correct_eigenvalues, covariances_at, gauss_newton_blocks
 from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.layers.gradients import LayerGradients, total_dot
-from lightning_tda.methods.base import AttributionMethod, MethodOptions
+from lightning_tda.methods.base import AttributionMethod, MethodOptions, optimizer_name
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.timeline import ScoreSums, Timeline
@@ -85,7 +85,7 @@ class LayerDynamics:
 
 def optimizer_kind(trace: Trace) -> str:
     """``"SGD"``, ``"Adam"`` or ``"AdamW"``; raises ``ValueError`` naming the supported optimizers."""
-    name = str(trace.optimizer.get("name", trace.optimizer_class.rsplit(".", 1)[-1]))
+    name = optimizer_name(trace)
     if name not in SUPPORTED_OPTIMIZERS:
         raise ValueError(
             f"SOURCE cannot model the optimizer {trace.optimizer_class} recorded in {trace.path}: it supports "
