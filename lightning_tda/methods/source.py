@@ -27,10 +27,12 @@ change of the query's measurement when the example is removed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -120,6 +122,50 @@ def layer_dynamics(trace: Trace, segment: int, layer: str) -> LayerDynamics:
         )
     preconditioner = 1.0 / (second_moment.double().sqrt() + float(group.get("eps", 1e-8)))
     return LayerDynamics(horizon, weight_decay, kind == "AdamW", preconditioner)
+
+
+INTERPOLATED = 0.01  # final segment's mean loss below this fraction of the first 10 % of steps' = interpolation
+PLATEAU = 10.0  # ... then segments whose mean loss is above this multiple of the final segment's are left out
+
+
+def settled_segments(trace: Trace) -> tuple[list[int], str]:
+    """The segments ``segments="auto"`` attributes to, and why (a sentence for ``Scores.config``).
+
+    All of them, unless an Adam/AdamW run drove its training loss to zero: its last segment's mean logged
+    loss is below ``INTERPOLATED`` of the first 10 % of steps'. Then the segments before the loss reached
+    its plateau (mean loss above ``PLATEAU`` × the last segment's) are left out. Their gradients are
+    orders of magnitude larger than the rest, so their terms dominate the sum, while Adam's normalised
+    steps keep reshaping the model through the hundreds of steps at zero loss that follow; on the modern
+    suite's interpolating MLP those terms were uncorrelated with re-training (LDS 0.24 with them, 0.42
+    without, EK-FAC IF 0.42; BENCHMARKS.md, "Methods that follow the optimizer"). Under SGD a step at zero
+    loss barely moves the parameters, so nothing is left out (not measured on an SGD run).
+    """
+    available = [info.index for info in trace.segments]
+    steps = trace.steps()
+    losses, owners = np.asarray(steps.loss, dtype=np.float64), np.asarray(steps.segment)
+    means = {s: float(losses[owners == s].mean()) if (owners == s).any() else math.nan for s in available}
+    start = losses[: max(1, len(losses) // 10)].mean() if len(losses) else math.nan
+    last = means[available[-1]]
+    if optimizer_name(trace) not in ("Adam", "AdamW"):
+        return available, f"all segments: the run used {optimizer_name(trace)} (only Adam/AdamW runs are trimmed)"
+    if not (math.isfinite(start) and math.isfinite(last) and start > 0 and last < INTERPOLATED * start):
+        return available, (
+            f"all segments: the last segment's mean training loss is {last / start:.3g} of the first steps' "
+            f"(not below {INTERPOLATED:g}, so the run did not interpolate)"
+        )
+    kept = [s for s in available if means[s] <= PLATEAU * last]
+    dropped = [s for s in available if s not in kept]
+    if not dropped:
+        return available, (
+            f"all segments: the loss fell to {last / start:.3g} of its start, and every segment's mean loss is "
+            f"within {PLATEAU:g}x the last one's"
+        )
+    ratios = ", ".join(f"{means[s] / last:.3g}x" for s in dropped)
+    return kept, (
+        f"segments {kept}: the Adam run interpolated (last segment's mean training loss {last / start:.3g} of the "
+        f"first steps'); segments {dropped} come before the plateau (mean loss {ratios} the last segment's, above "
+        f"{PLATEAU:g}x) and are left out"
+    )
 
 
 def curvature_diagonal(curvature: LayerEigenbasis | DenseLayerCurvature) -> Tensor:
@@ -216,7 +262,10 @@ class SOURCE(AttributionMethod):
         model: an instance of the trained architecture.
         task: the task (training loss, query measurement, Fisher factors).
         segments: attribute to these segment indices only (e.g. ``[0]`` for the first stage of a
-            two-stage run); default all. Later segments still propagate the query through ``S̄``.
+            two-stage run); ``None``: all. Later segments still propagate the query through ``S̄``.
+            Default ``"auto"``: all, except the segments before the loss plateau of an Adam/AdamW run that
+            drove its training loss to zero (:func:`settled_segments`); ``Scores.config`` records the
+            choice (``segments``) and its reason (``segments_reason``).
         fast: Fast-SOURCE: average the parameters of each segment's checkpoints and fit the
             eigenvalue correction and the training gradients once, at the average.
         curvature: ``"ekfac"`` (default), ``"kfac"`` (no correction pass) or ``"gauss-newton"``
@@ -250,7 +299,7 @@ class SOURCE(AttributionMethod):
         model: nn.Module,
         task: Task,
         *,
-        segments: Sequence[int] | None = None,
+        segments: Sequence[int] | str | None = "auto",
         fast: bool = False,
         query_gradients: str = "checkpoints",
         curvature: str = "ekfac",
@@ -292,7 +341,13 @@ class SOURCE(AttributionMethod):
         available = [s.index for s in trace.segments]
         if not available:
             raise TraceError(f"The trace {trace.path} has no closed segments; train for at least one step.")
-        chosen = available if segments is None else sorted({int(s) for s in segments})
+        if isinstance(segments, str):
+            if segments != "auto":
+                raise ValueError(f"SOURCE(segments={segments!r}): use 'auto', None (all) or a list of segment indices.")
+            chosen, self.segments_reason = settled_segments(trace)
+        else:
+            chosen = available if segments is None else sorted({int(s) for s in segments})
+            self.segments_reason = "given" if segments is not None else "all segments (segments=None)"
         missing = [s for s in chosen if s not in available]
         if missing or not chosen:
             raise ValueError(
@@ -317,6 +372,7 @@ class SOURCE(AttributionMethod):
         return {
             **super().config(),
             "segments": list(self.segments),
+            "segments_reason": self.segments_reason,
             "fast": self.fast,
             "query_gradients": self.query_gradients,
             "curvature": self.curvature_kind,

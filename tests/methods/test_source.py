@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace, TraceError
 from lightning_tda.curvature.eigen import LayerEigenbasis, decay_response, exp_decay
-from lightning_tda.demo import MLPRegressor, load_concrete
+from lightning_tda.demo import DigitsDataModule, MLPClassifier, MLPRegressor, load_concrete
 from lightning_tda.evaluation import UnrolledTraining
 from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions, TracInCP
-from lightning_tda.methods.source import LayerDynamics, SegmentOperators
+from lightning_tda.methods.source import LayerDynamics, SegmentOperators, settled_segments
 
 N_TRAIN, N_QUERIES, STEPS, LR = 800, 12, 150, 0.05
 
@@ -748,3 +748,42 @@ def test_adam_segment_jacobian_never_amplifies():
     flat = LayerDynamics(2.0, 0.0, False, torch.full((6, 5), 3.0, dtype=torch.float64))
     propagated = SegmentOperators({"layer": basis}, {"layer": flat}).propagate({"layer": vectors})["layer"]
     torch.testing.assert_close(propagated, basis.apply(vectors, torch.exp(-2.0 * 3.0 * eigenvalues)))
+
+
+def adamw_digits_trace(path, examples: int, epochs: int) -> Trace:
+    """A digits MLP trained with AdamW (lr 1e-2) on the first ``examples`` training digits, 3 segments."""
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    L.seed_everything(0, verbose=False)
+    data = TensorDataset(*dm.train_set[:examples])
+    loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = MLPClassifier(sizes=[64, 32, 10], optimizer="adamw", lr=1e-2)
+    callback = TDACallback(str(path), task=ClassificationTask(), segments=3)
+    quiet_trainer(max_epochs=epochs, callbacks=[callback]).fit(model, loader)
+    return Trace.open(path)
+
+
+def test_auto_segments_leave_out_the_descent_of_an_adam_run_that_interpolated(tmp_path, digits_run):
+    """segments="auto": an AdamW run driven to zero training loss is attributed to the segments after the loss
+    reached its plateau; an AdamW run stopped early, and any SGD run, to all of them; the choice and its reason are
+    recorded in the scores' config."""
+    interpolated = adamw_digits_trace(tmp_path / "interpolated.h5", examples=32, epochs=100)
+    losses, owners = interpolated.steps().loss, interpolated.steps().segment
+    last = losses[owners == 2].mean()
+    assert last < 0.01 * losses[: len(losses) // 10].mean() and losses[owners == 0].mean() > 10 * last
+    kept, reason = settled_segments(interpolated)
+    assert 0 not in kept and kept[-1] == 2 and "interpolated" in reason and "[0]" in reason
+    method = SOURCE(interpolated, MLPClassifier(sizes=[64, 32, 10]), ClassificationTask())
+    config = method.config()
+    assert config["segments"] == kept and config["segments_reason"] == reason
+    everything = SOURCE(interpolated, MLPClassifier(sizes=[64, 32, 10]), ClassificationTask(), segments=None)
+    assert everything.segments == [0, 1, 2] and everything.config()["segments_reason"].startswith("all segments")
+
+    early = adamw_digits_trace(tmp_path / "early.h5", examples=256, epochs=2)
+    kept, reason = settled_segments(early)
+    assert kept == [0, 1, 2] and "did not interpolate" in reason
+    sgd = Trace.open(digits_run["path"])
+    kept, reason = settled_segments(sgd)
+    assert kept == [s.index for s in sgd.segments] and "SGD" in reason
+    with pytest.raises(ValueError, match="segments='best'.*'auto', None"):
+        SOURCE(sgd, digits_run["model_factory"](), ClassificationTask(), segments="best")
