@@ -122,7 +122,9 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
             the tracked parameters (``P̃``, mean 1; parameters outside the tracked layers get 1), so the
             step follows the update the optimizer would apply while the unit keeps its scale: to first
             order the loss changes, divided by the reach, give ``⟨∇ℓ(z), P̃ ∇f(z_q)⟩``. ``True`` needs an
-            Adam/AdamW trace. Default ``False`` (BENCHMARKS.md, "Methods that follow the optimizer").
+            Adam/AdamW trace that holds the final checkpoint's second moments. Default ``None``: whenever it
+            does (it raised the LDS on each of the modern suite's AdamW settings, BENCHMARKS.md, "Methods that
+            follow the optimizer"); ``Scores.config`` records the choice.
         vectorize: evaluate the parameter sets of a query batch together with ``torch.func.vmap``.
             Models vmap cannot run (``.item()`` in ``forward``, in-place buffer updates) fall back
             to a loop over the parameter sets automatically, with a warning; ``False`` forces it.
@@ -174,7 +176,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         modules: Sequence[str] | None = None,
         normalize: bool = True,
         backoff: bool = True,
-        preconditioned: bool = False,
+        preconditioned: bool | None = None,
         vectorize: bool = True,
         options: MethodOptions | None = None,
     ) -> None:
@@ -203,8 +205,12 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         self.lr = self._check_lr(self._default_lr() if lr is None else lr)
         self.fixed: Params = {n: p.detach() for n, p in named.items() if n not in self.original}
         self.fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
-        if preconditioned not in (True, False):
-            raise ValueError(f"ForwardINF(preconditioned={preconditioned!r}): use True or False.")
+        if preconditioned not in (None, True, False):
+            raise ValueError(f"ForwardINF(preconditioned={preconditioned!r}): use True, False or None (automatic).")
+        if preconditioned is None:
+            preconditioned = all(
+                self.trace.checkpoint_preconditioner(self.checkpoint, layer.name) is not None for layer in self.layers
+            )
         self.preconditioned = preconditioned
         self.step_scale: Params | None = self._step_scale() if preconditioned else None
 

@@ -417,3 +417,34 @@ def test_regression_task_follows_the_same_first_order_relation(tmp_path):
         fi.lr = lr
         errors.append(relative_error(loss_changes(fi.attribute(queries, train)) / lr, expected))
     assert errors[0] / errors[1] > 5 and errors[1] < 0.03, errors
+
+
+def test_adam_runs_step_along_the_optimizers_direction(digits, tmp_path):
+    """On an AdamW trace the default step is along ``P̃ ⊙ ∇f``, with ``P = 1/(√v̂ + ε)`` of the final optimizer
+    state (read here from the optimizer itself) over its mean: a small step of length α changes the loss of z by
+    α⟨∇ℓ(z), P̃∇f(z_q)⟩/‖P̃∇f(z_q)‖ to first order. SGD traces keep the plain step."""
+    assert method(digits, steps=1, lr=1e-3).config()["preconditioned"] is False
+    L.seed_everything(0, verbose=False)
+    train = digits["train"]
+    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[TDACallback(str(tmp_path / "adamw.h5"), task=TASK)])
+    trainer.fit(MLPClassifier(optimizer="adamw", lr=3e-3, weight_decay=0.01), loader)
+    optimizer = trainer.optimizers[0]
+    group = optimizer.param_groups[0]
+    scales = []
+    for param in trainer.lightning_module.parameters():
+        state = optimizer.state[param]
+        v_hat = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
+        scales.append((1.0 / (v_hat.sqrt() + group["eps"])).reshape(-1))
+    scale = torch.cat(scales)
+    scale = (scale / scale.mean()).float()
+    alpha = 1e-3
+    fi = ForwardINF(Trace.open(tmp_path / "adamw.h5"), MLPClassifier(), TASK, steps=1, lr=alpha)
+    assert fi.config()["preconditioned"] is True and fi.normalize
+    directions = flat_gradients(fi.model, digits["queries"]) * scale
+    expected = directions @ flat_gradients(fi.model, train).T / directions.norm(dim=1, keepdim=True)
+    changes = loss_changes(fi.attribute(digits["queries"], train)) / alpha
+    assert relative_error(changes, expected) < 2e-2
+    plain = flat_gradients(fi.model, digits["queries"])
+    unpreconditioned = plain @ flat_gradients(fi.model, train).T / plain.norm(dim=1, keepdim=True)
+    assert relative_error(changes, unpreconditioned) > 0.2  # the preconditioner changes the direction here
