@@ -14,7 +14,7 @@ import h5py
 import pytest
 import torch
 import yaml
-from test_reporting import _ReportParser
+from html_reader import ReportParser
 from wandb_reader import OfflineRun, find_runs
 
 from lightning_tda import Scores, Timeline
@@ -84,7 +84,7 @@ def test_main_job_writes_an_offline_wandb_run_with_the_report(main_job):
 
 
 def test_main_job_html_names_every_query_with_k_proponents_and_opponents(main_job):
-    parser = _ReportParser()
+    parser = ReportParser()
     parser.feed((main_job["out"] / "report.html").read_text())
     assert sorted(parser.queries) == sorted((m, q) for m in METHODS for q in range(QUERIES))
     for found in parser.queries.values():
@@ -117,7 +117,7 @@ def test_each_subcommand(main_job, tmp_path, capsys):
     assert main(["report", *common, "--trace", str(out / "trace.h5"), "--output_dir", str(elsewhere)]) == 0
     printed = capsys.readouterr().out
     assert f"HTML report: {elsewhere / 'report.html'}" in printed and "wandb sync" in printed
-    parser = _ReportParser()
+    parser = ReportParser()
     parser.feed((elsewhere / "report.html").read_text())
     assert list(parser.queries) == [("tracin", q) for q in (7, 2, 11)]
     (run_dir,) = find_runs(elsewhere)

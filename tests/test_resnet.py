@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from test_reporting import _ReportParser
+from html_reader import ReportParser
 
 from lightning_tda import Scores, Trace
 from lightning_tda.cli import main
@@ -37,7 +37,7 @@ def test_resnet_config_runs_every_method_into_the_report(tmp_path, capsys):
         scores = Scores.load(out / "trace.h5", method)
         assert scores.values.shape == (3, n_train) and torch.isfinite(scores.values).all(), method
         assert scores.values.abs().max() > 0, method
-    parser = _ReportParser()
+    parser = ReportParser()
     parser.feed((out / "report.html").read_text())
     assert sorted(parser.queries) == sorted((m, q) for m in METHODS for q in range(3))
     assert all(len(found["proponent"]) == len(found["opponent"]) == 5 for found in parser.queries.values())

@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from html_reader import ReportParser
 from wandb_reader import OfflineRun, find_runs
 
 from lightning_tda import ClassificationTask, RegressionTask, Scores, Trace
@@ -256,39 +256,11 @@ def test_tensorboard_logger_gets_text_images_histograms_and_scalars(report_case,
 
 
 # ---------------------------------------------------------------------------------------- HTML
-class _ReportParser(HTMLParser):
-    """Collects queries with their proponents/opponents, and anything that would load from outside."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queries: dict[tuple[str, int], dict[str, list[int]]] = {}
-        self.current: dict[str, list[int]] | None = None
-        self.external: list[str] = []
-        self.scripts = 0
-        self.figures = 0
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "section" and "data-query-id" in attrs:
-            self.current = {"proponent": [], "opponent": []}
-            self.queries[(attrs["data-method"], int(attrs["data-query-id"]))] = self.current
-        if tag == "li" and attrs.get("class") in ("proponent", "opponent"):
-            self.current[attrs["class"]].append(int(attrs["data-train-id"]))
-        if tag == "script":
-            self.scripts += 1
-        for key in ("src", "href"):
-            value = attrs.get(key)
-            if value and not value.startswith(("data:", "#")):
-                self.external.append(value)
-        if tag == "img" and attrs.get("class") == "figure":
-            self.figures += 1
-
-
 def test_html_report_names_every_query_with_k_proponents_and_opponents(report_case, tmp_path):
     content = report_case["content"]
     path = write_html_report(content, tmp_path / "sub" / "report.html")
     html = path.read_text()
-    parser = _ReportParser()
+    parser = ReportParser()
     parser.feed(html)
     assert sorted(q for _, q in parser.queries) == sorted(QUERY_IDS)
     for view in content.methods[0].queries:
@@ -316,7 +288,7 @@ def test_tabular_regression_report_shows_feature_rows(tmp_path):
     )
     assert not content.images and content.methods[0].queries[0].helpful[0].rendered.text.startswith("cement=")
     html = write_html_report(content, tmp_path / "report.html").read_text()
-    parser = _ReportParser()
+    parser = ReportParser()
     parser.feed(html)
     assert len(parser.queries) == 3 and parser.figures == 3 + 1
     assert html.count("superplasticizer=") >= 3 * (1 + 2 * 3)

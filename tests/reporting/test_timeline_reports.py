@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_reporting import _ReportParser
+from html_reader import ReportParser
 from wandb_reader import OfflineRun
 
 from lightning_tda import ClassificationTask, Scores, Timeline
@@ -115,7 +115,7 @@ def test_wandb_run_holds_the_timeline_table_charts_column_and_histograms(timelin
 
 def test_html_has_a_sentence_and_a_chart_per_query(timeline_case, tmp_path):
     html = write_reports(timeline_case["content"], html=tmp_path / "report.html", wandb=False).html.read_text()
-    parser = _ReportParser()
+    parser = ReportParser()
     parser.feed(html)
     assert len(parser.queries) == len(QUERY_IDS) and parser.external == []
     assert len(re.findall(r'<img class="figure timeline"', html)) == len(QUERY_IDS) + 1  # + the histograms
