@@ -618,12 +618,16 @@ def self_or_validation_influence(method: Any, queries: Any, train: Any) -> tuple
     return method.attribute(queries, train), "validation influence"
 
 
+CALLBACK_OVERRIDES: dict[str, Any] = {}  # --callback KEY=VALUE: TDACallback options of every attributed run
+
+
 def train_traced(setting: AnySetting, train: Any, path: Path, seed: int = 0) -> Any:
     """Fit the attributed model on all of ``train`` with the callback recording a 3-segment trace; the model."""
     from lightning_tda import TDACallback
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    callback = TDACallback(str(path), task=setting.task, segments=3, if_exists="overwrite", **setting.callback_options)
+    options = {**setting.callback_options, **CALLBACK_OVERRIDES}
+    callback = TDACallback(str(path), task=setting.task, segments=3, if_exists="overwrite", **options)
     return setting.train_fn(train).fit(np.arange(len(train)), seed, callbacks=[callback])
 
 
@@ -1151,8 +1155,20 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         help="only re-train the LDS ground truths into the cache (they do not depend on the methods)",
     )
     parser.add_argument("--note", action="append", default=[], help="a sentence to add to the section's set-up")
+    parser.add_argument(
+        "--callback",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TDACallback option for every attributed run (VALUE as JSON, e.g. statistics_examples=16)",
+    )
     parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log plots and numbers to W&B")
     args = parser.parse_args(argv)
+    for option in args.callback:
+        key, _, value = option.partition("=")
+        CALLBACK_OVERRIDES[key] = json.loads(value)
+    if args.callback:
+        args.note.append(f"TDACallback options: {', '.join(args.callback)}.")
     quick = args.quick
     if args.suite == "modern":
         default_experiments = list(SUITES["modern"])

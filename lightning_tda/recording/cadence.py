@@ -7,10 +7,12 @@ MLP it is about one step, on a ResNet's 3×3 convolutions (whose input factor is
 :class:`BudgetCadence` therefore measures it. It times plain steps and statistics steps, and every
 other cost the recorder adds (checkpoints, segment writes, the loss check), and spaces statistics steps
 so that the extra time stays within ``budget`` × the training time. Every planned segment gets
-``min_per_segment`` statistics steps spread evenly over it when the budget can pay for them, fewer when
-it cannot, but never fewer than one: a segment needs its covariances, so one statistics step per segment
-is the only cost allowed to exceed the budget (on very short runs, or where one statistics step costs
-more than the budget of a whole segment). The trace records which steps took statistics.
+``min_per_segment`` statistics steps spread evenly over it even when they cost more than the budget (the
+default: SOURCE's streamed covariances need them; fewer cost it LDS, BENCHMARKS.md), or, with
+``strict=True``, as many of them as the budget can pay for, but never fewer than one: a segment needs
+its covariances, so one statistics step per segment is then the only cost allowed past the budget (on
+very short runs, or where one statistics step costs more than the budget of a whole segment). The trace
+records which steps took statistics.
 
 Decisions are made at statistics steps only (the next optional step, how many statistics steps the
 budget affords per step, the rest of the segment's required steps), so under DDP one broadcast of rank
@@ -90,23 +92,26 @@ class BudgetCadence:
     ``budget`` × the median plain step of credit; costs are paid from it. At each statistics step
     :meth:`plan_next` picks the next optional one: the first step at which the credit will cover the
     median extra cost. Besides these, each planned segment has *required* steps at the middles of equal
-    parts of it: ``min_per_segment`` of them, or as many as the budget affords over the segment (the
-    budget per step over the median extra cost, less any debt), at least one. Before any statistics
-    step has been timed the first segment plans ``min_per_segment``; after its first statistics step
-    the rest of it is re-planned with the measured cost.
+    parts of it: ``min_per_segment`` of them, or with ``strict`` as many as the budget affords over the
+    segment (the budget per step less the other costs so far, over the median extra cost), at least one.
+    Before any statistics step has been timed the first segment plans ``min_per_segment``; with
+    ``strict``, after its first statistics step the rest of it is re-planned with the measured cost.
 
     Args:
         budget: allowed extra time as a fraction of the training time (0.05 = 5%).
-        min_per_segment: statistics steps a planned segment gets when the budget affords them (at least 1).
+        min_per_segment: statistics steps every planned segment gets (with ``strict``: when the budget
+            affords them, and at least 1).
+        strict: honour the budget also when the minimum costs more.
     """
 
-    def __init__(self, budget: float = 0.05, min_per_segment: int = 4) -> None:
+    def __init__(self, budget: float = 0.05, min_per_segment: int = 4, strict: bool = False) -> None:
         if not budget > 0:
             raise ValueError(f"overhead budget {budget!r}: use a positive fraction of the training time (e.g. 0.05).")
         if min_per_segment < 1:
             raise ValueError(f"min_statistics_steps={min_per_segment!r}: every segment needs at least 1.")
         self.budget = budget
         self.min_per_segment = min_per_segment
+        self.strict = strict
         self.plain: deque[float] = deque(maxlen=PLAIN_WINDOW)
         self.extra: deque[float] = deque(maxlen=EXTRA_WINDOW)
         self.credit = 0.0
@@ -129,9 +134,9 @@ class BudgetCadence:
 
     def _required_count(self, steps: int, taken: int) -> int:
         """Required statistics steps among the next ``steps`` of a segment that has ``taken`` already:
-        up to ``min_per_segment`` in all, as many as the budget affords, at least one per segment."""
+        up to ``min_per_segment`` in all; with ``strict`` as many as the budget affords, at least one per segment."""
         count = min(self.min_per_segment - taken, steps)
-        if self.affordable_rate is not None:
+        if self.strict and self.affordable_rate is not None:
             count = min(count, math.floor(self.affordable_rate * steps))
         return max(count, 1 if taken == 0 else 0, 0)
 
@@ -203,7 +208,12 @@ class BudgetCadence:
 
     # --- records ----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        return {"every_n_steps": "auto", "overhead_budget": self.budget, "min_statistics_steps": self.min_per_segment}
+        return {
+            "every_n_steps": "auto",
+            "overhead_budget": self.budget,
+            "min_statistics_steps": self.min_per_segment,
+            "strict_budget": self.strict,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

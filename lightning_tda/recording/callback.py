@@ -25,8 +25,8 @@ forward pass) plus, with the true Fisher, one more forward and backward pass. Ho
 relative to a training step depends on the model, so ``every_n_steps="auto"`` measures it
 (:class:`~lightning_tda.recording.cadence.BudgetCadence`): statistics steps are spaced so that their extra
 time, plus the checkpoints, segment writes and the loss check, stays within ``overhead_budget`` of the
-training time; every planned segment gets ``min_statistics_steps`` of them when the budget affords them,
-fewer when it does not, and at least one (the one cost allowed past the budget). What recording cost is
+training time, while every planned segment gets ``min_statistics_steps`` of them (the minimum wins when
+both cannot hold, unless ``strict_budget``: then fewer, at least one per segment). What recording cost is
 measured by kind (:mod:`~lightning_tda.recording.cost`), printed at the end of ``fit``, kept in the trace
 and put into the summary of the trainer's W&B run. The chosen steps therefore depend on the machine's
 speed; pass an integer ``every_n_steps`` for a trace that is reproducible step for step. The EK-FAC
@@ -109,9 +109,9 @@ class TDACallback(L.Callback):
             the true Fisher's sampled targets and for batch sizes.
         segments, checkpoints_per_segment, fisher, every_n_steps, layers, exclude, checkpoint_dtype, if_exists,
         dataset_size, seed, exact_fisher_outputs, loss_check_steps, overhead_budget, min_statistics_steps,
-        factor_dtype, max_factor_ratio, statistics_examples: what is recorded and how; collected into
-        ``self.options``, a :class:`~lightning_tda.recording.options.RecordingOptions`, which documents each and
-        checks them.
+        strict_budget, factor_dtype, max_factor_ratio, statistics_examples: what is recorded and how; collected
+        into ``self.options``, a :class:`~lightning_tda.recording.options.RecordingOptions`, which documents
+        each and checks them.
     """
 
     def __init__(
@@ -132,6 +132,7 @@ class TDACallback(L.Callback):
         loss_check_steps: int = 4,
         overhead_budget: float = 0.05,
         min_statistics_steps: int = 4,
+        strict_budget: bool = False,
         factor_dtype: str = "auto",
         max_factor_ratio: float | None = 16.0,
         statistics_examples: int | None = None,
@@ -151,6 +152,7 @@ class TDACallback(L.Callback):
             loss_check_steps=loss_check_steps,
             overhead_budget=overhead_budget,
             min_statistics_steps=min_statistics_steps,
+            strict_budget=strict_budget,
             factor_dtype=factor_dtype,
             max_factor_ratio=max_factor_ratio,
             statistics_examples=statistics_examples,
@@ -160,7 +162,7 @@ class TDACallback(L.Callback):
         self.policy = as_policy(segments)
         self.fisher = FisherOptions(fisher, seed=seed, exact_outputs=exact_fisher_outputs, fallback_samples=1)
         self.cadence = (
-            BudgetCadence(overhead_budget, min_statistics_steps)
+            BudgetCadence(overhead_budget, min_statistics_steps, strict=strict_budget)
             if every_n_steps == "auto"
             else FixedCadence(int(every_n_steps))
         )

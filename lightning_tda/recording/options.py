@@ -51,9 +51,12 @@ class RecordingOptions:
             backward); the result is warned about when they differ and recorded in the trace. 0 turns it off.
         overhead_budget: with ``every_n_steps="auto"``, the extra time statistics, checkpoints, segment
             writes and the loss check may add, as a fraction of the training time.
-        min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets
-            when the budget affords them; fewer when it does not, but at least one per segment (the one
-            cost allowed past the budget).
+        min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets,
+            even when they cost more than the budget (unless ``strict_budget``).
+        strict_budget: with ``every_n_steps="auto"``, honour ``overhead_budget`` also where the minimum costs
+            more: a segment then gets as many of its ``min_statistics_steps`` as the budget affords, at least
+            one (the one cost allowed past the budget). Cheaper recording for less accurate streamed
+            covariances (SOURCE's LDS, BENCHMARKS.md); EK-FAC IF recomputes its own by default.
         factor_dtype: precision of each step's K-FAC products and of the sums stored in the trace (they are
             accumulated in float64 either way): ``"float32"``, ``"float64"``, or ``"auto"``: float32 for
             factors at least 256 wide (a convolution's or a transformer's), where it halves the trace and
@@ -83,6 +86,7 @@ class RecordingOptions:
     loss_check_steps: int = 4
     overhead_budget: float = 0.05
     min_statistics_steps: int = 4
+    strict_budget: bool = False
     factor_dtype: str = "auto"
     max_factor_ratio: float | None = 16.0
     statistics_examples: int | None = None
@@ -107,6 +111,8 @@ class RecordingOptions:
             refuse("overhead_budget", "use a fraction of the training time in [0, 1), e.g. 0.05.")
         if not _is_int(self.min_statistics_steps) or self.min_statistics_steps < 1:
             refuse("min_statistics_steps", "use a positive integer.")
+        if not isinstance(self.strict_budget, bool):
+            refuse("strict_budget", "use True or False.")
         if self.factor_dtype not in FACTOR_DTYPE_CHOICES:
             refuse("factor_dtype", "use 'auto' (float32 from 256 wide), 'float32' or 'float64'.")
         if self.max_factor_ratio is not None and not self.max_factor_ratio > 0:
@@ -126,7 +132,7 @@ class RecordingOptions:
         for transient in ("if_exists", "dataset_size"):  # how this fit met the file, not what it records
             del recorded[transient]
         if self.every_n_steps != "auto":  # the budget does not apply to a fixed stride
-            del recorded["overhead_budget"], recorded["min_statistics_steps"]
+            del recorded["overhead_budget"], recorded["min_statistics_steps"], recorded["strict_budget"]
         return recorded
 
     def run_meta(self, trainer: Any, model: Any, task: Any, cadence: dict[str, Any]) -> dict[str, Any]:

@@ -226,6 +226,8 @@ def read_meta(r: TraceReader) -> dict[str, Any]:
         expect_str(r, where("every_n_steps"), meta["every_n_steps"], ("auto",))
         expect_float(r, where("overhead_budget"), meta.get("overhead_budget"), 0.0)
         expect_int(r, where("min_statistics_steps"), meta.get("min_statistics_steps"), 1)
+        if "strict_budget" in meta:
+            expect_bool(r, where("strict_budget"), meta["strict_budget"])
     elif "every_n_steps" in meta:
         expect_int(r, where("every_n_steps"), meta["every_n_steps"], 1)
     if "factor_dtype" in meta:

@@ -87,9 +87,13 @@ def test_budget_cadence_keeps_the_minimum_per_segment_and_spends_the_budget_othe
     taken, _ = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [80, 80, 40], plain=1.0, extra=0.2)
     assert [step for step in (10, 30, 50, 70, 90, 110, 130, 150, 165, 175, 185, 195) if not any(
         step in chosen for chosen in taken)] == []  # fmt: skip
-    # statistics cost 20 plain steps (the budget of 400): one per segment, the only cost allowed past the budget;
-    # the first segment plans the minimum until its first statistics step is timed, then re-plans its rest
-    taken, overhead = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [80, 80, 40], plain=1.0, extra=20.0)
+    # statistics cost 20 plain steps: by default only the minimum, which wins over the budget
+    taken, _ = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [80, 80, 40], plain=1.0, extra=20.0)
+    assert taken == [[10, 30, 50, 70], [90, 110, 130, 150], [165, 175, 185, 195]]
+    # strict: one per segment, the only cost allowed past the budget; the first segment plans the minimum
+    # until its first statistics step is timed, then re-plans its rest
+    strict = BudgetCadence(budget=0.05, min_per_segment=4, strict=True)
+    taken, overhead = simulate(strict, [80, 80, 40], plain=1.0, extra=20.0)
     assert taken == [[10], [120], [180]] and overhead == pytest.approx(3 * 20 / 200)
     # a segment shorter than the minimum takes statistics on every step
     taken, _ = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [3, 50], plain=1.0, extra=0.2)
@@ -106,13 +110,13 @@ def test_budget_cadence_keeps_the_minimum_per_segment_and_spends_the_budget_othe
 @pytest.mark.parametrize("budget", [0.02, 0.05, 0.10])
 @pytest.mark.parametrize("extra, io", [(3.0, 0.0), (3.0, 2.0), (0.7, 1.0), (8.0, 0.5)])
 def test_the_budget_is_honoured_within_two_points_on_runs_of_200_steps_or_more(budget, extra, io):
-    """Statistics steps of known cost (a fake clock): where one per segment fits the budget, the extra time of
-    statistics steps and of the other costs (``io`` plain steps per segment) is the budget ± 2 percentage
-    points, although the minimum of 4 per segment would cost more (for extra = 3: 36 steps of 300, 12%)."""
+    """Statistics steps of known cost (a fake clock), ``strict_budget``: where one per segment fits the budget, the
+    extra time of statistics steps and of the other costs (``io`` plain steps per segment) is the budget ± 2
+    percentage points, although the minimum of 4 per segment would cost more (extra = 3: 36 steps of 300, 12%)."""
     for segments in ([100, 100, 100], [250], [70, 70, 70, 70]):
         if extra + io > budget * min(segments):
             continue  # one statistics step per segment is more than its budget: the floor, shown above
-        _, overhead = simulate(BudgetCadence(budget=budget, min_per_segment=4), segments, 1.0, extra, io)
+        _, overhead = simulate(BudgetCadence(budget=budget, min_per_segment=4, strict=True), segments, 1.0, extra, io)
         assert abs(overhead - budget) <= 0.02, (segments, overhead)
 
 
@@ -130,10 +134,16 @@ def test_auto_cadence_gives_every_segment_the_minimum_and_records_the_choice(tmp
     assert trace.meta["every_n_steps"] == "auto"
     assert (trace.meta["overhead_budget"], trace.meta["min_statistics_steps"]) == (0.9, 3)
     assert "90% overhead budget" in trace.summary()
-    # a tiny one does not: fewer, but every segment gets one
-    tda = TDACallback(path, task=ClassificationTask(), segments=3, overhead_budget=0.001, if_exists="overwrite")
-    quiet_trainer(max_epochs=4, callbacks=[tda]).fit(MLPClassifier(sizes=[64, 16, 10]), loader())
-    assert [segment.stats_steps for segment in Trace.open(path).segments][1:] == [1, 1]
+    # a tiny one does not: the minimum wins, or with strict_budget fewer, but every segment gets one
+    for strict, expected in ((False, [3, 3]), (True, [1, 1])):
+        tda = TDACallback(
+            path, ClassificationTask(), min_statistics_steps=3, overhead_budget=0.001, strict_budget=strict,
+            if_exists="overwrite",
+        )  # fmt: skip
+        quiet_trainer(max_epochs=4, callbacks=[tda]).fit(MLPClassifier(sizes=[64, 16, 10]), loader())
+        trace = Trace.open(path)
+        assert [segment.stats_steps for segment in trace.segments][1:] == expected
+        assert trace.meta["strict_budget"] == strict
     with pytest.raises(ValueError, match="overhead budget"):
         TDACallback(path, task=ClassificationTask(), overhead_budget=0.0)
 
