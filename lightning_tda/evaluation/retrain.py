@@ -340,6 +340,8 @@ class RetrainRunner:
         return [results[key] for key in keys]
 
     def _train(self, missing: dict[str, tuple[np.ndarray, int]]) -> Iterator[tuple[str, Outcome]]:
+        if not missing:  # everything cached: no pool (a pool of zero workers is an error)
+            return
         if self.workers == 1 or len(missing) == 1:
             for key, (indices, seed) in missing.items():
                 yield key, measure(self.train_fn(np.asarray(indices), int(seed)), self.task, self.queries)
