@@ -33,7 +33,15 @@ def test_quick_benchmark_writes_tables(tmp_path, monkeypatch):
     assert -1.0 <= digits["random"]["lds"] <= 1.0
     ran = [m for m in digits.values() if m["status"] == "ok"]
     assert all(-1.0 <= m["lds"] <= 1.0 and m["ci"][0] <= m["lds"] <= m["ci"][1] for m in ran)
-    assert 0.0 <= results["mislabel"]["methods"]["random"]["auc"] <= 1.0
+    # Signs: the methods that track the non-converged digits run predict re-training (measured LDS 0.82, 0.67,
+    # 0.83; a flipped sign gives about -0.8), and self-influence finds the flipped labels (AUC 0.96-0.97
+    # measured; flipped: about 0.04; random 0.55)
+    for name in ("SOURCE", "TracInCP", "Forward-INF"):
+        assert digits[name]["lds"] > 0.3, (name, digits[name])
+    mislabel = results["mislabel"]["methods"]
+    assert 0.0 <= mislabel["random"]["auc"] <= 1.0
+    for name in ("SOURCE", "EK-FAC IF", "TracInCP", "Forward-INF"):
+        assert mislabel[name]["auc"] > 0.85, (name, mislabel[name])
     assert json.loads((tmp_path / "work" / "results.json").read_text().replace("NaN", "null"))["lds"]
     assert sorted(p.name for p in (tmp_path / "work" / "plots").glob("*.png")) == [
         "counterfactual.png",

@@ -38,6 +38,24 @@ def digits(digits_run):
     }
 
 
+# Median over 6 test queries of the largest |score| among 150 training examples, measured on these runs. The
+# methods that follow the trajectory (SOURCE, TracInCP) see the whole run; the influence functions (EK-FAC IF,
+# DataInf, Forward-INF) only the converged digits model, where they are ~100x smaller. The run's statistics steps
+# follow the machine's speed (the budget cadence), so a factor of 10 either way is allowed, not 100.
+MEASURED_TOP = {
+    ("digits", "SOURCE"): 7.7e-3,
+    ("digits", "EKFACInfluence"): 6.7e-5,
+    ("digits", "TracInCP"): 3.3e-2,
+    ("digits", "DataInf"): 4.0e-5,
+    ("digits", "ForwardINF"): 8.7e-5,
+    ("concrete", "SOURCE"): 5.1e-2,
+    ("concrete", "EKFACInfluence"): 9.9e-2,
+    ("concrete", "TracInCP"): 9.7e-2,
+    ("concrete", "DataInf"): 1.9e-2,
+    ("concrete", "ForwardINF"): 2.1e-2,
+}
+
+
 @pytest.mark.parametrize("run", ["digits", "concrete"])
 @pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
 def test_top_scores_are_plausible_changes_of_the_query_loss(run, cls, request):
@@ -47,9 +65,13 @@ def test_top_scores_are_plausible_changes_of_the_query_loss(run, cls, request):
     method = cls(case["trace"], case["model"](), case["task"], options=MethodOptions(progress=False))
     scores = method.attribute(queries, train)
     assert scores.config["unit"].startswith(UNIT)
+    assert torch.isfinite(scores.values).all()
     top = scores.values.abs().amax(dim=1)
     # One of ~1,000 examples moves a query's loss (cross-entropy in nats, squared error of a standardized
-    # target) by well under 1 typically, never by 10; and the scores do not vanish either.
-    assert 1e-6 < float(top.median()) < 1, top
+    # target) by well under 1 typically, never by 10; at the scale measured for this method, within 10x.
     assert float(top.max()) < 10, top
-    assert torch.isfinite(scores.values).all()
+    measured = MEASURED_TOP[(run, cls.__name__)]
+    assert measured / 10 < float(top.median()) < measured * 10, (float(top.median()), measured)
+    # the sign: a training example used as the query helps itself (removing it raises its own loss)
+    own = method.attribute(TensorDataset(*case["dm"].train_set[:6]), train).values.diagonal()
+    assert (own > 0).all(), own

@@ -239,6 +239,7 @@ def test_csv_logger_gets_tables_figures_and_scalars(report_case, tmp_path):
 
 
 def test_tensorboard_logger_gets_text_images_histograms_and_scalars(report_case, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra: pip install -e '.[dev]'")
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -253,6 +254,28 @@ def test_tensorboard_logger_gets_text_images_histograms_and_scalars(report_case,
     assert text, tags["tensors"]
     table = events.Tensors(text[0])[0].tensor_proto.string_val[0].decode()
     assert table.count("\n") == len(QUERY_IDS) + 1 and "helpful_1_id" in table
+
+
+def test_mlflow_logger_gets_tables_figures_notes_and_metrics(report_case, tmp_path, monkeypatch):
+    """A local file store (no server): the tables as CSV artifacts, the figures as PNGs, the scalars as metrics."""
+    pytest.importorskip("mlflow", reason="mlflow is in the dev extra: pip install -e '.[dev]'")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 prefers a database; a folder needs nothing
+
+    logger = MLFlowLogger(experiment_name="tests", tracking_uri=(tmp_path / "mlruns").as_uri())
+    assert log_to_logger(report_case["content"], logger) == f"MLflow run {logger.run_id}"
+    client, run_id = logger.experiment, logger.run_id
+    local = Path(client.download_artifacts(run_id, "tda", str(tmp_path / "artifacts")))
+    with open(local / "similarity_queries.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == table_columns(K) and [int(r[0]) for r in rows[1:]] == QUERY_IDS
+    with open(local / "similarity_self_influence.csv", newline="") as handle:
+        assert len(list(csv.reader(handle))) == SELF_TOP + 1
+    figures = {p.relative_to(local).as_posix() for p in local.rglob("*.png")}
+    assert {f"similarity/query_{q}.png" for q in QUERY_IDS} <= figures, figures
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["tda/similarity/mean_score"] == pytest.approx(float(report_case["pairwise"].values.mean()))
 
 
 # ---------------------------------------------------------------------------------------- HTML
