@@ -100,7 +100,7 @@ def reads_per_step(tmp_path, sizes: list[int], every_n_steps) -> tuple[dict[int,
     path = tmp_path / f"{len(sizes)}-{every_n_steps}.h5"
     tda = TDACallback(
         path, task=ClassificationTask(), segments=1, checkpoints_per_segment=1, every_n_steps=every_n_steps,
-        loss_check_steps=0, min_statistics_steps=3,
+        loss_check_steps=0, min_statistics_steps=3, overhead_budget=0.9,  # "auto": several statistics steps
     )  # fmt: skip
 
     def counted(hook):
