@@ -276,11 +276,11 @@ def test_evaluation_options_are_checked_before_any_work(options, expected, tmp_p
 
 
 def test_progress_without_a_terminal_prints_each_fit_with_its_eta(monkeypatch, capsys):
-    from lightning_tda import cli
+    import lightning_tda.cli.evaluate as evaluate_command
 
     clock = iter([100.0, 110.0, 10900.0])  # started; 2 fits done after 10 s; 3 after three hours
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
-    progress = cli.FitProgress("ground truth")
+    monkeypatch.setattr(evaluate_command.time, "perf_counter", lambda: next(clock))
+    progress = evaluate_command.FitProgress("ground truth")
     progress(2, 5)
     progress(3, 5)
     progress.close()

@@ -81,3 +81,4 @@ def test_imports_run_one_way():
             if any({unit, target} == pair for pair in SIBLINGS_APART):
                 wrong.append(f"{name} imports {imported}: {unit} and {target} are siblings and stay apart")
     assert not wrong, "\n".join(wrong)
+
