@@ -101,6 +101,22 @@ def optimizer_kind(trace: Trace) -> str:
     return name
 
 
+def segment_second_moment(trace: Trace, segment: int, layer: str) -> Tensor | None:
+    """Adam's ``v̂`` of ``layer`` over ``segment``, ``(out, a_dim)`` float64: the mean over the segment's checkpoints
+    when the trace holds it at each of them (where SOURCE takes its gradients and curvature), else the mean over the
+    segment's statistics steps; None without either.
+
+    The checkpoints' mean is the default because the statistics steps can be few: under the callback's overhead
+    budget the modern suite's CNN had one in its first segment, early in the warm-up, whose v̂ put the head's
+    preconditioner 30x above the next segment's, and SOURCE's LDS there was 0.34 with it, 0.43 with the
+    checkpoints' mean (equal within 0.01 on four other AdamW settings; BENCHMARKS.md, "Methods that follow the
+    optimizer")."""
+    at_checkpoints = [trace.checkpoint_preconditioner(c, layer) for c in trace.segment(segment).checkpoints]
+    if at_checkpoints and all(v is not None for v in at_checkpoints):
+        return torch.stack(at_checkpoints).mean(0)
+    return trace.preconditioner(segment, layer)
+
+
 def layer_dynamics(trace: Trace, segment: int, layer: str) -> LayerDynamics:
     """The :class:`LayerDynamics` of ``layer`` in ``segment`` from the trace's optimizer record."""
     kind = optimizer_kind(trace)
@@ -114,7 +130,7 @@ def layer_dynamics(trace: Trace, segment: int, layer: str) -> LayerDynamics:
         if beta > 0:
             horizon *= (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - beta)
         return LayerDynamics(horizon, weight_decay, False, None)
-    second_moment = trace.preconditioner(segment, layer)
+    second_moment = segment_second_moment(trace, segment, layer)
     if second_moment is None:
         raise TraceError(
             f"The trace {trace.path} holds no Adam second moments for layer {layer!r} in segment {segment} "

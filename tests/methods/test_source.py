@@ -31,7 +31,12 @@ from lightning_tda.curvature.eigen import LayerEigenbasis, decay_response, exp_d
 from lightning_tda.demo import DigitsDataModule, MLPClassifier, MLPRegressor, load_concrete
 from lightning_tda.evaluation import UnrolledTraining
 from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions, TracInCP
-from lightning_tda.methods.source import LayerDynamics, SegmentOperators, settled_segments
+from lightning_tda.methods.source import (
+    LayerDynamics,
+    SegmentOperators,
+    segment_second_moment,
+    settled_segments,
+)
 
 N_TRAIN, N_QUERIES, STEPS, LR = 800, 12, 150, 0.05
 
@@ -773,6 +778,11 @@ def test_auto_segments_leave_out_the_descent_of_an_adam_run_that_interpolated(tm
     assert last < 0.01 * losses[: len(losses) // 10].mean() and losses[owners == 0].mean() > 10 * last
     kept, reason = settled_segments(interpolated)
     assert 0 not in kept and kept[-1] == 2 and "interpolated" in reason and "[0]" in reason
+    # Adam's v̂ of a segment: the mean over its checkpoints (where the gradients and curvature are taken)
+    for segment in interpolated.segments:
+        at_checkpoints = [interpolated.checkpoint_preconditioner(c, "net.0") for c in segment.checkpoints]
+        expected = torch.stack(at_checkpoints).mean(0)
+        torch.testing.assert_close(segment_second_moment(interpolated, segment.index, "net.0"), expected)
     method = SOURCE(interpolated, MLPClassifier(sizes=[64, 32, 10]), ClassificationTask())
     config = method.config()
     assert config["segments"] == kept and config["segments_reason"] == reason
