@@ -102,7 +102,9 @@ def timeline_figure(section: TimelineSection, query: QueryTimeline, query_id: in
         for column, train_id in enumerate(ids):
             ax.plot(x, values[:, column], marker="o", markersize=3, linewidth=1, color=color, label=f"#{train_id}")
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, [f"{first}–{last}" for first, last in section.steps], fontsize=7)
+    every = -(-len(x) // 6)  # at most 6 tick labels
+    ticks = list(range(0, len(x), every))
+    ax.set_xticks(x[ticks], [f"{section.steps[i][0]}–{section.steps[i][1]}" for i in ticks], fontsize=7)
     ax.set_xlabel("segment (optimizer steps)", fontsize=8)
     ax.set_ylabel("score in the segment", fontsize=8)
     ax.set_title(f"{method}: query #{query_id} over training", fontsize=9)
