@@ -35,8 +35,12 @@ the streamed eigenbasis was measured no better with statistics on every step tha
 EK-FAC section), so sampling steps costs attribution little.
 
 Everything runs on the model's device: sums, the NaN/Inf check and the loss column stay there and
-move to the CPU only when a segment or the step log is written. Under mixed precision (bf16/fp16
-autocast) the statistics are still float64 sums (products in at least float32).
+move to the CPU only when a segment or the step log is written. A step without statistics makes no
+host-device synchronisation, one with statistics a fixed number (not one per layer); step times for the
+budget come from CUDA events on a GPU. Under mixed precision (bf16/fp16 autocast) the statistics are
+still float64 sums of products computed outside autocast in at least float32, with float64 counts.
+Strategies: one device or DDP (only writing stops on a write failure: every rank keeps every
+collective); sharded strategies are refused at ``setup`` (:func:`check_strategy`).
 
 Trace size: factors are stored as ``factor_dtype`` (float32 by default; accumulated in float64), and
 a factor much larger than its layer (``max_factor_ratio``, e.g. a LoRA adapter's ``d × d`` output
