@@ -28,7 +28,7 @@ from benchmarks.bench_callback import build  # noqa: E402
 
 CONFIGS = ("without callback", "after: products outside autocast", "before: products under autocast")
 # (model, training examples (0: the data set's own), epochs)
-CASES = [("mlp", 0, 5), ("resnet16", 256, 2)]
+CASES = [("mlp", 0, 20), ("resnet16", 1_024, 2)]
 
 
 def fit_seconds(model_name: str, n: int, epochs: int, config: str) -> tuple[float, int]:
