@@ -24,11 +24,12 @@ warning, not a verdict: the fix it proposes is to compare with a method that mod
 
 Adam and AdamW (the modern suite of BENCHMARKS.md, "Methods that follow the optimizer": 9 AdamW
 settings with warm-up and cosine decay): the curvature check is not made. There ``Λ·σ̄`` fell below
-``SETTLED`` on all 9, including the 4 where EK-FAC IF had the best LDS (an interpolating MLP, a
-converged regression, a fine-tuned and a LoRA GPT-2), because Adam's steps are ``η/(√v̂ + ε)``, not
-``η``; with the preconditioner in ``Λ`` it still fell below on two runs where IF was best. The
-stopped-early check fired on the two runs stopped after 2 epochs, where SOURCE beat IF (0.75 vs
-0.66, 0.33 vs 0.26) and TracInCP did not (0.65, 0.18), so under Adam its advice names SOURCE only.
+``SETTLED`` on all 9, including the 6 where EK-FAC IF had the best LDS at the defaults of the time
+(section "Modern training recipes"), because Adam's steps are ``η/(√v̂ + ε)``, not ``η``; with the
+preconditioner in ``Λ`` it still fell below on two runs where IF was best. The stopped-early check
+fired on the two runs stopped after 2 epochs; there SOURCE beat IF on one and tied on the other
+(0.74 vs 0.66, 0.25 vs 0.26; its θ_T pairing 0.33) while TracInCP fell below IF on both (0.64, 0.18),
+so under Adam its advice names SOURCE only.
 """
 
 from __future__ import annotations

@@ -109,8 +109,7 @@ def segment_second_moment(trace: Trace, segment: int, layer: str) -> Tensor | No
     The checkpoints' mean is the default because the statistics steps can be few: under the callback's overhead
     budget the modern suite's CNN had one in its first segment, early in the warm-up, whose v̂ put the head's
     preconditioner 30x above the next segment's, and SOURCE's LDS there was 0.34 with it, 0.43 with the
-    checkpoints' mean (equal within 0.01 on four other AdamW settings; BENCHMARKS.md, "Methods that follow the
-    optimizer")."""
+    checkpoints' mean (an A/B on that trace, docs/source.md; within 0.01 on four other AdamW settings)."""
     at_checkpoints = [trace.checkpoint_preconditioner(c, layer) for c in trace.segment(segment).checkpoints]
     if at_checkpoints and all(v is not None for v in at_checkpoints):
         return torch.stack(at_checkpoints).mean(0)
@@ -152,8 +151,8 @@ def settled_segments(trace: Trace) -> tuple[list[int], str]:
     its plateau (mean loss above ``PLATEAU`` × the last segment's) are left out. Their gradients are
     orders of magnitude larger than the rest, so their terms dominate the sum, while Adam's normalised
     steps keep reshaping the model through the hundreds of steps at zero loss that follow; on the modern
-    suite's interpolating MLP those terms were uncorrelated with re-training (LDS 0.24 with them, 0.42
-    without, EK-FAC IF 0.42; BENCHMARKS.md, "Methods that follow the optimizer"). Under SGD a step at zero
+    suite's interpolating MLP SOURCE's LDS was 0.17 with them and 0.43 without (EK-FAC IF 0.42;
+    BENCHMARKS.md, "Methods that follow the optimizer"). Under SGD a step at zero
     loss barely moves the parameters, so nothing is left out (not measured on an SGD run).
     """
     available = [info.index for info in trace.segments]
