@@ -30,41 +30,32 @@ import fnmatch
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_tda.batches import Data, as_loader, batches_with_ids, move_to, progress_bar
 from lightning_tda.methods.base import AttributionMethod, MethodOptions, learning_rate_mass
 from lightning_tda.methods.forward_inf_tuning import PlantedDuplicateTuning
+from lightning_tda.methods.functional import (
+    FunctionalModel,
+    Params,
+    finite_rows,
+    one_example,
+    select_rows,
+    stack_one,
+    tensor_leaves,
+)
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.trace.checks import TraceError
 from lightning_tda.trace.reader import Trace
-
-Params = dict[str, Tensor]
-
-
-class _Functional:
-    """Callable stand-in for the model that runs it with the given parameters (``functional_call``),
-    so a :class:`Task` (which only calls ``model(...)``) works unchanged on stacked parameters."""
-
-    def __init__(self, model: nn.Module, fixed: Params, moving: Params) -> None:
-        self.model, self.fixed, self.moving = model, fixed, moving
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.model, {**self.fixed, **self.moving}, args, kwargs)
-
-
-def _one_example(batch: Any) -> Any:
-    """Give an un-batched example (as vmap hands it over) back its batch dimension of 1."""
-    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, batch)
 
 
 @dataclass
@@ -315,11 +306,11 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
     # --- functional pieces ----------------------------------------------------------------------
     def _query_sum(self, moving: Params, batch: Any) -> tuple[Tensor, Tensor]:
         """Summed query measurement (to differentiate) and the per-example values (to check)."""
-        values = self.task.measurement(_Functional(self.model, self.fixed, moving), batch)
+        values = self.task.measurement(FunctionalModel(self.model, self.fixed, moving), batch)
         return values.sum(), values.detach()
 
     def _train_losses(self, moving: Params, batch: Any) -> Tensor:
-        return self.task.train_loss(_Functional(self.model, self.fixed, moving), batch)
+        return self.task.train_loss(FunctionalModel(self.model, self.fixed, moving), batch)
 
     def _map(self, fn: Callable[..., Any], in_dims: tuple[int | None, ...], *args: Any) -> Any:
         """``vmap(fn, in_dims)(*args)``, or the same result from a loop over the mapped dimension."""
@@ -335,7 +326,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
                 )
                 self.vectorize = False
         mapped = [a for a, d in zip(args, in_dims) if d == 0]
-        size = next(leaf.shape[0] for a in mapped for leaf in _leaves(a))
+        size = next(leaf.shape[0] for a in mapped for leaf in tensor_leaves(a))
         outputs = [
             fn(*[tree_map(lambda t, i=i: t[i], a) if d == 0 else a for a, d in zip(args, in_dims)]) for i in range(size)
         ]
@@ -349,11 +340,11 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         :meth:`_update`)."""
 
         def objective(p: Params, example: Any) -> Tensor:
-            return self._query_sum(p, _one_example(example))[0]
+            return self._query_sum(p, one_example(example))[0]
 
         grads, values = self._map(grad_and_value(objective), (0, 0), params, batch)
         updated, effective = self._update(params, grads, alphas)
-        return updated, values.detach(), torch.isfinite(values) & _row_finite(updated), effective
+        return updated, values.detach(), torch.isfinite(values) & finite_rows(updated), effective
 
     def _update(self, params: Params, grads: Params, alphas: Tensor) -> tuple[Params, Tensor]:
         """``θ ± α·g`` (or ``± α·g/‖g‖`` with ``normalize``) for stacked ``(P, ...)`` parameter sets,
@@ -372,7 +363,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
     def _query_values(self, params: Params, batch: Any) -> Tensor:
         """``(P,)`` each query's measurement under its own parameter set (no gradient)."""
         with torch.no_grad():
-            return self._map(lambda p, ex: self._query_sum(p, _one_example(ex))[0], (0, 0), params, batch)
+            return self._map(lambda p, ex: self._query_sum(p, one_example(ex))[0], (0, 0), params, batch)
 
     def _diverged(self, start: Tensor, values: Tensor) -> Tensor:
         """``(P,)`` whether each query's measurement left the finite numbers or exploded: moved by more
@@ -425,7 +416,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
                 break
             redo = torch.nonzero(~ascent.healthy).reshape(-1)
             again = self._trajectory(
-                _rows(batch, redo), query_ids[redo.cpu()], ascent.alphas[redo] / self.backoff_factor, keep
+                select_rows(batch, redo), query_ids[redo.cpu()], ascent.alphas[redo] / self.backoff_factor, keep
             )
             ascent.merge(redo, again)
         if not ascent.healthy.all():
@@ -458,16 +449,16 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         device = next(iter(self.original.values())).device
         alpha = torch.full((1,), self.lr, dtype=torch.float64, device=device)
         for _ in range(1 + (self.max_backoffs if self.backoff else 0)):
-            params, start, healthy = _stack1(self.original), None, True
+            params, start, healthy = stack_one(self.original), None, True
             reach = torch.zeros(1, dtype=torch.float64, device=device)
             for _ in range(self.steps):
                 grads, ids, values = self._joint_gradient({n: p[0] for n, p in params.items()}, queries)
                 if start is None:
                     self._check_start(values, ids)
                     start = values.mean().reshape(1)
-                params, effective = self._update(params, _stack1(grads), alpha)
+                params, effective = self._update(params, stack_one(grads), alpha)
                 reach += effective
-                healthy &= bool(_row_finite(params).all()) and not self._diverged(start, values.mean().reshape(1)).any()
+                healthy &= bool(finite_rows(params).all()) and not self._diverged(start, values.mean().reshape(1)).any()
             if healthy:
                 _, _, values = self._joint_gradient({n: p[0] for n, p in params.items()}, queries)
                 healthy = not self._diverged(start, values.mean().reshape(1)).any()
@@ -506,7 +497,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
     def _own_losses(self, stacked: Params, batch: Any) -> Tensor:
         """``(P,)``: each example's loss change under the parameters stepped on itself (self-influence)."""
         with torch.no_grad():
-            after = self._map(lambda p, ex: self._train_losses(p, _one_example(ex))[0], (0, 0), stacked, batch)
+            after = self._map(lambda p, ex: self._train_losses(p, one_example(ex))[0], (0, 0), stacked, batch)
             before = self._train_losses(self.original, batch)
         return self.sign * (after - before).to(torch.float32)
 
@@ -524,7 +515,7 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
             if not bad.any():
                 break
             redo = torch.nonzero(bad).reshape(-1)
-            sub = _rows(batch, redo)
+            sub = select_rows(batch, redo)
             again = self._ascend(sub, query_ids[redo.cpu()], alphas=ascent.alphas[redo] / self.backoff_factor)
             values[redo] = evaluate(again.params, sub)
             ascent.merge(redo, again)
@@ -700,23 +691,3 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         )
         ids = torch.arange(n_train)
         return self._finish(values, ids, alphas, reach, curvature, n_train, "self", "training examples")
-
-
-def _leaves(tree: Any) -> Iterator[Tensor]:
-    from torch.utils._pytree import tree_leaves
-
-    return (leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor))
-
-
-def _rows(batch: Any, rows: Tensor) -> Any:
-    """The examples ``rows`` of a batch (every tensor leaf indexed along its first dimension)."""
-    return tree_map(lambda t: t[rows.to(t.device)] if isinstance(t, Tensor) else t, batch)
-
-
-def _stack1(tree: Any) -> Any:
-    return tree_map(lambda t: t.unsqueeze(0), tree)
-
-
-def _row_finite(params: Params) -> Tensor:
-    """``(P,)`` whether every parameter of each stacked set is finite."""
-    return torch.stack([torch.isfinite(p.reshape(p.shape[0], -1)).all(dim=1) for p in params.values()]).all(dim=0)
