@@ -140,3 +140,23 @@ def test_device_reads_on_statistics_steps_do_not_grow_with_the_number_of_layers(
         statistics = trace.steps().statistics
         counts[len(sizes)] = {sum(reads[step].values()) for step in range(31) if statistics[step]}
     assert len(counts[3]) == 1 and counts[3] == counts[6], counts  # a fixed number per step (measured 0)
+
+
+def test_a_grad_scalers_scale_is_taken_out_of_the_empirical_fisher(tmp_path):
+    """fp16 with a GradScaler (scale 256, read as a device tensor after the first step) records the same output
+    factor as fp16 without one: the scaled gradients are divided by the scale, not by its square or not at all."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    sums = {}
+    for name, scaler in (("plain", None), ("scaled", torch.amp.GradScaler("cpu", init_scale=256.0))):
+        L.seed_everything(0, verbose=False)
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(64, 8, generator=generator), torch.randint(0, 3, (64,), generator=generator))
+        path = tmp_path / f"{name}.h5"
+        tda = TDACallback(path, task=ClassificationTask(), fisher="empirical", every_n_steps=1, segments=1)
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+        trainer = quiet_trainer(max_epochs=1, plugins=[plugin], callbacks=[tda])
+        trainer.fit(MLPClassifier(sizes=[8, 16, 3]), DataLoader(data, batch_size=16))
+        sums[name] = Trace.open(path).kfac_sums(0, "net.2")["S_sum"]
+    assert torch.isfinite(sums["scaled"]).all() and sums["plain"].abs().max() > 0
+    torch.testing.assert_close(sums["scaled"], sums["plain"], rtol=2e-2, atol=2e-2 * float(sums["plain"].abs().max()))
