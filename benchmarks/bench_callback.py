@@ -47,6 +47,8 @@ CONFIGS = {
     "every factor (max_factor_ratio=None)": {"max_factor_ratio": None},
     "every factor in float64 (as schema v1 stored)": {"max_factor_ratio": None, "factor_dtype": "float64"},
     "statistics from 16 examples per batch": {"statistics_examples": 16},
+    "strict budget": {"strict_budget": True},
+    "strict budget and statistics from 16 examples": {"strict_budget": True, "statistics_examples": 16},
 }
 # the defaults of the library at another checkout (--baseline ROOT): the same child run from that tree's code
 BEFORE = "defaults, before (--baseline)"
