@@ -231,6 +231,8 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
             has_trace = "trace_mb" in runs[0]
             costs = [r["cost"] for r in runs if "cost" in r]
             cost = {kind: statistics.median(c[kind] for c in costs) for kind in costs[0]} if costs else None
+            spent = [(sum(r["cost"].values()), r["seconds"]) for r in runs if "cost" in r]
+            own = [100 * cost_s / (fit_s - cost_s) for cost_s, fit_s in spent]  # the callback's own share
             rows.append(
                 [
                     describe_case(*case),
@@ -242,6 +244,7 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
                     f"{runs[0]['trace_mb']:.1f}" if has_trace else "-",
                     f"{runs[0]['checkpoint_mb']:.1f}" if has_trace else "-",
                     f"{rss:.0f} (+{rss - base_rss:.0f})",
+                    "-" if not own else f"{statistics.median(own):.1f}%",
                     "-" if cost is None else f"{cost['statistics']:.2f} / {cost['checkpoints']:.2f} / {cost['io']:.2f}",
                     "-"
                     if cost is None
@@ -258,6 +261,7 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
         "trace MB",
         "of which checkpoints MB",
         "peak RSS MB",
+        "callback's own measurement: % on top of training",
         "measured s: statistics / checkpoints / I/O",
         "fixed s: trace creation / initial checkpoint / loss check",
     ]
