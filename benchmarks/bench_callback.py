@@ -362,7 +362,7 @@ def main() -> None:
         body = (
             f"Target: at most 1.05x the wall time of training without the callback on runs of 128 steps or more, "
             f"1.10x on shorter ones, at the callback's defaults (true Fisher, every_n_steps='auto' within a 5% "
-            f"overhead budget, up to 4 statistics steps per segment as the budget affords, at least 1, 3 segments, "
+            f"overhead budget, at least 4 statistics steps per segment (the minimum wins over the budget), 3 segments, "
             f"2 checkpoints per segment, factor_dtype='auto'): {verdict(ratios)}.\n\n"
             f"Median of {repeats} interleaved repeats, each in a fresh process with one torch thread; the ratio "
             f"is the median of each repeat's ratio to the run without the callback just before it. Trace MB is "
