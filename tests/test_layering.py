@@ -82,3 +82,8 @@ def test_imports_run_one_way():
                 wrong.append(f"{name} imports {imported}: {unit} and {target} are siblings and stay apart")
     assert not wrong, "\n".join(wrong)
 
+
+def test_no_module_above_700_lines():
+    """One idea per module: a module that grows past 700 lines holds more than one."""
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 700}
+    assert not long, f"split these modules by idea: {long}"

@@ -31,7 +31,7 @@ tied parameter (:func:`find_layers`). The hooks that see a tracked layer's tenso
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -322,6 +322,26 @@ def find_layers(
             f"parameters matched include={include!r}, exclude={exclude!r}. Skipped modules: {skipped or 'none'}."
         )
     return LayerSelection(layers, skipped, tied)
+
+
+def selection_warnings(skipped: Mapping[str, str], tied: Mapping[str, str]) -> list[str]:
+    """What to tell the user about a :func:`find_layers` selection: modules with trainable parameters that are
+    not tracked (unsupported), and tied parameters tracked once."""
+    messages = []
+    if skipped:
+        messages.append(
+            "does not track these modules with trainable parameters (unsupported): "
+            + ", ".join(f"{name} ({why})" for name, why in skipped.items())
+            + f". Tracked: {SUPPORTED_LAYERS}. {UNTRACKED_NOTE}"
+        )
+    if tied:
+        messages.append(
+            "tracks tied parameters once: "
+            + ", ".join(f"{name} shares its weight with {kept}, tracked as {kept}" for name, kept in tied.items())
+            + ". The other use of the weight is left out of attribution's gradients (as kronfluence does); "
+            "exclude the tracked layer (exclude=[...]) to track the other one instead."
+        )
+    return messages
 
 
 def _untie(layers: list[TrackedLayer]) -> tuple[list[TrackedLayer], dict[str, str]]:

@@ -19,38 +19,23 @@ summed across ranks first. The callback's own state is saved in Lightning checkp
 trace, also with several recorders in one Trainer. Its options are one
 :class:`~lightning_tda.recording.options.RecordingOptions`.
 
-Overhead: a statistics step costs the outer products of every tracked layer's rows (for a 3×3
-convolution with C input channels the input factor is 9·C wide, several times the layer's own
-forward pass) plus, with the true Fisher, one more forward and backward pass. How much that is
-relative to a training step depends on the model, so ``every_n_steps="auto"`` measures it
-(:class:`~lightning_tda.recording.cadence.BudgetCadence`): statistics steps are spaced so that their extra
-time, plus the checkpoints, segment writes and the loss check, stays within ``overhead_budget`` of the
-training time, while every planned segment gets ``min_statistics_steps`` of them (the minimum wins when
-both cannot hold, unless ``strict_budget``: then fewer, at least one per segment). What recording cost is
-measured by kind (:mod:`~lightning_tda.recording.cost`), printed at the end of ``fit``, kept in the trace
-and put into the summary of the trainer's W&B run. The chosen steps therefore depend on the machine's
-speed; pass an integer ``every_n_steps`` for a trace that is reproducible step for step. The EK-FAC
-eigenvalue correction of the attribution methods re-estimates the eigenvalues from the training set, and
-the streamed eigenbasis was measured no better with statistics on every step than on every 7th (BENCHMARKS.md,
-EK-FAC section), so sampling steps costs attribution little.
+Cost: a statistics step costs the outer products of every tracked layer's rows plus, with the true Fisher,
+one more backward (and a forward when the training graph cannot be reused). ``every_n_steps="auto"`` spaces
+statistics steps within ``overhead_budget`` of the training time by measuring them
+(:mod:`~lightning_tda.recording.cadence`); what recording cost is measured by kind
+(:mod:`~lightning_tda.recording.cost`), printed at the end of ``fit``, kept in the trace and put into the W&B
+summary. Pass an integer ``every_n_steps`` for a trace that is reproducible step for step.
 
-Everything runs on the model's device: sums, the NaN/Inf check and the loss column stay there and
-move to the CPU only when a segment or the step log is written. A step without statistics makes no
-host-device synchronisation, one with statistics a fixed number (not one per layer); step times for the
-budget come from CUDA events on a GPU. Under mixed precision (bf16/fp16 autocast) the statistics are
-still float64 sums of products computed outside autocast in at least float32, with float64 counts.
-Strategies: one device or DDP (only writing stops on a write failure: every rank keeps every
-collective); sharded strategies are refused at ``setup`` (:func:`check_strategy`).
-
-Trace size: factors are stored as ``factor_dtype`` (float32 by default; accumulated in float64), and
-a factor much larger than its layer (``max_factor_ratio``, e.g. a LoRA adapter's ``d × d`` output
-factor) is not recorded at all; which factors a layer has is recorded in the trace, and a method
-that needs a missing one says so.
+Devices and precision: sums, the NaN/Inf check and the loss column stay on the model's device until written; a
+step without statistics makes no host-device synchronisation. Under bf16/fp16 autocast the products are computed
+outside autocast in at least float32 and summed in float64. One device or DDP (a write failure stops only the
+writing: every rank keeps every collective); sharded strategies are refused at ``setup``
+(:func:`~lightning_tda.recording.trainer.check_strategy`). Factors are stored as ``factor_dtype``; a factor far
+larger than its layer (``max_factor_ratio``) is not recorded, and a method that needs it says so.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -61,8 +46,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor
@@ -70,38 +53,18 @@ from torch import Tensor
 from lightning_tda.layers.capture import LayerCapture
 from lightning_tda.layers.covariances import KFACStatistics, recorded_factors
 from lightning_tda.layers.fisher import FisherOptions
-from lightning_tda.layers.tracked import SUPPORTED_LAYERS, UNTRACKED_NOTE, TrackedLayer, find_layers
+from lightning_tda.layers.tracked import TrackedLayer, find_layers, selection_warnings
 from lightning_tda.recording.cadence import BudgetCadence, FixedCadence, StepTimer
-from lightning_tda.recording.cost import RecordingCost, cost_scalars
+from lightning_tda.recording.cost import RecordingCost, report_cost
 from lightning_tda.recording.loss_check import TrainingLossCheck
 from lightning_tda.recording.optimizer import AdamSecondMoments, layer_param_groups, optimizer_record
 from lightning_tda.recording.options import IF_EXISTS, RecordingOptions
 from lightning_tda.recording.segments import OpenSegment, SegmentPolicy, as_policy, checkpoint_steps
 from lightning_tda.recording.step_log import StepLogBuffer, loss_value
+from lightning_tda.recording.trainer import check_strategy, per_example_scale, planned_steps
 from lightning_tda.recording.true_fisher import TrainingGraphFisher
 from lightning_tda.tasks import Task
-from lightning_tda.trace.records import describe_cost
 from lightning_tda.trace.writer import TraceWriteError, TraceWriter
-
-
-def check_strategy(strategy: Strategy) -> None:
-    """Refuse a strategy the recorder cannot follow: one device, or DDP (every rank holds the whole model).
-
-    Sharded strategies (FSDP, DeepSpeed, model parallelism) hold a slice of each parameter and of Adam's
-    state per rank: ``state_dict()`` is a collective there (rank 0 alone would hang in it) and the layer
-    hooks would see sharded weights. They are refused at ``setup`` rather than half supported.
-    """
-    if isinstance(strategy, SingleDeviceStrategy) or (
-        isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
-    ):
-        return
-    raise RuntimeError(
-        f"TDACallback does not support the {type(strategy).__name__} strategy: it shards the model's parameters "
-        f"and optimizer state across processes, and the recorder needs every parameter on every rank (checkpoints, "
-        f"layer statistics, Adam's second moments). Supported: a single device (strategy='auto' on one device) "
-        f"and DDP (strategy='ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true', ...). Train with DDP, or "
-        f"remove the callback."
-    )
 
 
 class TDACallback(L.Callback):
@@ -222,19 +185,8 @@ class TDACallback(L.Callback):
                     "callback state and a run resumed from them cannot continue the trace.",
                 )
         self.layers, skipped, tied = find_layers(pl_module, self.options.layers, self.options.exclude)
-        if skipped:
-            self._warnings.warn(
-                "TDACallback does not track these modules with trainable parameters (unsupported): "
-                + ", ".join(f"{name} ({why})" for name, why in skipped.items())
-                + f". Tracked: {SUPPORTED_LAYERS}. {UNTRACKED_NOTE}",
-            )
-        if tied:
-            self._warnings.warn(
-                "TDACallback: tied parameters are tracked once: "
-                + ", ".join(f"{name} shares its weight with {kept}, tracked as {kept}" for name, kept in tied.items())
-                + ". The other use of the weight is left out of attribution's gradients (as kronfluence does); "
-                "exclude the tracked layer (exclude=[...]) to track the other one instead.",
-            )
+        for message in selection_warnings(skipped, tied):
+            self._warnings.warn(f"TDACallback {message}")
         self.recorded = {layer.name: recorded_factors(layer, self.options.max_factor_ratio) for layer in self.layers}
         self._second_moments = AdamSecondMoments(self.layers)
 
@@ -250,9 +202,7 @@ class TDACallback(L.Callback):
         self._cost.first_step = self.step
         self.cadence.spend(time.perf_counter() - started)
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
-        # statistics steps capture the training forward itself: input rows are reduced to their products at
-        # once; with the true Fisher the layer outputs and the model's output are kept for one more backward
-        # through the training graph (on_before_backward), so no second forward pass is needed
+        # statistics steps capture the training forward itself (rows reduced to products at once; true Fisher below)
         self._capture = LayerCapture(
             self.layers,
             enabled=lambda: self._capturing,
@@ -286,7 +236,8 @@ class TDACallback(L.Callback):
         if restored is not None:
             self._apply_restored(restored, trainer)
         else:
-            self._plan_fit(trainer)
+            total, steps_per_epoch = planned_steps(trainer)
+            self.boundaries = self.policy.plan(self.step, total, steps_per_epoch)
             self._open_segment()
         # every rank replays its own batches (a replayed forward may hold collectives); rank 0 warns and records
         saved = (restored or {}).get("loss_check")
@@ -336,21 +287,6 @@ class TDACallback(L.Callback):
             )
             self.run_id, self.step, self.num_segments_closed, self.num_checkpoints = counters
 
-    def _plan_fit(self, trainer: L.Trainer) -> None:
-        total = trainer.estimated_stepping_batches - trainer.global_step
-        if not math.isfinite(total):
-            if trainer.max_steps and trainer.max_steps > 0:
-                total = trainer.max_steps - trainer.global_step
-            else:
-                raise RuntimeError(
-                    "TDACallback cannot plan segments: the number of training steps is unknown (iterable "
-                    "dataloader without max_steps). Set Trainer(max_steps=...)."
-                )
-        total = int(total)
-        batches = trainer.num_training_batches
-        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
-        self.boundaries = self.policy.plan(self.step, total, steps_per_epoch)
-
     # ------------------------------------------------------------------------------- per batch
     def _reset_micro_batch(self) -> None:
         self._capturing = False
@@ -388,18 +324,7 @@ class TDACallback(L.Callback):
             self._capture.row_mask = self.task.row_mask(batch)
             self._capture.batch_size = self._batch_size
             if self.fisher.kind == "empirical":
-                self._grad_scale = self._per_example_scale(trainer)
-
-    def _per_example_scale(self, trainer: L.Trainer) -> Tensor | float:
-        """Factor turning autograd's output gradients into per-example gradients. Under a GradScaler it is a
-        device tensor: the scale is read without a host synchronisation (``get_scale()`` would synchronise;
-        ``update()`` changes the scale in place only after this step's backward)."""
-        scale = float(self._batch_size * trainer.accumulate_grad_batches)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return scale
-        current = scaler._get_scale_async()  # None before the first scaled loss: get_scale() is its initial value
-        return scale / (float(scaler.get_scale()) if current is None else current.double())
+                self._grad_scale = per_example_scale(trainer, self._batch_size)
 
     def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
         with self._cost.timed("statistics"):
@@ -636,19 +561,14 @@ class TDACallback(L.Callback):
             )
 
     def _report_cost(self, trainer: L.Trainer) -> None:
-        """What recording this fit cost: one line for the user, the record in the trace, the numbers in a W&B
-        run's summary (when the trainer logs to W&B)."""
+        """What recording this fit cost: the record in the trace, a line for the user and the W&B summary."""
         if self.step == self._cost.first_step:
             return
         record = self._cost.record(self.step)
-        rank_zero_info(f"TDACallback: recording cost {describe_cost(record)}.")
         if self.writer is not None:
             with self._recording():
                 self.writer.record_cost(record)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.experiment.summary.update(cost_scalars(record))
+        report_cost(record, trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.run_id is None:

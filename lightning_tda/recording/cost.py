@@ -20,7 +20,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from lightning_tda.trace.records import cost_percent
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tda.trace.records import cost_percent, describe_cost
 from lightning_tda.trace.schema import COST_KINDS
 
 
@@ -75,3 +78,13 @@ def cost_scalars(record: dict[str, Any]) -> dict[str, float]:
     out["tda/recording/seconds"] = sum(record["seconds"].values())
     out["tda/recording/percent_of_training"] = cost_percent(record)
     return out
+
+
+def report_cost(record: dict[str, Any], trainer: Any) -> None:
+    """Tell the user what recording cost (one info line) and put the numbers into the summary of the trainer's
+    W&B run, if it logs to one (global rank 0 only)."""
+    rank_zero_info(f"TDACallback: recording cost {describe_cost(record)}.")
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(cost_scalars(record))

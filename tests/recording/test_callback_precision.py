@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tda import ClassificationTask, TDACallback, Trace
 from lightning_tda.demo import MLPClassifier
-from lightning_tda.recording.callback import check_strategy
+from lightning_tda.recording.trainer import check_strategy
 
 
 def test_bf16_mixed_factors_equal_float64_products_of_the_inputs_seen(tmp_path):
