@@ -275,15 +275,7 @@ class Trace:
 
     def preconditioner(self, segment: int, layer: str) -> Tensor | None:
         """Segment-mean Adam second moment ``v̂`` as a ``(out, a_dim)`` float64 matrix, or None."""
-        shape = self.layer(layer).shape
-        where = f"segments/{segment_name(segment)}/preconditioner/{layer}/v_mean"
-        with self._read() as r:
-            if not r.has(where):
-                return None
-            v_mean = r.array(where, [shape], kinds="f", finite=True)
-        if (v_mean < 0).any():
-            raise r.error(where, "holds negative second moments")
-        return torch.from_numpy(v_mean.astype(np.float64, copy=False))
+        return self._second_moments(f"segments/{segment_name(segment)}/preconditioner/{layer}/v_mean", layer)
 
     def checkpoint_preconditioner(self, index: int, layer: str) -> Tensor | None:
         """Adam's bias-corrected second moment ``v̂`` of ``layer`` behind checkpoint ``index`` (the state after
@@ -292,8 +284,11 @@ class Trace:
         traces recorded before they were stored."""
         if index not in {c.index for c in self.checkpoints}:
             raise TraceError(f"Checkpoint {index} is not in {self.path}; it has {[c.index for c in self.checkpoints]}.")
+        return self._second_moments(f"second_moments/{checkpoint_name(index)}/{layer}", layer)
+
+    def _second_moments(self, where: str, layer: str) -> Tensor | None:
+        """The ``v̂`` matrix stored at ``where`` (checked: the layer's shape, finite, non-negative) as float64."""
         shape = self.layer(layer).shape
-        where = f"second_moments/{checkpoint_name(index)}/{layer}"
         with self._read() as r:
             if not r.has(where):
                 return None
