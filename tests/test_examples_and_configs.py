@@ -28,7 +28,7 @@ def test_a_config_runs_end_to_end(tmp_path, monkeypatch, capsys, config, epochs)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     args = ["--output_dir", str(out), "--trainer.max_epochs", str(epochs), "--trainer.logger", "false"]
-    args += ["--data.init_args.test_fraction", "0.8", "--report.wandb", "false"]  # W&B: tests/test_cli.py
+    args += ["--data.init_args.test_fraction", "0.8", "--report.wandb", "false"]  # W&B: tests/cli/test_cli.py
     assert main(["run", "--config", str(CONFIGS / config), *args, "--queries.count", "2"]) == 0
     trace = Trace.open(out / "trace.h5")
     assert trace.num_steps > 0 and len(trace.segments) == 3

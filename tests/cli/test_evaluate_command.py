@@ -24,7 +24,7 @@ from lightning_tda.cli import main
 from lightning_tda.evaluation.record import Evaluation, scores_digest
 from lightning_tda.reporting.wandb_report import LDS_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
 SUBSETS, QUERIES = 8, 4
 METHODS = ["source", "tracin"]

@@ -21,7 +21,7 @@ from lightning_tda import Scores, Timeline
 from lightning_tda.cli import main
 from lightning_tda.reporting.wandb_report import SELF_COLUMNS, table_columns
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 TINY_CONFIG = yaml.safe_load(TINY.read_text())
 SOURCE_ARGS = next(m.get("init_args", {}) for m in TINY_CONFIG["methods"] if m["name"] == "source")
