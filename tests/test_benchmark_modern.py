@@ -47,7 +47,10 @@ def test_modern_suite_quick(tmp_path):
     assert "| modern-iris-interpolation |" in text and "### Training" in text
     exp = results["lds"]["modern-iris-interpolation"]
     assert exp["training"]["train_loss"] < 0.05  # the interpolation regime: trained to ~zero loss
-    assert all(-1 <= m["lds"] <= 1 for m in exp["methods"].values())
+    lds = {name: m["lds"] for name, m in exp["methods"].items()}
+    assert all(-1 <= value <= 1 for value in lds.values())
+    # DataInf ranks the re-trained models' losses (0.44 here, 0.37 on the full suite; random -0.19): a sign flip fails
+    assert lds["DataInf"] > 0.1 and lds["DataInf"] > lds["random"] + 0.2
 
 
 def test_lora_fine_tuning_setting_reuses_its_pre_training(tmp_path):
