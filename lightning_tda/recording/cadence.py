@@ -138,7 +138,7 @@ class BudgetCadence:
         count = min(self.min_per_segment - taken, steps)
         if self.strict and self.affordable_rate is not None:
             count = min(count, math.floor(self.affordable_rate * steps))
-        return max(count, 1 if taken == 0 else 0, 0)
+        return max(count, 1 if taken == 0 else 0)
 
     # --- decisions --------------------------------------------------------------------------------
     def is_statistics_step(self, step: int) -> bool:
