@@ -190,23 +190,54 @@ def run_child(model_name: str, config: str, epochs: int, n: int, baseline: Path 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(cases: list[tuple[str, int, int]], configs: list[str], repeats: int, baseline: Path | None = None) -> dict:
-    """Interleaved repeats: every repeat runs every case and configuration once, in the same order."""
+def measure(
+    cases: list[tuple[str, int, int]],
+    configs: list[str],
+    repeats: int,
+    baseline: Path | None = None,
+    save: Path | None = None,
+) -> dict:
+    """Interleaved repeats: every repeat runs every case and configuration once, in the same order. With
+    ``save``, the results so far are written there as JSON after every run (read back with ``--load``)."""
     results: dict[tuple, list[dict]] = {}
     for repeat in range(repeats):
         for model_name, n, epochs in cases:
             for config in configs:
                 result = run_child(model_name, config, epochs, n, baseline)
                 results.setdefault((model_name, n, epochs, config), []).append(result)
-                print(f"repeat {repeat + 1}: {model_name} n={n} {epochs} epochs, {config}: {result['seconds']:.1f} s",
-                      flush=True)  # fmt: skip
+                own = f", callback's own {own_share(result):.1f}%" if "cost" in result else ""
+                print(f"repeat {repeat + 1}: {model_name} n={n} {epochs} epochs, {config}: "
+                      f"{result['seconds']:.1f} s{own}", flush=True)  # fmt: skip
+                if save:
+                    save.write_text(json.dumps([[list(key), runs] for key, runs in results.items()]))
     return results
+
+
+def load_results(paths: list[Path]) -> dict:
+    """The results saved by ``--save`` in one or more runs, merged (each key's runs in the order given)."""
+    results: dict[tuple, list[dict]] = {}
+    for path in paths:
+        for key, runs in json.loads(path.read_text()):
+            model_name, n, epochs, config = key
+            results.setdefault((model_name, int(n), int(epochs), config), []).extend(runs)
+    return results
+
+
+def own_share(result: dict) -> float:
+    """The callback's own measured seconds, in percent of the fit's seconds without them."""
+    spent = sum(result["cost"].values())
+    return 100 * spent / (result["seconds"] - spent)
+
+
+def paired_ratios(results: dict, case: tuple, config: str) -> list[float]:
+    """Per repeat: this configuration's time / the time without the callback in the same repeat."""
+    runs, base = results[(*case, config)], results[(*case, "without callback")]
+    return [r["seconds"] / b["seconds"] for r, b in zip(runs, base)]
 
 
 def paired_ratio(results: dict, case: tuple, config: str) -> float:
     """Median over repeats of (this configuration's time / the time without the callback, same repeat)."""
-    runs, base = results[(*case, config)], results[(*case, "without callback")]
-    return statistics.median(r["seconds"] / b["seconds"] for r, b in zip(runs, base))
+    return statistics.median(paired_ratios(results, case, config))
 
 
 def describe_case(model_name: str, n: int, epochs: int) -> str:
@@ -222,6 +253,8 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
         base = results[(*case, "without callback")]
         base_rss = statistics.median(r["max_rss_mb"] for r in base)
         for config in configs:
+            if (*case, config) not in results:  # a configuration measured for other cases only
+                continue
             runs = results[(*case, config)]
             seconds = statistics.median(r["seconds"] for r in runs)
             rss = statistics.median(r["max_rss_mb"] for r in runs)
@@ -231,8 +264,8 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
             has_trace = "trace_mb" in runs[0]
             costs = [r["cost"] for r in runs if "cost" in r]
             cost = {kind: statistics.median(c[kind] for c in costs) for kind in costs[0]} if costs else None
-            spent = [(sum(r["cost"].values()), r["seconds"]) for r in runs if "cost" in r]
-            own = [100 * cost_s / (fit_s - cost_s) for cost_s, fit_s in spent]  # the callback's own share
+            own = [own_share(r) for r in runs if "cost" in r]
+            spread = paired_ratios(results, case, config)
             rows.append(
                 [
                     describe_case(*case),
@@ -241,10 +274,11 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
                     "/".join(str(s) for s in runs[0]["stats_steps"]) if has_trace else "-",
                     f"{seconds:.2f}",
                     f"{ratio:.3f}x",
+                    f"{min(spread):.3f}-{max(spread):.3f} ({len(spread)})",
                     f"{runs[0]['trace_mb']:.1f}" if has_trace else "-",
                     f"{runs[0]['checkpoint_mb']:.1f}" if has_trace else "-",
                     f"{rss:.0f} (+{rss - base_rss:.0f})",
-                    "-" if not own else f"{statistics.median(own):.1f}%",
+                    "-" if not own else f"{statistics.median(own):.1f}% ({min(own):.1f}-{max(own):.1f})",
                     "-" if cost is None else f"{cost['statistics']:.2f} / {cost['checkpoints']:.2f} / {cost['io']:.2f}",
                     "-"
                     if cost is None
@@ -258,10 +292,11 @@ def table(results: dict, cases: list[tuple[str, int, int]], configs: list[str]) 
         "statistics steps per segment",
         "fit s (median)",
         "vs without (median of paired ratios)",
+        "paired ratios min-max (repeats)",
         "trace MB",
         "of which checkpoints MB",
         "peak RSS MB",
-        "callback's own measurement: % on top of training",
+        "callback's own measurement: % on top of training, median (min-max)",
         "measured s: statistics / checkpoints / I/O",
         "fixed s: trace creation / initial checkpoint / loss check",
     ]
@@ -330,6 +365,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table instead of writing BENCHMARKS.md")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout whose defaults run as 'before'")
     parser.add_argument("--configs", default=None, help="real suite: configurations (comma-separated) after 'without'")
+    parser.add_argument("--save", type=Path, default=None, help="write the raw results as JSON after every run")
+    parser.add_argument("--load", type=Path, nargs="+", default=None, help="build the table from --save files")
+    parser.add_argument("--section", default=None, help="real suite: the BENCHMARKS.md section key to write")
     args = parser.parse_args()
     epochs = args.epochs or (3 if args.quick else 20)
     if args.child:
@@ -357,14 +395,22 @@ def main() -> None:
     else:
         cases = [("mlp", 0, epochs), ("cnn", 0, epochs)]
         configs = list(CONFIGS)[:2] if args.defaults_only else list(CONFIGS)
-    text, ratios = table(measure(cases, configs, repeats, args.baseline), cases, configs)
+    if args.load:
+        results = load_results(args.load)
+        cases = list(dict.fromkeys(key[:3] for key in results))
+        configs = list(dict.fromkeys(key[3] for key in results))
+        repeats = max(len(runs) for runs in results.values())
+    else:
+        results = measure(cases, configs, repeats, args.baseline, args.save)
+    text, ratios = table(results, cases, configs)
     if args.suite == "real":
         body = (
             f"Target: at most 1.05x the wall time of training without the callback on runs of 128 steps or more, "
             f"1.10x on shorter ones, at the callback's defaults (true Fisher, every_n_steps='auto' within a 5% "
             f"overhead budget, at least 4 statistics steps per segment (the minimum wins over the budget), 3 segments, "
             f"2 checkpoints per segment, factor_dtype='auto'): {verdict(ratios)}.\n\n"
-            f"Median of {repeats} interleaved repeats, each in a fresh process with one torch thread; the ratio "
+            f"Median of up to {repeats} interleaved repeats (the count is in the spread column), each in a "
+            f"fresh process with one torch thread; the ratio "
             f"is the median of each repeat's ratio to the run without the callback just before it. Trace MB is "
             f"the whole file; checkpoints are the initial state plus float32 trainable parameters and buffers. "
             f"The last two columns are the callback's own measurement (`Trace.recording_costs()`, median over "
@@ -373,6 +419,8 @@ def main() -> None:
             f"{text}"
         )
         name, title = "callback-overhead-real-models", "Training overhead of TDACallback on real models"
+        if args.section:
+            name, title = args.section, f"{title} ({args.section})"
     else:
         body = (
             f"Target: at most 1.10x on short runs, 1.05x from 128 steps, with the defaults: "
