@@ -43,7 +43,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -60,7 +59,7 @@ from lightning_tda.recording.loss_check import TrainingLossCheck
 from lightning_tda.recording.optimizer import AdamSecondMoments, layer_param_groups, optimizer_record
 from lightning_tda.recording.options import IF_EXISTS, RecordingOptions
 from lightning_tda.recording.segments import OpenSegment, SegmentPolicy, as_policy, checkpoint_steps
-from lightning_tda.recording.step_log import StepLogBuffer, loss_value
+from lightning_tda.recording.step_log import StepLogBuffer, host_values, learning_rates, loss_value
 from lightning_tda.recording.trainer import check_strategy, per_example_scale, planned_steps
 from lightning_tda.recording.true_fisher import TrainingGraphFisher
 from lightning_tda.tasks import Task
@@ -292,7 +291,7 @@ class TDACallback(L.Callback):
         self._capturing = False
         self._stats_step = False
         self._stepped = False
-        self._lrs: list[float] = []
+        self._lrs: list[float | Tensor] = []  # this step's, per param group
         self._loss_sum: Tensor | None = None
         self._examples = 0
         self._step_open = False
@@ -364,7 +363,7 @@ class TDACallback(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         with self._cost.timed("bookkeeping"):
             self._stepped = True
-            self._lrs = [float(group["lr"]) for group in optimizer.param_groups]
+            self._lrs = learning_rates(optimizer)  # tensors stay on their device: no sync
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -490,7 +489,7 @@ class TDACallback(L.Callback):
                 "num_steps": seg.num_steps,
                 "stats_steps": seg.stats_steps,
                 "skipped_steps": skipped,
-                "mean_lr": np.asarray(seg.lr_sum) / seg.num_steps,
+                "mean_lr": host_values([seg.lr_sum])[0] / seg.num_steps,
                 "reason": reason,
             }
             precond = seg.second_moments.means()

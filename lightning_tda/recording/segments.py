@@ -27,11 +27,11 @@ class OpenSegment:
     start_step: int
     num_steps: int = 0
     stats_steps: int = 0
-    lr_sum: list[float] = field(default_factory=list)  # per param group, over the segment's steps
+    lr_sum: list[float | Tensor] = field(default_factory=list)  # per param group over the segment's steps, float64
     second_moments: SecondMomentMean = field(default_factory=SecondMomentMean)  # Adam's v̂ on statistics steps
     last_checkpoint_step: int = -1
 
-    def add_step(self, lrs: Sequence[float], statistics: bool) -> None:
+    def add_step(self, lrs: Sequence[float | Tensor], statistics: bool) -> None:
         self.num_steps += 1
         self.stats_steps += int(statistics)
         self.lr_sum = [a + b for a, b in zip(self.lr_sum, lrs)] if self.lr_sum else list(lrs)

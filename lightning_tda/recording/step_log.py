@@ -3,12 +3,13 @@
 Appending a row to an HDF5 dataset costs about as much as writing a block of them, and reading the step's loss
 from the device would synchronise every step; rows are therefore buffered (the loss as the training step's own
 tensor, left on its device) and written at each checkpoint and segment close, with one device synchronisation
-per block.
+per block. Learning rates held as tensors (PyTorch allows them, e.g. for capturable or fused Adam) are kept on
+their device the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ class StepLogBuffer:
     def flush(self, writer: TraceWriter | None) -> None:
         """Append the buffered rows to ``writer``'s trace (if any) and forget them."""
         if writer is not None and self.rows:
-            columns = {key: np.asarray(values) for key, values in self.rows.items() if key != "loss"}
+            columns = {key: np.asarray(values) for key, values in self.rows.items() if key not in ("loss", "lr")}
+            columns["lr"] = host_values(self.rows["lr"])  # one device sync per block for tensor learning rates
             losses = [loss.reshape(()).double() for loss in self.rows["loss"]]
             columns["loss"] = torch.stack(losses).cpu().numpy()  # one device sync per block
             writer.append_steps(columns)
@@ -46,3 +48,24 @@ def loss_value(outputs: Any, device: torch.device) -> Tensor:
     if isinstance(outputs, Tensor):
         return outputs.detach()
     return torch.full((), float("nan"), device=device)
+
+
+def learning_rates(optimizer: Any) -> list[float | Tensor]:
+    """Each param group's learning rate, read without a device synchronisation: a float stays a float, a tensor
+    is copied on its device in float64 (a scheduler updates a tensor learning rate in place)."""
+    return [
+        lr.detach().to(torch.float64, copy=True) if isinstance(lr, Tensor) else float(lr)
+        for lr in (group["lr"] for group in optimizer.param_groups)
+    ]
+
+
+def host_values(rows: Sequence[Sequence[float | Tensor]]) -> np.ndarray:
+    """Rows of floats and scalar tensors (e.g. steps × param groups of :func:`learning_rates`) as a float64
+    array of the same shape; all tensors are read in one device transfer."""
+    values = np.array([[np.nan if isinstance(v, Tensor) else v for v in row] for row in rows], dtype=np.float64)
+    where = [(i, j) for i, row in enumerate(rows) for j, v in enumerate(row) if isinstance(v, Tensor)]
+    if where:
+        device = rows[where[0][0]][where[0][1]].device
+        read = torch.stack([rows[i][j].reshape(()).to(device, torch.float64) for i, j in where]).cpu().numpy()
+        values[tuple(np.array(where).T)] = read
+    return values

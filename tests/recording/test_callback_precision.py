@@ -9,6 +9,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import quiet_trainer
@@ -93,11 +94,13 @@ class DeviceReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def reads_per_step(tmp_path, sizes: list[int], every_n_steps) -> tuple[dict[int, Counter], Trace]:
+def reads_per_step(
+    tmp_path, sizes: list[int], every_n_steps, model: L.LightningModule | None = None
+) -> tuple[dict[int, Counter], Trace]:
     """Device reads made by the callback's hooks during each optimizer step (0-based), and the trace of a
-    32-step run with one segment and one checkpoint (at its end)."""
+    32-step run with one segment and one checkpoint (at its end), of ``model`` (default: an MLP of ``sizes``)."""
     reads: dict[int, Counter] = {}
-    path = tmp_path / f"{len(sizes)}-{every_n_steps}.h5"
+    path = tmp_path / f"{len(sizes)}-{every_n_steps}-{type(model).__name__}-{getattr(model, 'tensor_lr', '')}.h5"
     tda = TDACallback(
         path, task=ClassificationTask(), segments=1, checkpoints_per_segment=1, every_n_steps=every_n_steps,
         loss_check_steps=0, min_statistics_steps=3, overhead_budget=0.9,  # "auto": several statistics steps
@@ -118,7 +121,8 @@ def reads_per_step(tmp_path, sizes: list[int], every_n_steps) -> tuple[dict[int,
     L.seed_everything(0, verbose=False)
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(256, sizes[0], generator=generator), torch.randint(0, 10, (256,)))
-    quiet_trainer(max_epochs=1, callbacks=[tda]).fit(MLPClassifier(sizes=sizes), DataLoader(data, batch_size=8))
+    model = model or MLPClassifier(sizes=sizes)
+    quiet_trainer(max_epochs=1, callbacks=[tda]).fit(model, DataLoader(data, batch_size=8))
     return reads, Trace.open(path)
 
 
@@ -131,6 +135,41 @@ def test_no_device_reads_on_steps_without_statistics(tmp_path, every_n_steps):
     assert sum(reads[last].values()) > 0  # the counter sees reads where there are some
     plain = {step: calls for step, calls in reads.items() if not statistics[step] and step != last}
     assert plain and all(not calls for calls in plain.values()), {s: c for s, c in plain.items() if c}
+
+
+class DecayedLearningRate(MLPClassifier):
+    """SGD at learning rate 0.1 × 0.9^step from ``ExponentialLR`` stepped every optimizer step, the learning
+    rate held as a float or as a float64 tensor (which the scheduler updates in place)."""
+
+    def __init__(self, sizes: list[int], tensor_lr: bool) -> None:
+        super().__init__(sizes=sizes)
+        self.tensor_lr = tensor_lr
+
+    def configure_optimizers(self):
+        lr = torch.tensor(0.1, dtype=torch.float64) if self.tensor_lr else 0.1
+        optimizer = torch.optim.SGD(self.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_tensor_learning_rate_is_recorded_as_a_float_one_without_device_reads(tmp_path):
+    """A learning rate held as a tensor (allowed for capturable/fused Adam; float() on it syncs a GPU every
+    step) is recorded step by step and as the segment's mean exactly as the same schedule held as floats, and
+    the steps without statistics read nothing from the device."""
+    recorded = {}
+    for tensor_lr in (False, True):
+        model = DecayedLearningRate([16, 8, 10], tensor_lr)
+        reads, trace = reads_per_step(tmp_path, [16, 8, 10], 4, model)
+        recorded[tensor_lr] = trace.steps().lr, trace.segments[0].mean_lr
+    steps, mean = recorded[True]
+    expected = 0.1 * 0.9 ** np.arange(32)  # the learning rate each step was taken at
+    np.testing.assert_allclose(steps[:, 0], expected, rtol=1e-12)
+    np.testing.assert_allclose(mean, [expected.mean()], rtol=1e-12)
+    np.testing.assert_array_equal(steps, recorded[False][0])
+    np.testing.assert_array_equal(mean, recorded[False][1])
+    statistics, last = trace.steps().statistics, 31
+    plain = {step: calls for step, calls in reads.items() if not statistics[step] and step != last}
+    assert len(plain) >= 20 and all(not calls for calls in plain.values()), {s: c for s, c in plain.items() if c}
 
 
 def test_device_reads_on_statistics_steps_do_not_grow_with_the_number_of_layers(tmp_path):
