@@ -14,7 +14,9 @@ Conventions
   of the per-example loss with respect to the model outputs (the Gauss-Newton output Hessian).
   Back-propagating them gives the *exact* expectation of the true Fisher; ``sample_targets`` draws
   targets from the model's predictive distribution for the sampled (cheaper) estimate, keeping the
-  positions the real targets leave out (``ignore_index``) out. Sequence outputs always use samples.
+  positions the real targets leave out (``ignore_index``) out, and ``sampled_fisher_loss`` is the loss
+  whose gradient at those targets has the Gauss-Newton matrix as its second moment (the loss itself,
+  except for a mean over independently drawn positions). Sequence outputs always use samples.
 * ``row_mask(batch)`` returns a ``(B, T)`` bool mask of the positions that are real tokens (``None``:
   all of them); padded positions do not enter the K-FAC input statistics.
 
@@ -99,6 +101,12 @@ class Task:
         """Targets drawn from the model's predictive distribution (for the sampled true Fisher), in the
         format of :meth:`targets`; positions the real ``targets`` leave out stay left out."""
         raise NotImplementedError
+
+    def sampled_fisher_loss(self, outputs: Tensor, sampled: Tensor) -> Tensor:
+        """Per-example loss ``(B,)`` at targets drawn by :meth:`sample_targets`, scaled so that the second
+        moment of its gradient over the draws is the example's Gauss-Newton matrix (the expectation that
+        :meth:`fisher_factors` gives exactly). The loss itself when it is one negative log-likelihood term."""
+        return self.loss(outputs, sampled)
 
     def fisher_factors(self, outputs: Tensor) -> Tensor:
         """Square-root factors of the output Hessian, shape ``(K, *outputs.shape)``."""
@@ -405,6 +413,14 @@ class LanguageModelingTask(Task):
         if targets is not None:
             sampled = sampled.masked_fill(targets == self.ignore_index, self.ignore_index)
         return sampled
+
+    def sampled_fisher_loss(self, outputs: Tensor, sampled: Tensor) -> Tensor:
+        """``Σ_t √w_t CE_t`` at sampled labels ``(B,)``, not the loss's ``Σ_t w_t CE_t``: the positions are drawn
+        independently, so the second moment of the gradient is ``Σ_t w_t Jᵀ H_t J``, the Gauss-Newton matrix
+        of the loss. With ``reduction="mean"`` (``w_t = 1/T``) the loss's own weights would give ``1/T`` of it.
+        """
+        tokens = self.token_losses(outputs, sampled)
+        return (tokens * self._weights(sampled).to(tokens.dtype).sqrt()).sum(dim=1)
 
     def num_fisher_factors(self, outputs: Tensor) -> int:
         return (outputs.shape[1] - 1) * outputs.shape[-1]

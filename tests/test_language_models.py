@@ -250,7 +250,7 @@ def _hand_sums(module: HFModule, micro_batches, names, fisher: str) -> dict[str,
         else:
             logits = module(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             sampled = task.sample_targets(logits, generator, targets=task.targets(batch))
-            task.loss(logits, sampled).sum().backward()
+            task.sampled_fisher_loss(logits, sampled).sum().backward()
             scale = 1
         for handle in handles:
             handle.remove()
@@ -391,6 +391,26 @@ def test_fisher_factors_sum_to_the_output_hessian_without_cross_position_terms(r
     assert factors.shape == (task.num_fisher_factors(logits), 1, 4, 5) == (15, 1, 4, 5)
     flat = factors.reshape(15, 20)
     torch.testing.assert_close(flat.T @ flat, hessian, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sampled_fisher_loss_has_the_gauss_newton_matrix_of_the_loss_as_its_second_moment(reduction):
+    """The sampled true Fisher of a linear head ``z_t = W x_t`` (20,000 draws) against its exact Gauss-Newton
+    matrix ``Σ_{t,t'} x_t H_{t,t'} x_t'``; with the loss's own 1/T weights a mean-reduced loss gave 1/T of it."""
+    torch.manual_seed(0)
+    task, length, vocabulary, width = LanguageModelingTask(reduction=reduction), 5, 4, 3
+    features, weight = torch.randn(length, width, dtype=torch.float64), torch.randn(vocabulary, width).double()
+    logits = (features @ weight.T)[None]
+    labels = torch.randint(0, vocabulary, (1, length))
+    hessian = torch.autograd.functional.hessian(lambda z: task.loss(z, labels).sum(), logits)
+    hessian = hessian.reshape(length, vocabulary, length, vocabulary)
+    exact = torch.einsum("td,tvsw,se->vdwe", features, hessian, features).reshape(12, 12)
+    draws = logits.expand(20_000, length, vocabulary).clone().requires_grad_(True)
+    sampled = task.sample_targets(draws, torch.Generator().manual_seed(0), targets=labels.expand(20_000, length))
+    (output_gradients,) = torch.autograd.grad(task.sampled_fisher_loss(draws, sampled).sum(), draws)
+    gradients = torch.einsum("stv,td->svd", output_gradients, features).reshape(20_000, 12)
+    second_moment = gradients.T @ gradients / len(gradients)
+    assert torch.linalg.norm(second_moment - exact) < 0.05 * torch.linalg.norm(exact)
 
 
 def test_bad_language_modeling_input_names_the_fix():

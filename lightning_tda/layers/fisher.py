@@ -117,7 +117,7 @@ def pseudo_gradient_rows(
     samples = fisher.samples or fisher.fallback_samples
     for s in range(samples):
         sampled = task.sample_targets(outputs, generator, targets=targets)
-        loss = task.loss(outputs, sampled).sum()
+        loss = task.sampled_fisher_loss(outputs, sampled).sum()
         yield capture.output_gradient_rows(loss, retain_graph=keep_graph or s < samples - 1), 1.0 / samples
 
 
