@@ -68,6 +68,11 @@ class ConvergenceCheck:
     settled: float
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def stopped_early(self) -> bool:
+        """Fewer than ``FEW_PASSES`` passes while the loss was still falling (NaN, too few steps to tell, counts)."""
+        return self.passes < FEW_PASSES and not self.loss_drop <= STILL_FALLING
+
     def as_config(self) -> dict[str, float]:
         return {"passes": self.passes, "loss_drop": self.loss_drop, "settled": self.settled}
 
@@ -98,7 +103,7 @@ def check_convergence(trace: Trace, mean_eigenvalues: Mapping[str, float] | None
     check = ConvergenceCheck(passes, loss_drop, settled)
     adaptive = optimizer_name(trace) in ADAPTIVE_OPTIMIZERS
     advice = ADAPTIVE_ADVICE if adaptive else ADVICE
-    if passes < FEW_PASSES and not loss_drop <= STILL_FALLING:  # NaN (too few steps to tell) counts as falling
+    if check.stopped_early:
         falling = (
             f"the training loss still fell by {loss_drop:.0%} of its initial value from the third to the last "
             f"quarter of steps"

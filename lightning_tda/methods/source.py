@@ -16,6 +16,10 @@ query gradient is taken at the same checkpoint as the training gradient it meets
 and every segment has its own eigenbasis per layer, so each S̄ and φ_r is applied by rotating into
 that segment's basis and back.
 
+``response="first-order"`` keeps these formulas to first order in the horizon (``S̄ = I``, φ_r(σ) = η̄_ℓ K_ℓ):
+the limit before training has acted on the curvature, which is TracInCP's sum with each segment's mean rate.
+``response="auto"`` takes it for SGD runs that stopped early, where it ranked better (``docs/source.md``).
+
 Training examples are streamed checkpoint by checkpoint and only dot products are accumulated, so
 no per-example training gradients outlive their batch.
 Optimizers: SGD (effective rate η(1 − dampening)/(1 − β) with momentum β, Nesterov alike), Adam and
@@ -50,6 +54,7 @@ from lightning_tda.curvature.passes import PassData, correct_eigenvalues, covari
 from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.layers.gradients import LayerGradients, total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions, optimizer_name
+from lightning_tda.methods.convergence import check_convergence
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.timeline import ScoreSums, Timeline
@@ -60,6 +65,7 @@ from lightning_tda.trace.schema import to_json
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 QUERY_GRADIENTS = ("checkpoints", "final")
+RESPONSES = ("auto", "unrolled", "first-order")
 _SUPPORTED_TEXT = "SGD (plain, with momentum or Nesterov), Adam and AdamW"
 
 
@@ -266,6 +272,51 @@ def _response(dyn: LayerDynamics, p: Tensor, values: Tensor) -> Tensor:
     return p * decay_response(_rate(dyn, p, values), dyn.horizon)
 
 
+class FirstOrderOperators:
+    """SOURCE's operators to first order in the horizon (``t·m → 0``): ``S̄ = I`` and ``R = tP`` (``t`` for SGD).
+
+    The limit of :class:`SegmentOperators` where training has not acted on the curvature yet; SOURCE's scores
+    become TracInCP's sum ``Σ_c η_c ⟨∇f(q, θ_c), P ∇ℓ(z, θ_c)⟩`` with each segment's mean learning rate and
+    preconditioner. No curvature is fitted.
+    """
+
+    def __init__(self, dynamics: Mapping[str, LayerDynamics]) -> None:
+        self.dynamics = dict(dynamics)
+
+    def propagate(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return dict(vectors)
+
+    def respond(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        result = {}
+        for name, v in vectors.items():
+            dyn = self.dynamics[name]
+            scale = dyn.horizon if dyn.preconditioner is None else dyn.horizon * dyn.preconditioner.to(v.device)
+            result[name] = v * scale
+        return result
+
+
+Operators = SegmentOperators | FirstOrderOperators
+
+
+def chosen_response(trace: Trace, n_train: int) -> tuple[str, str]:
+    """The response ``response="auto"`` uses, and why (a sentence for ``Scores.config``).
+
+    ``"first-order"`` when an SGD run stopped early (the convergence check's signal: fewer than 5 passes over
+    the data while the loss still fell), else ``"unrolled"``. On the 7 runs of the benchmark suites stopped
+    after 2-3 epochs of SGD, the curvature terms lowered SOURCE's LDS on 5 (by up to 0.35: diabetes) and raised
+    it on none by more than 0.02, while on every converged SGD run and on AdamW runs, early ones included,
+    they raised it (BENCHMARKS.md, "SOURCE's response").
+    """
+    check = check_convergence(trace, None, n_train)
+    detail = f"{check.passes:.3g} passes over the data, loss drop over the last quarter {check.loss_drop:.3g}"
+    name = optimizer_name(trace)
+    if name != "SGD":
+        return "unrolled", f"unrolled: the run used {name} (first-order only for SGD runs stopped early; {detail})"
+    if check.stopped_early:
+        return "first-order", f"first-order: the SGD run stopped early, its loss still falling ({detail})"
+    return "unrolled", f"unrolled: the SGD run did not stop early ({detail})"
+
+
 # ------------------------------------------------------------------------------ the method
 
 
@@ -283,6 +334,12 @@ class SOURCE(AttributionMethod):
             choice (``segments``) and its reason (``segments_reason``).
         fast: Fast-SOURCE: average the parameters of each segment's checkpoints and fit the
             eigenvalue correction and the training gradients once, at the average.
+        query_gradients: ``"checkpoints"`` (default: the query gradient where each training gradient is
+            taken) or ``"final"`` (at θ_T, the paper's estimator).
+        response: ``"unrolled"``: the segments' matrix functions ``S̄``, ``R`` of the fitted curvature;
+            ``"first-order"``: their limit at short horizons (``S̄ = I``, ``R = tP``; no curvature is fitted);
+            ``"auto"`` (default): first-order for an SGD run that stopped early, else unrolled
+            (:func:`chosen_response`; ``Scores.config`` records ``response`` and ``response_reason``).
         curvature: ``"ekfac"`` (default), ``"kfac"`` (no correction pass) or ``"gauss-newton"``
             (exact dense per-layer blocks, small models only; the reference in tests).
         correction_examples: use a random subset of this many training examples for the EK-FAC
@@ -317,6 +374,7 @@ class SOURCE(AttributionMethod):
         segments: Sequence[int] | str | None = "auto",
         fast: bool = False,
         query_gradients: str = "checkpoints",
+        response: str = "auto",
         curvature: str = "ekfac",
         covariances: str = "stream",
         correction_examples: int | None = None,
@@ -339,6 +397,11 @@ class SOURCE(AttributionMethod):
                 f"SOURCE(query_gradients={query_gradients!r}): use 'checkpoints' (at the checkpoints the training "
                 f"gradients are taken at) or 'final' (at the final parameters, the paper's estimator)."
             )
+        if response not in RESPONSES:
+            raise ValueError(
+                f"SOURCE(response={response!r}): use 'auto', 'unrolled' (the segments' matrix functions of the "
+                f"curvature) or 'first-order' (their limit at short horizons: no curvature)."
+            )
         if covariances not in COVARIANCE_SOURCES:
             raise ValueError(
                 f"SOURCE(covariances={covariances!r}): use 'stream' (recorded in training) or 'recompute'."
@@ -346,6 +409,9 @@ class SOURCE(AttributionMethod):
         self.optimizer = optimizer_kind(trace)
         self.fast = fast
         self.query_gradients = query_gradients
+        self.requested_response = response
+        self.response = response  # "auto" until an attribution settles it
+        self.response_reason = "given" if response != "auto" else "settled by the first attribution call"
         self.covariances = covariances
         self.curvature_kind = curvature
         self.correction_examples = correction_examples
@@ -390,6 +456,8 @@ class SOURCE(AttributionMethod):
             "segments_reason": self.segments_reason,
             "fast": self.fast,
             "query_gradients": self.query_gradients,
+            "response": self.response,
+            "response_reason": self.response_reason,
             "curvature": self.curvature_kind,
             "covariances": self.covariances,
             "correction_examples": self.correction_examples,
@@ -479,17 +547,24 @@ class SOURCE(AttributionMethod):
         data.write_cache(store, slot, key, fitted, to_json(key_fields))
         return {name: c.to(self.device) for name, c in fitted.items()}
 
-    def operators(self, train: Data) -> dict[int, SegmentOperators]:
-        """:class:`SegmentOperators` of every segment the attribution needs, keyed by segment index."""
-        result = {}
+    def operators(self, train: Data) -> dict[int, Operators]:
+        """The operators of every segment the attribution needs, keyed by segment index: the
+        :class:`SegmentOperators` of the fitted curvature, or :class:`FirstOrderOperators` (no fit) when the
+        response is first-order; ``response="auto"`` is settled here (:func:`chosen_response`)."""
+        if self.requested_response == "auto":
+            self.response, self.response_reason = chosen_response(self.trace, len(self.loader(train, "train").dataset))
+        result: dict[int, Operators] = {}
         for s in self.needed:
-            curvature = {name: c.to(self.device, self.dtype) for name, c in self.segment_curvature(s, train).items()}
             dynamics = {la.name: layer_dynamics(self.trace, s, la.name) for la in self.layers}
+            if self.response == "first-order":
+                result[s] = FirstOrderOperators(dynamics)
+                continue
+            curvature = {name: c.to(self.device, self.dtype) for name, c in self.segment_curvature(s, train).items()}
             result[s] = SegmentOperators(curvature, dynamics)
         return result
 
     def query_vectors(
-        self, gradients: Mapping[str, Tensor], operators: Mapping[int, SegmentOperators]
+        self, gradients: Mapping[str, Tensor], operators: Mapping[int, Operators]
     ) -> dict[int, dict[str, Tensor]]:
         """``u_ℓ = R_ℓᵀ S̄_{ℓ+1} ··· S̄_L ∇f`` for every attributed segment ℓ: ``(Q, out, a_dim)`` in the dtype of
         the operators' eigenvectors (the model's; float64 for exact Gauss-Newton blocks)."""
@@ -503,7 +578,7 @@ class SOURCE(AttributionMethod):
         return result
 
     def segment_query_vectors(
-        self, gradients: Mapping[str, Tensor], operators: Mapping[int, SegmentOperators], segment: int
+        self, gradients: Mapping[str, Tensor], operators: Mapping[int, Operators], segment: int
     ) -> dict[str, Tensor]:
         """``u_ℓ = R_ℓᵀ S̄_{ℓ+1} ··· S̄_L ∇f`` of one segment ℓ for query gradients ``(Q, out, a_dim)`` taken
         in that segment (the checkpoint pairing), in the dtype of the operators' eigenvectors."""
@@ -542,7 +617,7 @@ class SOURCE(AttributionMethod):
 
     # --- attribution ----------------------------------------------------------------------------
     def _pairs(
-        self, queries: Data, operators: Mapping[int, SegmentOperators]
+        self, queries: Data, operators: Mapping[int, Operators]
     ) -> Iterator[tuple[int, Mapping[str, Tensor], float, dict[str, Tensor]]]:
         """``(segment, state, weight, u)``: the query vectors ``u`` (``{layer: (Q, out, a_dim)}`` in :attr:`dtype`)
         to pair with the training gradients at ``state``. With ``query_gradients="final"`` they are taken once at

@@ -34,6 +34,7 @@ from lightning_tda.methods import SOURCE, EKFACInfluence, MethodOptions, TracInC
 from lightning_tda.methods.source import (
     LayerDynamics,
     SegmentOperators,
+    layer_dynamics,
     segment_second_moment,
     settled_segments,
 )
@@ -311,6 +312,45 @@ def test_fast_source_on_a_linear_model(sgd_traces, concrete):
     assert relative_error(fast, source_scores(sgd_traces["many"], concrete, segments=[27, 29])) < 1e-5
 
 
+def test_first_order_response_is_the_update_weighted_gradient_sum_at_each_segments_rate(sgd_traces, concrete):
+    """``response="first-order"``: ``τ = Σ_ℓ (t_ℓ/C_ℓ) Σ_c ⟨∇f(q, θ_c), ∇ℓ(z, θ_c)⟩`` by hand on linear regression."""
+    trace = sgd_traces["many"]
+    scores = source_scores(trace, concrete, query_gradients="checkpoints", response="first-order")
+    expected = torch.zeros(N_QUERIES, N_TRAIN, dtype=torch.float64)
+    for info in trace.segments:
+        horizon = layer_dynamics(trace, info.index, "net").horizon
+        for index in info.checkpoints:
+            theta = parameters(trace.checkpoint_state(index))
+            train = 2 * (concrete["a"] @ theta - concrete["y"])[:, None] * concrete["a"]
+            query = 2 * (concrete["a_q"] @ theta - concrete["y_q"])[:, None] * concrete["a_q"]
+            expected += horizon / len(info.checkpoints) * query @ train.T
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    unrolled = source_scores(trace, concrete, query_gradients="checkpoints", response="unrolled")
+    assert relative_error(unrolled, expected) > 0.05  # 150 steps of full-batch descent acted on the curvature
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_auto_response_is_first_order_for_an_sgd_run_stopped_early_and_says_why(
+    tmp_path, sgd_traces, concrete, optimizer
+):
+    L.seed_everything(0, verbose=False)
+    callback = TDACallback(str(tmp_path / "short.h5"), task=RegressionTask(), segments=2, checkpoints_per_segment=1)
+    loader = DataLoader(concrete["train"], batch_size=N_TRAIN)
+    quiet_trainer(max_steps=4, callbacks=[callback]).fit(LinearRegression(optimizer), loader)  # 4 passes, falling
+    trace = Trace.open(tmp_path / "short.h5")
+    auto = SOURCE(trace, LinearRegression(), RegressionTask()).attribute(concrete["queries"], concrete["train"])
+    chosen = "first-order" if optimizer == "sgd" else "unrolled"
+    assert auto.config["response"] == chosen
+    assert ("stopped early" if optimizer == "sgd" else "the run used Adam") in auto.config["response_reason"]
+    explicit = SOURCE(trace, LinearRegression(), RegressionTask(), response=chosen)
+    torch.testing.assert_close(auto.values, explicit.attribute(concrete["queries"], concrete["train"]).values)
+    # 150 full-batch steps (150 passes): the unrolled response
+    converged = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[29])
+    converged.attribute(concrete["queries"], concrete["train"])
+    assert converged.config()["response"] == "unrolled"
+    assert "did not stop early" in converged.config()["response_reason"]
+
+
 # ------------------------------------------------------------------------------ influence functions
 
 
@@ -498,9 +538,11 @@ def test_source_tracks_the_exact_unrolled_derivative_of_a_small_non_converged_ml
     """Concrete MLP 8-32-32-1 on 256 examples, 2 epochs of SGD with momentum 0.9 (16 steps, far from converged),
     against the exact unrolled derivative of that run (``lightning_tda.evaluation.UnrolledTraining``).
 
-    Measured (mean per-query Pearson, 20 queries; exact / expected membership): SOURCE 0.41 / 0.62 at its
-    defaults, 0.54 / 0.81 with the paper's query gradient at θ_T, TracInCP 0.19 / 0.32 (training seeds 1
-    and 2: 0.42 / 0.58, 0.40 / 0.59 and 0.67 / 0.91, 0.52 / 0.73). The thresholds sit below those.
+    Measured (mean per-query Pearson, 20 queries; exact / expected membership): SOURCE's unrolled response
+    0.41 / 0.62 with query gradients at the checkpoints, 0.54 / 0.81 with the paper's query gradient at θ_T,
+    TracInCP 0.19 / 0.32 (training seeds 1 and 2: 0.42 / 0.58, 0.40 / 0.59 and 0.67 / 0.91, 0.52 / 0.73). The
+    thresholds sit below those. (``response="auto"`` takes the first-order response on this run, which stopped
+    early: it ranks better against re-training there, not closer to the derivative of this one run.)
     """
     x, y = (torch.from_numpy(v) for v in load_concrete())
     train, queries = TensorDataset(x[:256], y[:256]), TensorDataset(x[-20:], y[-20:])
@@ -519,8 +561,9 @@ def test_source_tracks_the_exact_unrolled_derivative_of_a_small_non_converged_ml
         .values.double()
         for membership in ("batches", "expected")
     }
-    source = SOURCE(trace, model(), task, options=options).attribute(queries, train).values.double()
-    paper = SOURCE(trace, model(), task, query_gradients="final", options=options).attribute(queries, train)
+    unrolled = {"response": "unrolled", "options": options}
+    source = SOURCE(trace, model(), task, **unrolled).attribute(queries, train).values.double()
+    paper = SOURCE(trace, model(), task, query_gradients="final", **unrolled).attribute(queries, train)
     tracin = TracInCP(trace, model(), task, options=options).attribute(queries, train).values.double()
     r = {
         name: [mean_pearson(values, reference[m]) for m in ("batches", "expected")]
