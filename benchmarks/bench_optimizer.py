@@ -14,7 +14,12 @@ Variants (the default first, then what the option turns off):
 * Forward-INF: the step along Adam's direction (the default on Adam traces) against ``preconditioned=False``.
 * EK-FAC IF, as the reference, with whether its convergence warning fired.
 
-Run: ``.venv/bin/python benchmarks/bench_optimizer.py --workdir runs/modern [--settings ...] [--write]``.
+``--study response`` compares SOURCE's two responses (``response="unrolled"``: the segments' matrix functions
+of the curvature; ``"first-order"``: their short-horizon limit, no curvature) and the automatic choice between
+them (the default) with EK-FAC IF and TracInCP on every setting of ``run.py``, old (SGD) and modern (AdamW).
+
+Run: ``.venv/bin/python benchmarks/bench_optimizer.py --workdir runs/modern [--study response] [--settings ...]
+[--write]``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from lightning_tda.trace import Trace  # noqa: E402
 from lightning_tda.trace.cache import sidecar_path  # noqa: E402
 
 # display name -> (class in lightning_tda.methods, keyword arguments)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+OPTIMIZER_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "EK-FAC IF": ("EKFACInfluence", {}),
     "SOURCE": ("SOURCE", {}),
     "SOURCE, all segments": ("SOURCE", {"segments": None}),
@@ -51,6 +56,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "Forward-INF": ("ForwardINF", {}),
     "Forward-INF, plain step": ("ForwardINF", {"preconditioned": False}),
 }
+RESPONSE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "SOURCE": ("SOURCE", {}),
+    "SOURCE, unrolled": ("SOURCE", {"response": "unrolled"}),
+    "SOURCE, first-order": ("SOURCE", {"response": "first-order"}),
+    "EK-FAC IF": ("EKFACInfluence", {}),
+    "TracInCP": ("TracInCP", {}),
+}
+VARIANTS = OPTIMIZER_VARIANTS | RESPONSE_VARIANTS
 
 
 INTRO = (
@@ -69,6 +82,20 @@ NOTES = (
     'descent of an interpolating Adam run out (the reason is in `Scores.config["segments_reason"]`). '
     '`query_gradients="checkpoints"` stays the default: "θ_T query" is the alternative.'
 )
+
+
+RESPONSE_INTRO = (
+    'Setup: every setting of `benchmarks/run.py`: the 16 SGD settings of section "Defaults across settings" '
+    '(momentum 0.9, constant learning rate) and the 9 AdamW settings of section "Modern training recipes", each '
+    "trained once with TDACallback (3 segments), LDS (α = 0.5, 50 queries) against ground truth of M = 50 random "
+    'halves × 2 seeds. `SOURCE` is the default (`response="auto"`: first-order for an SGD run that stopped early, '
+    "under 5 passes with its loss still falling; unrolled otherwise), then each response forced, then the two "
+    "baselines at their defaults. gap = SOURCE − max(EK-FAC IF, TracInCP), the issue-20 target being ≥ −0.03."
+)
+STUDIES = {
+    "optimizer": (OPTIMIZER_VARIANTS, "optimizer-aware", "Methods that follow the optimizer", INTRO, NOTES),
+    "response": (RESPONSE_VARIANTS, "source-response", "SOURCE: unrolled or first-order response", RESPONSE_INTRO, ""),
+}
 
 
 def log(message: str) -> None:
@@ -94,20 +121,23 @@ def score(name: str, trace_path: Path, setting: Any, queries: Any, train: Any) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modern = [s.name for s in run.MODERN]
-    parser.add_argument("--settings", nargs="+", default=modern, choices=modern)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--study", choices=list(STUDIES), default="optimizer")
+    parser.add_argument("--settings", nargs="+", default=None, choices=list(run.SETTINGS), help="default: the study's")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the study's")
     parser.add_argument("--workdir", type=Path, default=Path("runs/modern"))
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
+    variants, section, title, intro, notes = STUDIES[args.study]
+    args.settings = args.settings or (modern if args.study == "optimizer" else list(run.SETTINGS))
+    args.variants = args.variants or list(variants)
     torch.set_num_threads(1)
     cfg = run.Config(
         quick=False, subsets=50, seeds=2, queries=50, max_train=None, leaked=0, counterfactual_queries=0, ks=(),
         workers=1, workdir=args.workdir, methods=[], experiments=[],
     )  # fmt: skip
-    settings = {s.name: s for s in run.MODERN}
     rows = []
     for setting_name in args.settings:
-        setting = settings[setting_name]
+        setting = run.SETTINGS[setting_name]
         setting.prepare(args.workdir)
         train, test, _ = setting.datasets(None)
         queries = TensorDataset(*test[: cfg.queries])
@@ -116,6 +146,7 @@ def main() -> None:
         run.train_traced(setting, train, path)
         truth = run.ground_truth(setting, train, queries, cfg)
         row: list[Any] = [setting_name]
+        means: dict[str, float] = {}
         for name in args.variants:
             start = time.perf_counter()
             scores, messages = score(name, path, setting, queries, train)
@@ -123,13 +154,19 @@ def main() -> None:
             warned = " (warned)" if any(m.startswith("EK-FAC IF:") for m in messages) else ""
             log(f"{setting_name} | {name}: LDS {result} ({time.perf_counter() - start:.1f} s){warned}")
             row.append(f"{result.mean:.2f}{warned}")
+            means[name] = result.mean
             if name == "SOURCE":
                 log(f"  segments {scores.config['segments']}: {scores.config['segments_reason']}")
+                if "response" in scores.config:
+                    log(f"  response: {scores.config['response_reason']}")
+        gap = [means[n] for n in ("EK-FAC IF", "TracInCP") if n in means]
+        row += [f"{means['SOURCE'] - max(gap):+.2f}"] if args.study == "response" and gap and "SOURCE" in means else []
         rows.append(row)
-    table = markdown_table(["setting", *args.variants], rows)
+    gap_column = ["gap"] if args.study == "response" and len(rows[0]) > len(args.variants) + 1 else []
+    table = markdown_table(["setting", *args.variants, *gap_column], rows)
     print(table)
     if args.write:
-        write_section("optimizer-aware", "Methods that follow the optimizer", f"{INTRO}\n\n{table}\n\n{NOTES}")
+        write_section(section, title, f"{intro}\n\n{table}\n\n{notes}")
 
 
 if __name__ == "__main__":
