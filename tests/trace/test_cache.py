@@ -44,11 +44,13 @@ def trace_copy(recorded, tmp_path):
 
 
 def _attribute(path, recorded, cache, **options):
-    """One attribution call as `lightning-tda attribute` makes it: EK-FAC and SOURCE, scores saved into the trace."""
+    """One attribution call as `lightning-tda attribute` makes it: EK-FAC and SOURCE, scores saved into the trace.
+    SOURCE's unrolled response fits curvature per segment (``"auto"`` would take the first-order one on this
+    2-epoch run, which fits none)."""
     trace, task = Trace.open(path), ClassificationTask()
     saved = []
-    for cls in (EKFACInfluence, SOURCE):
-        method = cls(trace, MLPClassifier(sizes=SIZES), task, cache=cache, **options)
+    for cls, response in ((EKFACInfluence, {}), (SOURCE, {"response": "unrolled"})):
+        method = cls(trace, MLPClassifier(sizes=SIZES), task, cache=cache, **response, **options)
         saved += [method.attribute(recorded["queries"], recorded["train"]), method.self_influence(recorded["train"])]
     for scores in saved:
         scores.save(path)

@@ -1,0 +1,99 @@
+"""What cheaper recording costs attribution: SOURCE and EK-FAC IF on traces recorded with other callback options.
+
+Every setting of ``benchmarks/run.py`` named on the command line is trained once per callback configuration
+(the same seed and data, so the same model: only the statistics steps differ) and scored against the cached
+ground truth (``<workdir>/ground_truth.h5``, M = 50 random halves × 2 seeds, 50 queries; re-trained where it is
+missing). Each configuration's LDS is compared with the defaults' per query: the paired difference (mean and 95%
+bootstrap CI over queries), so the noise of the queries that both share cancels.
+
+Run: ``.venv/bin/python benchmarks/bench_recording_accuracy.py --workdir runs/modern --settings digits modern-cnn
+... --configs '{"strict_budget": true}' [--write]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_optimizer, run  # noqa: E402
+from benchmarks.report import markdown_table, write_section  # noqa: E402
+from lightning_tda.evaluation import lds  # noqa: E402
+from lightning_tda.evaluation.lds import bootstrap_mean  # noqa: E402
+from lightning_tda.trace import Trace  # noqa: E402
+
+METHODS = ("SOURCE", "EK-FAC IF")
+INTRO = (
+    "Setup: each setting of `benchmarks/run.py` trained once per TDACallback configuration (3 segments, the same "
+    "seed: the same model, only the recorded statistics differ), SOURCE and EK-FAC IF at their defaults, LDS "
+    "(α = 0.5, 50 queries) against the cached ground truth (M = 50 halves × 2 seeds); the difference to the "
+    "defaults is paired per query (mean [95% bootstrap CI]). Statistics steps per segment as recorded."
+)
+
+
+def statistics_steps(path: Path) -> str:
+    trace = Trace.open(path)
+    return "/".join(str(int(info.stats_steps)) for info in trace.segments)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", required=True, choices=list(run.SETTINGS))
+    parser.add_argument("--configs", nargs="+", required=True, help="TDACallback options as JSON objects")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/modern"))
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    configs: list[dict[str, Any]] = [{}, *(json.loads(c) for c in args.configs)]
+    names = ["defaults", *(", ".join(f"{key}={value}" for key, value in c.items()) for c in configs[1:])]
+    cfg = run.Config(
+        quick=False, subsets=50, seeds=2, queries=50, max_train=None, leaked=0, counterfactual_queries=0, ks=(),
+        workers=1, workdir=args.workdir, methods=[], experiments=[],
+    )  # fmt: skip
+    rows = []
+    for setting_name in args.settings:
+        setting = run.SETTINGS[setting_name]
+        setting.prepare(args.workdir)
+        train, test, _ = setting.datasets(None)
+        queries = TensorDataset(*test[: cfg.queries])
+        truth = run.ground_truth(setting, train, queries, cfg)
+        per_query: dict[tuple[str, str], Any] = {}
+        steps: dict[str, str] = {}
+        for name, options in zip(names, configs):
+            path = args.workdir / "recording" / f"{setting_name}-{len(steps)}.h5"
+            run.CALLBACK_OVERRIDES.clear()
+            run.CALLBACK_OVERRIDES.update(options)
+            bench_optimizer.log(f"{setting_name}: training with {name}")
+            run.train_traced(setting, train, path)
+            steps[name] = statistics_steps(path)
+            for method in METHODS:
+                scores, _ = bench_optimizer.score(method, path, setting, queries, train)
+                per_query[name, method] = result = lds(scores, truth)
+                bench_optimizer.log(f"{setting_name} | {name} | {method}: LDS {result}")
+        run.CALLBACK_OVERRIDES.clear()
+        for method in METHODS:
+            base = per_query["defaults", method]
+            row = [setting_name, method, steps["defaults"], f"{base.mean:.3f} [{base.ci_low:.3f}, {base.ci_high:.3f}]"]
+            for name in names[1:]:
+                mean, low, high = bootstrap_mean(per_query[name, method].per_query - base.per_query)
+                row += [steps[name], f"{per_query[name, method].mean:.3f}", f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"]
+            rows.append(row)
+    header = ["setting", "method", "statistics steps, defaults", "LDS, defaults"]
+    for name in names[1:]:
+        header += [f"statistics steps, {name}", f"LDS, {name}", f"{name} − defaults (paired)"]
+    table = markdown_table(header, rows)
+    print(table)
+    if args.write:
+        write_section("recording-accuracy", "What cheaper recording costs attribution (paired)", f"{INTRO}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
