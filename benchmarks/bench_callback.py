@@ -390,7 +390,7 @@ def main() -> None:
         configs = ["without callback", "defaults"]
         if args.configs:
             configs = ["without callback", *args.configs.split(",")]
-        if args.baseline:
+        if args.baseline and BEFORE not in configs:
             configs.insert(1, BEFORE)
     else:
         cases = [("mlp", 0, epochs), ("cnn", 0, epochs)]
