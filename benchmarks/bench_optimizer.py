@@ -63,7 +63,10 @@ RESPONSE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "EK-FAC IF": ("EKFACInfluence", {}),
     "TracInCP": ("TracInCP", {}),
 }
-VARIANTS = OPTIMIZER_VARIANTS | RESPONSE_VARIANTS
+RECORDING_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # bench_recording_accuracy.py
+    "SOURCE, covariances recomputed": ("SOURCE", {"covariances": "recompute"}),
+}
+VARIANTS = OPTIMIZER_VARIANTS | RESPONSE_VARIANTS | RECORDING_VARIANTS
 
 
 INTRO = (
