@@ -64,7 +64,7 @@ RESPONSE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "TracInCP": ("TracInCP", {}),
 }
 RECORDING_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # bench_recording_accuracy.py
-    "SOURCE, covariances recomputed": ("SOURCE", {"covariances": "recompute"}),
+    "SOURCE, covariances streamed": ("SOURCE", {"covariances": "stream"}),
 }
 VARIANTS = OPTIMIZER_VARIANTS | RESPONSE_VARIANTS | RECORDING_VARIANTS
 

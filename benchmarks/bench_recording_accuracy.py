@@ -30,11 +30,13 @@ from lightning_tda.evaluation import lds  # noqa: E402
 from lightning_tda.evaluation.lds import bootstrap_mean  # noqa: E402
 from lightning_tda.trace import Trace  # noqa: E402
 
-METHODS = ("SOURCE", "SOURCE, covariances recomputed", "EK-FAC IF")
+METHODS = ("SOURCE", "SOURCE, covariances streamed", "EK-FAC IF")
 INTRO = (
     "Setup: each setting of `benchmarks/run.py` trained once per TDACallback configuration (3 segments, the same "
-    "seed: the same model, only the recorded statistics differ), SOURCE and EK-FAC IF at their defaults (and "
-    "SOURCE with its eigenbases from covariances recomputed at the checkpoints instead of streamed), LDS "
+    "seed: the same model, only the recorded statistics differ), SOURCE and EK-FAC IF at their defaults (SOURCE's "
+    '`covariances="auto"`: a segment\'s eigenbasis from its streamed covariances where it holds at least 4 '
+    "statistics steps, else from covariances recomputed at its checkpoints) and SOURCE with streamed covariances "
+    'only (`covariances="stream"`, the default before), LDS '
     "(α = 0.5, 50 queries) against the cached ground truth (M = 50 halves × 2 seeds); the difference to the "
     "defaults is paired per query (mean [95% bootstrap CI]). Statistics steps per segment as recorded."
 )

@@ -107,7 +107,10 @@ def fit_curvature(
         "layers": [layer.name for layer in layers],
         "data": data.fingerprint(task) if (curvature != "kfac" or covariances == "recompute") else None,
     }
-    where = f"segment{segment}" if segment is not None else "checkpoints" + "-".join(map(str, checkpoints))
+    # streamed factors belong to a segment; recomputed ones to the checkpoints they were computed at (EK-FAC IF's
+    # final checkpoint and SOURCE's checkpoints of that segment are different fits and keep different slots)
+    streamed = covariances == "stream" and segment is not None
+    where = f"segment{segment}" if streamed else "checkpoints" + "-".join(map(str, checkpoints))
     slot, key = f"curvature-{curvature}-{covariances}-{where}", cache_key(key_fields)
     store = FitCache(trace, cache if curvature != "gauss-newton" else "none")
     cached = cached_curvature(store, slot, key, layers, data.device)

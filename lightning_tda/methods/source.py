@@ -31,12 +31,10 @@ change of the query's measurement when the example is removed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -54,7 +52,7 @@ from lightning_tda.curvature.passes import PassData, correct_eigenvalues, covari
 from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.layers.gradients import LayerGradients, total_dot
 from lightning_tda.methods.base import AttributionMethod, MethodOptions, optimizer_name
-from lightning_tda.methods.convergence import check_convergence
+from lightning_tda.methods.source_choices import chosen_covariances, chosen_response, settled_segments
 from lightning_tda.scores import Scores
 from lightning_tda.tasks import Task
 from lightning_tda.timeline import ScoreSums, Timeline
@@ -143,50 +141,6 @@ def layer_dynamics(trace: Trace, segment: int, layer: str) -> LayerDynamics:
         )
     preconditioner = 1.0 / (second_moment.double().sqrt() + float(group.get("eps", 1e-8)))
     return LayerDynamics(horizon, weight_decay, kind == "AdamW", preconditioner)
-
-
-INTERPOLATED = 0.01  # final segment's mean loss below this fraction of the first 10 % of steps' = interpolation
-PLATEAU = 10.0  # ... then segments whose mean loss is above this multiple of the final segment's are left out
-
-
-def settled_segments(trace: Trace) -> tuple[list[int], str]:
-    """The segments ``segments="auto"`` attributes to, and why (a sentence for ``Scores.config``).
-
-    All of them, unless an Adam/AdamW run drove its training loss to zero: its last segment's mean logged
-    loss is below ``INTERPOLATED`` of the first 10 % of steps'. Then the segments before the loss reached
-    its plateau (mean loss above ``PLATEAU`` × the last segment's) are left out. Their gradients are
-    orders of magnitude larger than the rest, so their terms dominate the sum, while Adam's normalised
-    steps keep reshaping the model through the hundreds of steps at zero loss that follow; on the modern
-    suite's interpolating MLP SOURCE's LDS was 0.17 with them and 0.43 without (EK-FAC IF 0.42;
-    BENCHMARKS.md, "Methods that follow the optimizer"). Under SGD a step at zero
-    loss barely moves the parameters, so nothing is left out (not measured on an SGD run).
-    """
-    available = [info.index for info in trace.segments]
-    steps = trace.steps()
-    losses, owners = np.asarray(steps.loss, dtype=np.float64), np.asarray(steps.segment)
-    means = {s: float(losses[owners == s].mean()) if (owners == s).any() else math.nan for s in available}
-    start = losses[: max(1, len(losses) // 10)].mean() if len(losses) else math.nan
-    last = means[available[-1]]
-    if optimizer_name(trace) not in ("Adam", "AdamW"):
-        return available, f"all segments: the run used {optimizer_name(trace)} (only Adam/AdamW runs are trimmed)"
-    if not (math.isfinite(start) and math.isfinite(last) and start > 0 and last < INTERPOLATED * start):
-        return available, (
-            f"all segments: the last segment's mean training loss is {last / start:.3g} of the first steps' "
-            f"(not below {INTERPOLATED:g}, so the run did not interpolate)"
-        )
-    kept = [s for s in available if means[s] <= PLATEAU * last]
-    dropped = [s for s in available if s not in kept]
-    if not dropped:
-        return available, (
-            f"all segments: the loss fell to {last / start:.3g} of its start, and every segment's mean loss is "
-            f"within {PLATEAU:g}x the last one's"
-        )
-    ratios = ", ".join(f"{means[s] / last:.3g}x" for s in dropped)
-    return kept, (
-        f"segments {kept}: the Adam run interpolated (last segment's mean training loss {last / start:.3g} of the "
-        f"first steps'); segments {dropped} come before the plateau (mean loss {ratios} the last segment's, above "
-        f"{PLATEAU:g}x) and are left out"
-    )
 
 
 def curvature_diagonal(curvature: LayerEigenbasis | DenseLayerCurvature) -> Tensor:
@@ -298,25 +252,6 @@ class FirstOrderOperators:
 Operators = SegmentOperators | FirstOrderOperators
 
 
-def chosen_response(trace: Trace, n_train: int) -> tuple[str, str]:
-    """The response ``response="auto"`` uses, and why (a sentence for ``Scores.config``).
-
-    ``"first-order"`` when an SGD run stopped early (the convergence check's signal: fewer than 5 passes over
-    the data while the loss still fell), else ``"unrolled"``. On the 7 runs of the benchmark suites stopped
-    after 2-3 epochs of SGD, the curvature terms lowered SOURCE's LDS on 5 (by up to 0.36: diabetes) and raised
-    it on 2 by at most 0.04, while they raised it on all 9 longer SGD runs and on 8 of 9 AdamW runs, the two
-    stopped early included (BENCHMARKS.md, "SOURCE: unrolled or first-order response"; docs/source.md).
-    """
-    check = check_convergence(trace, None, n_train)
-    detail = f"{check.passes:.3g} passes over the data, loss drop over the last quarter {check.loss_drop:.3g}"
-    name = optimizer_name(trace)
-    if name != "SGD":
-        return "unrolled", f"unrolled: the run used {name} (first-order only for SGD runs stopped early; {detail})"
-    if check.stopped_early:
-        return "first-order", f"first-order: the SGD run stopped early, its loss still falling ({detail})"
-    return "unrolled", f"unrolled: the SGD run did not stop early ({detail})"
-
-
 # ------------------------------------------------------------------------------ the method
 
 
@@ -342,6 +277,10 @@ class SOURCE(AttributionMethod):
             (:func:`chosen_response`; ``Scores.config`` records ``response`` and ``response_reason``).
         curvature: ``"ekfac"`` (default), ``"kfac"`` (no correction pass) or ``"gauss-newton"``
             (exact dense per-layer blocks, small models only; the reference in tests).
+        covariances: where each segment's eigenbasis comes from: ``"stream"`` (the K-FAC covariances the
+            callback recorded), ``"recompute"`` (recomputed at the segment's checkpoints, one more pass) or
+            ``"auto"`` (default): streamed where the segment holds at least 4 statistics steps, else recomputed
+            (:func:`chosen_covariances`; ``Scores.config["covariances"]`` has each segment's choice and reason).
         correction_examples: use a random subset of this many training examples for the EK-FAC
             correction pass (default: all).
         split_correction: each of a segment's C checkpoints corrects the eigenvalues on a disjoint
@@ -376,7 +315,7 @@ class SOURCE(AttributionMethod):
         query_gradients: str = "checkpoints",
         response: str = "auto",
         curvature: str = "ekfac",
-        covariances: str = "stream",
+        covariances: str = "auto",
         correction_examples: int | None = None,
         split_correction: bool = True,
         samples: int | str | None = None,
@@ -402,9 +341,9 @@ class SOURCE(AttributionMethod):
                 f"SOURCE(response={response!r}): use 'auto', 'unrolled' (the segments' matrix functions of the "
                 f"curvature) or 'first-order' (their limit at short horizons: no curvature)."
             )
-        if covariances not in COVARIANCE_SOURCES:
+        if covariances not in ("auto", *COVARIANCE_SOURCES):
             raise ValueError(
-                f"SOURCE(covariances={covariances!r}): use 'stream' (recorded in training) or 'recompute'."
+                f"SOURCE(covariances={covariances!r}): use 'auto', 'stream' (recorded in training) or 'recompute'."
             )
         self.optimizer = optimizer_kind(trace)
         self.fast = fast
@@ -460,6 +399,7 @@ class SOURCE(AttributionMethod):
             "response_reason": self.response_reason,
             "curvature": self.curvature_kind,
             "covariances": self.covariances,
+            "covariances_by_segment": {str(s): self.segment_covariances(s)[1] for s in self.needed},
             "correction_examples": self.correction_examples,
             "split_correction": self.split_correction,
             "samples": self.samples,
@@ -487,6 +427,12 @@ class SOURCE(AttributionMethod):
             progress=self.progress,
         )
 
+    def segment_covariances(self, segment: int) -> tuple[str, str]:
+        """``("stream" | "recompute", reason)``: where ``segment``'s eigenbasis comes from."""
+        if self.covariances == "auto":
+            return chosen_covariances(self.trace, segment)
+        return self.covariances, "given"
+
     def segment_curvature(self, segment: int, train: Data) -> Curvature:
         """The fitted curvature of ``segment`` (at its checkpoints, or at their average if ``fast``)."""
         data = self._pass_data(train)
@@ -500,7 +446,7 @@ class SOURCE(AttributionMethod):
                 data,
                 segment=segment,
                 curvature=self.curvature_kind,
-                covariances=self.covariances,
+                covariances=self.segment_covariances(segment)[0],
                 samples=self.samples,
                 split_examples=self.split_correction,
                 cache=self.cache,
@@ -516,7 +462,7 @@ class SOURCE(AttributionMethod):
             "segment": segment,
             "checkpoints": list(checkpoints),
             "curvature": self.curvature_kind,
-            "covariances": self.covariances,
+            "covariances": self.segment_covariances(segment)[0],
             "samples": self.samples,
             "seed": self.seed,
             "examples": self.correction_examples,
@@ -534,7 +480,7 @@ class SOURCE(AttributionMethod):
             blocks = gauss_newton_blocks(self.model, self.layers, self.task, data, options)
             fitted: Curvature = {la.name: DenseLayerCurvature(la.name, la.shape, blocks[la.name]) for la in self.layers}
         else:
-            if self.covariances == "recompute":
+            if self.segment_covariances(segment)[0] == "recompute":
                 factors = covariances_at(self.model, self.layers, self.task, data, options)
             else:
                 factors = {la.name: self.trace.covariances(segment, la.name) for la in self.layers}

@@ -98,7 +98,7 @@ class TDACallback(L.Callback):
         loss_check_steps: int = 4,
         overhead_budget: float = 0.05,
         min_statistics_steps: int = 4,
-        strict_budget: bool = False,
+        strict_budget: bool = True,
         factor_dtype: str = "auto",
         max_factor_ratio: float | None = 16.0,
         statistics_examples: int | None = None,

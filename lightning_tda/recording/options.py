@@ -51,12 +51,15 @@ class RecordingOptions:
             backward); the result is warned about when they differ and recorded in the trace. 0 turns it off.
         overhead_budget: with ``every_n_steps="auto"``, the extra time statistics, checkpoints, segment
             writes and the loss check may add, as a fraction of the training time.
-        min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets,
-            even when they cost more than the budget (unless ``strict_budget``).
-        strict_budget: with ``every_n_steps="auto"``, honour ``overhead_budget`` also where the minimum costs
-            more: a segment then gets as many of its ``min_statistics_steps`` as the budget affords, at least
-            one (the one cost allowed past the budget). Cheaper recording for less accurate streamed
-            covariances (SOURCE's LDS, BENCHMARKS.md); EK-FAC IF recomputes its own by default.
+        min_statistics_steps: with ``every_n_steps="auto"``, statistics steps every planned segment gets when
+            the budget affords them, or always with ``strict_budget=False``.
+        strict_budget: with ``every_n_steps="auto"`` (default True), honour ``overhead_budget`` also where the
+            minimum costs more: a segment then gets as many of its ``min_statistics_steps`` as the budget
+            affords, at least one (the one cost allowed past the budget). Where a segment ends up with fewer
+            than 4, SOURCE recomputes its covariances at the segment's checkpoints when attributing
+            (``covariances="auto"``), which ranked as well as 4 streamed steps (BENCHMARKS.md, "What cheaper
+            recording costs attribution"); EK-FAC IF recomputes its own by default. ``False`` always takes
+            the minimum, past the budget on short runs.
         factor_dtype: precision of each step's K-FAC products and of the sums stored in the trace (they are
             accumulated in float64 either way): ``"float32"``, ``"float64"``, or ``"auto"``: float32 for
             factors at least 256 wide (a convolution's or a transformer's), where it halves the trace and
@@ -86,7 +89,7 @@ class RecordingOptions:
     loss_check_steps: int = 4
     overhead_budget: float = 0.05
     min_statistics_steps: int = 4
-    strict_budget: bool = False
+    strict_budget: bool = True
     factor_dtype: str = "auto"
     max_factor_ratio: float | None = 16.0
     statistics_examples: int | None = None

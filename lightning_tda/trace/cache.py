@@ -1,8 +1,9 @@
 """Where attribution's fitted caches and results live, how big they are, and how to remove them.
 
 EK-FAC and SOURCE cache their fitted curvature so that a second call skips the fitting passes. Every
-fit has a *slot*, what was fitted (``curvature-ekfac-recompute-segment2``: kind, covariance source,
-segment), and a *key*, a hash of everything the fit depends on (checkpoints, Fisher, samples, seed,
+fit has a *slot*, what was fitted (``curvature-ekfac-stream-segment2``: kind, covariance source, and the
+segment whose streamed covariances it used, or ``curvature-ekfac-recompute-checkpoints7``: the checkpoints it was
+computed at), and a *key*, a hash of everything the fit depends on (checkpoints, Fisher, samples, seed,
 subset, layers, a fingerprint of the training data). A slot holds one entry: a fit with a new key
 replaces the old one instead of adding to it, so a cache never holds more than one fit per slot.
 

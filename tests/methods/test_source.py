@@ -36,8 +36,8 @@ from lightning_tda.methods.source import (
     SegmentOperators,
     layer_dynamics,
     segment_second_moment,
-    settled_segments,
 )
+from lightning_tda.methods.source_choices import settled_segments
 
 N_TRAIN, N_QUERIES, STEPS, LR = 800, 12, 150, 0.05
 
@@ -349,6 +349,25 @@ def test_auto_response_is_first_order_for_an_sgd_run_stopped_early_and_says_why(
     converged.attribute(concrete["queries"], concrete["train"])
     assert converged.config()["response"] == "unrolled"
     assert "did not stop early" in converged.config()["response_reason"]
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_auto_covariances_recompute_the_segments_with_few_statistics_steps(tmp_path, concrete, stride):
+    """8 full-batch Adam steps in 2 segments, statistics every ``stride`` steps: 4 per segment are streamed,
+    1 per segment is too few and the covariances are recomputed at the checkpoints (equal to forcing it)."""
+    L.seed_everything(0, verbose=False)
+    path = tmp_path / "adam.h5"
+    callback = TDACallback(str(path), task=RegressionTask(), segments=2, every_n_steps=stride)
+    loader = DataLoader(concrete["train"], batch_size=N_TRAIN)
+    quiet_trainer(max_steps=8, callbacks=[callback]).fit(LinearRegression("adam"), loader)
+    trace = Trace.open(path)
+    assert [info.stats_steps for info in trace.segments] == [4 // stride, 4 // stride]
+    auto = SOURCE(trace, LinearRegression(), RegressionTask())
+    values = auto.attribute(concrete["queries"], concrete["train"]).values
+    chosen = "stream" if stride == 1 else "recompute"
+    assert all(reason.startswith(chosen) for reason in auto.config()["covariances_by_segment"].values())
+    forced = SOURCE(trace, LinearRegression(), RegressionTask(), covariances=chosen)
+    torch.testing.assert_close(values, forced.attribute(concrete["queries"], concrete["train"]).values)
 
 
 # ------------------------------------------------------------------------------ influence functions

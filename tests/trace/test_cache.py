@@ -30,7 +30,8 @@ def recorded(tmp_path_factory):
     L.seed_everything(0, verbose=False)
     path = tmp_path_factory.mktemp("storage") / "trace.h5"
     dm = DigitsDataModule(batch_size=64, seed=0)
-    callback = TDACallback(str(path), task=ClassificationTask(), segments=2)
+    # four streamed statistics steps per segment (past the budget): SOURCE then fits from the streamed covariances
+    callback = TDACallback(str(path), task=ClassificationTask(), segments=2, strict_budget=False)
     quiet_trainer(max_epochs=2, limit_train_batches=12, callbacks=[callback]).fit(MLPClassifier(sizes=SIZES), dm)
     return {"path": path, "train": Subset(dm.train_set, range(160)), "queries": Subset(dm.test_set, range(6))}
 
@@ -57,6 +58,11 @@ def _attribute(path, recorded, cache, **options):
     return saved
 
 
+def _final_slot(path) -> str:
+    """EK-FAC IF's slot: covariances recomputed at the final checkpoint."""
+    return f"curvature-ekfac-recompute-checkpoints{Trace.open(path).final_checkpoint.index}"
+
+
 def _cache_slots(path) -> dict[str, str]:
     with h5py.File(path, "r") as f:
         return {name: bytes(group.attrs["key"]).decode() for name, group in f["cache"].items()}
@@ -72,7 +78,7 @@ def test_repeated_attribution_leaves_the_trace_size_unchanged_after_the_first(ca
     cache_file = sidecar if cache == "sidecar" else trace_copy
     slots = _cache_slots(cache_file)
     assert sorted(slots) == [  # EK-FAC at the final checkpoint, SOURCE per segment
-        "curvature-ekfac-recompute-segment1",
+        _final_slot(trace_copy),
         "curvature-ekfac-stream-segment0",
         "curvature-ekfac-stream-segment1",
     ]
@@ -102,14 +108,14 @@ def test_a_cache_that_does_not_fit_the_trace_is_refitted(recorded, trace_copy):
     reference = _attribute(trace_copy, recorded, "sidecar", correction_examples=64)
     sidecar = sidecar_path(trace_copy)
     with h5py.File(sidecar, "a") as f:  # same key, wrong shape: an edited or corrupt file
-        group = f["cache/curvature-ekfac-recompute-segment1"]
+        group = f[f"cache/{_final_slot(trace_copy)}"]
         del group["net.0/q_s"]
         group.create_dataset("net.0/q_s", data=np.zeros((5, 5)))
     with pytest.warns(UserWarning, match=r"does not fit the trace's layers \(net.0/q_s is float64 \(5, 5\), expected"):
         again = _attribute(trace_copy, recorded, "sidecar", correction_examples=64)
     assert torch.equal(again[0].values, reference[0].values)
     with h5py.File(sidecar, "r") as f:  # replaced by the refit
-        assert f["cache/curvature-ekfac-recompute-segment1/net.0/q_s"].shape == (12, 12)
+        assert f[f"cache/{_final_slot(trace_copy)}/net.0/q_s"].shape == (12, 12)
 
     with h5py.File(sidecar, "a") as f:  # a sidecar left by another run at the same path: ignored and replaced
         f.attrs["trace_run_id"] = "another-run"
@@ -129,7 +135,7 @@ def test_inspect_lists_sizes_and_clean_removes_caches_and_compacts(recorded, tra
     before = Trace.open(trace_copy)
     assert main(["inspect", str(trace_copy)]) == 0
     printed = capsys.readouterr().out
-    assert "results: ekfac " in printed and "cache inside the trace: curvature-ekfac-recompute-segment1 " in printed
+    assert "results: ekfac " in printed and f"cache inside the trace: {_final_slot(trace_copy)} " in printed
     assert "cache sidecar trace.cache.h5 (" in printed and f"lightning-tda clean {trace_copy}" in printed
 
     size = trace_copy.stat().st_size
