@@ -239,6 +239,15 @@ def _train_and_measure(indices: np.ndarray, seed: int) -> Outcome:
     return measure(model, _WORKER["task"], _WORKER["queries"])
 
 
+def default_start_method() -> str:
+    """``"fork"`` where the platform has it and CUDA is not initialised in this process (a forked child cannot
+    use an initialised CUDA context: attributing on a GPU before re-training would break every worker), else
+    ``"spawn"``."""
+    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
 @dataclass
 class RetrainRunner:
     """Train-and-measure with a disk cache; see the module docstring.
@@ -253,9 +262,10 @@ class RetrainRunner:
             file) when ``train_fn`` changes, since the cache cannot see inside it.
         workers: processes to re-train in parallel (``1`` = in this process).
         threads_per_worker: torch threads in each worker.
-        start_method: how workers start: ``"fork"`` (default where available, like DataLoader
-            workers: fast, nothing is pickled) or ``"spawn"`` (then ``train_fn``, ``task`` and the
-            queries must be picklable and the calling script needs an ``if __name__ == "__main__"`` guard).
+        start_method: how workers start: ``"fork"`` (fast, nothing is pickled) or ``"spawn"`` (then
+            ``train_fn``, ``task`` and the queries must be picklable and the calling script needs an
+            ``if __name__ == "__main__"`` guard). Default (:func:`default_start_method`): fork where available,
+            spawn once this process has initialised CUDA, which a forked child cannot use.
     """
 
     train_fn: TrainFn
@@ -346,8 +356,7 @@ class RetrainRunner:
             for key, (indices, seed) in missing.items():
                 yield key, measure(self.train_fn(np.asarray(indices), int(seed)), self.task, self.queries)
             return
-        method = self.start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        context = multiprocessing.get_context(method)
+        context = multiprocessing.get_context(self.start_method or default_start_method())
         with ProcessPoolExecutor(
             max_workers=min(self.workers, len(missing)),
             mp_context=context,

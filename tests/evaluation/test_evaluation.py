@@ -348,3 +348,13 @@ def test_the_cache_fingerprint_sees_every_tensor_of_dict_batches():
     for tensor in (blocks, blocks + 1):
         expected.update(tensor.numpy().tobytes())
     assert fingerprint(pairs) == expected.hexdigest()
+
+
+def test_workers_are_spawned_once_this_process_has_initialised_cuda(monkeypatch):
+    """A forked child cannot use the parent's CUDA context: after attributing on a GPU, re-training spawns."""
+    from lightning_tda.evaluation.retrain import default_start_method
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert default_start_method() == "fork"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert default_start_method() == "spawn"
