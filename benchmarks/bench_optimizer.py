@@ -128,6 +128,20 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def prepared(setting_name: str, workdir: Path) -> tuple[Any, Any, Any, Any]:
+    """``(setting, train, queries, ground truth)`` of a ``run.py`` setting: 50 queries, ground truth of M = 50
+    halves × 2 seeds read from ``<workdir>/ground_truth.h5`` (re-trained where missing)."""
+    cfg = run.Config(
+        quick=False, subsets=50, seeds=2, queries=50, max_train=None, leaked=0, counterfactual_queries=0, ks=(),
+        workers=1, workdir=workdir, methods=[], experiments=[],
+    )  # fmt: skip
+    setting = run.SETTINGS[setting_name]
+    setting.prepare(workdir)
+    train, test, _ = setting.datasets(None)
+    queries = TensorDataset(*test[: cfg.queries])
+    return setting, train, queries, run.ground_truth(setting, train, queries, cfg)
+
+
 def score(name: str, trace_path: Path, setting: Any, queries: Any, train: Any) -> tuple[Any, list[str]]:
     """Scores of one variant on a fresh copy of the trace (its own fitted curvature) and the warnings it raised."""
     class_name, kwargs = VARIANTS[name]
@@ -157,20 +171,12 @@ def main() -> None:
     args.settings = args.settings or (modern if args.study == "optimizer" else list(run.SETTINGS))
     args.variants = args.variants or list(variants)
     torch.set_num_threads(1)
-    cfg = run.Config(
-        quick=False, subsets=50, seeds=2, queries=50, max_train=None, leaked=0, counterfactual_queries=0, ks=(),
-        workers=1, workdir=args.workdir, methods=[], experiments=[],
-    )  # fmt: skip
     rows = []
     for setting_name in args.settings:
-        setting = run.SETTINGS[setting_name]
-        setting.prepare(args.workdir)
-        train, test, _ = setting.datasets(None)
-        queries = TensorDataset(*test[: cfg.queries])
+        setting, train, queries, truth = prepared(setting_name, args.workdir)
         path = args.workdir / "optimizer" / f"{setting_name}.h5"
         log(f"{setting_name}: training the traced model ({len(train)} examples)")
         run.train_traced(setting, train, path)
-        truth = run.ground_truth(setting, train, queries, cfg)
         row: list[Any] = [setting_name]
         means: dict[str, float] = {}
         for name in args.variants:

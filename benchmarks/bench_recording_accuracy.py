@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -68,17 +67,9 @@ def main() -> None:
     torch.set_num_threads(1)
     configs: list[dict[str, Any]] = [{}, *(json.loads(c) for c in args.configs)]
     names = ["defaults", *(", ".join(f"{key}={value}" for key, value in c.items()) for c in configs[1:])]
-    cfg = run.Config(
-        quick=False, subsets=50, seeds=2, queries=50, max_train=None, leaked=0, counterfactual_queries=0, ks=(),
-        workers=1, workdir=args.workdir, methods=[], experiments=[],
-    )  # fmt: skip
     rows = []
     for setting_name in args.settings:
-        setting = run.SETTINGS[setting_name]
-        setting.prepare(args.workdir)
-        train, test, _ = setting.datasets(None)
-        queries = TensorDataset(*test[: cfg.queries])
-        truth = run.ground_truth(setting, train, queries, cfg)
+        setting, train, queries, truth = bench_optimizer.prepared(setting_name, args.workdir)
         per_query: dict[tuple[str, str], Any] = {}
         steps: dict[str, str] = {}
         for name, options in zip(names, configs):
