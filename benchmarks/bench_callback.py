@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -364,7 +365,9 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print the table instead of writing BENCHMARKS.md")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout whose defaults run as 'before'")
-    parser.add_argument("--configs", default=None, help="real suite: configurations (comma-separated) after 'without'")
+    parser.add_argument(
+        "--configs", default=None, help="real suite: configurations after 'without', separated by a comma without space"
+    )
     parser.add_argument("--save", type=Path, default=None, help="write the raw results as JSON after every run")
     parser.add_argument("--load", type=Path, nargs="+", default=None, help="build the table from --save files")
     parser.add_argument("--section", default=None, help="real suite: the BENCHMARKS.md section key to write")
@@ -389,7 +392,7 @@ def main() -> None:
             cases = [(m, int(n), int(e)) for m, n, e in (c.split(":") for c in args.cases.split(","))]
         configs = ["without callback", "defaults"]
         if args.configs:
-            configs = ["without callback", *args.configs.split(",")]
+            configs = ["without callback", *re.split(r",(?! )", args.configs)]  # names may hold ", "
         if args.baseline and BEFORE not in configs:
             configs.insert(1, BEFORE)
     else:
