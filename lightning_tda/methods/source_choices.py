@@ -69,7 +69,7 @@ def chosen_response(trace: Trace, n_train: int) -> tuple[str, str]:
     ``"first-order"`` when an SGD run stopped early (the convergence check's signal: fewer than 5 passes over
     the data while the loss still fell), else ``"unrolled"``. On the 7 runs of the benchmark suites stopped
     after 2-3 epochs of SGD, the curvature terms lowered SOURCE's LDS on 5 (by up to 0.36: diabetes) and raised
-    it on 2 by at most 0.04, while they raised it on all 9 longer SGD runs and on 8 of 9 AdamW runs, the two
+    it on 2 by at most 0.05, while they raised it on all 9 longer SGD runs and on 8 of 9 AdamW runs, the two
     stopped early included (BENCHMARKS.md, "SOURCE: unrolled or first-order response"; docs/source.md).
     """
     check = check_convergence(trace, None, n_train)
