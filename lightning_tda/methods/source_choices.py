@@ -91,10 +91,10 @@ def chosen_covariances(trace: Trace, segment: int) -> tuple[str, str]:
     ``"stream"`` (recorded during training, no pass) when the callback took at least
     ``STREAMED_STATISTICS_STEPS`` statistics steps in the segment, else ``"recompute"`` (one pass over the
     training data at the segment's checkpoints, a disjoint share at each). The callback's budget can leave a
-    segment with one or two statistics steps (``strict_budget``, the default). On 13 settings of the benchmark
-    suites, covariances streamed from those cost SOURCE 0.006-0.065 LDS on 11, while the recomputed ones came
-    within 0.02 of four streamed steps per segment on all 13, higher on 8 (BENCHMARKS.md, "What cheaper
-    recording costs attribution").
+    segment with one or two statistics steps (``strict_budget``, the default). On 18 settings of the benchmark
+    suites, covariances streamed from those cost SOURCE up to 0.05 LDS (0.25 on a run driven to almost zero
+    loss), while the recomputed ones came within 0.02 of four streamed steps per segment on 17, higher on 12
+    (0.066 below on that run; BENCHMARKS.md, "What cheaper recording costs attribution").
     """
     steps = trace.segment(segment).stats_steps
     if steps >= STREAMED_STATISTICS_STEPS:

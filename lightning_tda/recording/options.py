@@ -57,9 +57,9 @@ class RecordingOptions:
             minimum costs more: a segment then gets as many of its ``min_statistics_steps`` as the budget
             affords, at least one (the one cost allowed past the budget). Where a segment ends up with fewer
             than 4, SOURCE recomputes its covariances at the segment's checkpoints when attributing
-            (``covariances="auto"``), which ranked as well as 4 streamed steps (BENCHMARKS.md, "What cheaper
-            recording costs attribution"); EK-FAC IF recomputes its own by default. ``False`` always takes
-            the minimum, past the budget on short runs.
+            (``covariances="auto"``), within 0.02 LDS of 4 streamed steps on 17 of 18 settings
+            (BENCHMARKS.md, "What cheaper recording costs attribution"); EK-FAC IF recomputes its own by
+            default. ``False`` always takes the minimum, past the budget on short runs.
         factor_dtype: precision of each step's K-FAC products and of the sums stored in the trace (they are
             accumulated in float64 either way): ``"float32"``, ``"float64"``, or ``"auto"``: float32 for
             factors at least 256 wide (a convolution's or a transformer's), where it halves the trace and
