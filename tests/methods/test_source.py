@@ -272,14 +272,17 @@ def test_segments_add_up_and_select(sgd_traces, concrete, many_scores):
     assert SOURCE(trace, LinearRegression(), RegressionTask(), segments=[15, 3]).config()["segments"] == [3, 15]
 
 
-@pytest.mark.parametrize("query_gradients", ["final", "checkpoints"])
-def test_self_influence_is_the_diagonal(sgd_traces, concrete, query_gradients):
+@pytest.mark.parametrize(
+    ("query_gradients", "response"), [("final", "unrolled"), ("checkpoints", "unrolled"), ("final", "first-order")]
+)
+def test_self_influence_is_the_diagonal(sgd_traces, concrete, query_gradients, response):
     method = SOURCE(
         sgd_traces["many"],
         LinearRegression(),
         RegressionTask(),
         segments=[27, 29],
         query_gradients=query_gradients,
+        response=response,
         options=MethodOptions(batch_size=100),
     )
     self_scores = method.self_influence(concrete["train"])
@@ -312,18 +315,23 @@ def test_fast_source_on_a_linear_model(sgd_traces, concrete):
     assert relative_error(fast, source_scores(sgd_traces["many"], concrete, segments=[27, 29])) < 1e-5
 
 
-def test_first_order_response_is_the_update_weighted_gradient_sum_at_each_segments_rate(sgd_traces, concrete):
-    """``response="first-order"``: ``τ = Σ_ℓ (t_ℓ/C_ℓ) Σ_c ⟨∇f(q, θ_c), ∇ℓ(z, θ_c)⟩`` by hand on linear regression."""
-    trace = sgd_traces["many"]
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_first_order_response_is_the_update_weighted_gradient_sum_at_each_segments_rate(
+    sgd_traces, concrete, tmp_path, optimizer
+):
+    """``response="first-order"``: ``τ = Σ_ℓ (t_ℓ/C_ℓ) Σ_c ⟨∇f(q, θ_c), P_ℓ ∇ℓ(z, θ_c)⟩`` by hand on linear regression
+    (``P_ℓ = 1``: SGD; Adam's segment preconditioner ``1/(√v̂ + ε)``)."""
+    trace = sgd_traces["many"] if optimizer == "sgd" else record(tmp_path / "adam.h5", concrete, 3, optimizer="adam")
     scores = source_scores(trace, concrete, query_gradients="checkpoints", response="first-order")
     expected = torch.zeros(N_QUERIES, N_TRAIN, dtype=torch.float64)
     for info in trace.segments:
-        horizon = layer_dynamics(trace, info.index, "net").horizon
+        dynamics = layer_dynamics(trace, info.index, "net")
+        preconditioner = 1.0 if dynamics.preconditioner is None else dynamics.preconditioner.reshape(-1)
         for index in info.checkpoints:
             theta = parameters(trace.checkpoint_state(index))
             train = 2 * (concrete["a"] @ theta - concrete["y"])[:, None] * concrete["a"]
             query = 2 * (concrete["a_q"] @ theta - concrete["y_q"])[:, None] * concrete["a_q"]
-            expected += horizon / len(info.checkpoints) * query @ train.T
+            expected += dynamics.horizon / len(info.checkpoints) * query @ (preconditioner * train).T
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
     unrolled = source_scores(trace, concrete, query_gradients="checkpoints", response="unrolled")
     assert relative_error(unrolled, expected) > 0.05  # 150 steps of full-batch descent acted on the curvature
@@ -773,15 +781,16 @@ def test_timeline_segments_match_the_exact_unrolled_derivative_restricted_to_eac
     assert np.corrcoef(share, exact_share)[0, 1] > 0.99 and int(share.argmax()) == int(exact_share.argmax()) == 29
 
 
-def test_timeline_total_is_attribute_with_query_gradients_at_the_checkpoints(sgd_traces, concrete):
-    method = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[3, 20, 29])
+@pytest.mark.parametrize("response", ["auto", "first-order"])
+def test_timeline_total_is_attribute_with_query_gradients_at_the_checkpoints(sgd_traces, concrete, response):
+    method = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[3, 20, 29], response=response)
     scores = method.attribute(concrete["queries"], concrete["train"])
     timeline = method.attribute_over_time(concrete["queries"], concrete["train"])
     assert timeline.segments.tolist() == [3, 20, 29] and timeline.method == "source"
     assert timeline.config == scores.config
     torch.testing.assert_close(timeline.total().values, scores.values, rtol=1e-5, atol=1e-6 * scores.values.abs().max())
     torch.testing.assert_close(timeline.values.sum(0), scores.values, rtol=1e-4, atol=1e-6 * scores.values.abs().max())
-    alone = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[20])
+    alone = SOURCE(sgd_traces["many"], LinearRegression(), RegressionTask(), segments=[20], response=response)
     torch.testing.assert_close(
         timeline.values[1], alone.attribute(concrete["queries"], concrete["train"]).values, rtol=1e-4, atol=1e-7
     )
