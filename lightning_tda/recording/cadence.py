@@ -8,11 +8,12 @@ MLP it is about one step, on a ResNet's 3×3 convolutions (whose input factor is
 other cost the recorder adds (checkpoints, segment writes, the loss check), and spaces statistics steps
 so that the extra time stays within ``budget`` × the training time. Every planned segment gets
 ``min_per_segment`` statistics steps spread evenly over it even when they cost more than the budget (the
-default: SOURCE's streamed covariances need them; fewer cost it LDS, BENCHMARKS.md), or, with
-``strict=True``, as many of them as the budget can pay for, but never fewer than one: a segment needs
-its covariances, so one statistics step per segment is then the only cost allowed past the budget (on
-very short runs, or where one statistics step costs more than the budget of a whole segment). The trace
-records which steps took statistics.
+``strict=False``: SOURCE's streamed covariances need them), or, with ``strict=True`` (the callback's
+default), as many of them as the budget can pay for, none in a segment whose budget affords none (on very
+short runs, or where one statistics step costs more than the budget of a whole segment; SOURCE then
+recomputes that segment's covariances at its checkpoints). The first statistics step of the run is the
+one cost allowed past the budget: it measures what a statistics step costs. The trace records which steps
+took statistics.
 
 Decisions are made at statistics steps only (the next optional step, how many statistics steps the
 budget affords per step, the rest of the segment's required steps), so under DDP one broadcast of rank
@@ -93,14 +94,14 @@ class BudgetCadence:
     :meth:`plan_next` picks the next optional one: the first step at which the credit will cover the
     median extra cost. Besides these, each planned segment has *required* steps at the middles of equal
     parts of it: ``min_per_segment`` of them, or with ``strict`` as many as the budget affords over the
-    segment (the budget per step less the other costs so far, over the median extra cost), at least one.
+    segment (the budget per step less the other costs so far, over the median extra cost), possibly none.
     Before any statistics step has been timed the first segment plans ``min_per_segment``; with
     ``strict``, after its first statistics step the rest of it is re-planned with the measured cost.
 
     Args:
         budget: allowed extra time as a fraction of the training time (0.05 = 5%).
-        min_per_segment: statistics steps every planned segment gets (with ``strict``: when the budget
-            affords them, and at least 1).
+        min_per_segment: statistics steps every planned segment gets (with ``strict``: as many of them as
+            the budget affords).
         strict: honour the budget also when the minimum costs more.
     """
 
@@ -134,10 +135,11 @@ class BudgetCadence:
 
     def _required_count(self, steps: int, taken: int) -> int:
         """Required statistics steps among the next ``steps`` of a segment that has ``taken`` already:
-        up to ``min_per_segment`` in all; with ``strict`` as many as the budget affords, at least one per segment."""
+        up to ``min_per_segment`` in all, at least one per segment; with ``strict``, once a statistics step has
+        been timed, as many as the budget affords, none if it affords none."""
         count = min(self.min_per_segment - taken, steps)
-        if self.strict and self.affordable_rate is not None:
-            count = min(count, math.floor(self.affordable_rate * steps))
+        if self.strict and self.affordable_rate is not None:  # measured: no floor, the budget decides
+            return max(0, min(count, math.floor(self.affordable_rate * steps)))
         return max(count, 1 if taken == 0 else 0)
 
     # --- decisions --------------------------------------------------------------------------------

@@ -476,7 +476,7 @@ class TDACallback(L.Callback):
                 f"those steps are left out of the statistics (counted in the segment's skipped_steps). Check the "
                 f"loss and learning rate.",
             )
-        if seg.stats_steps == 0 and not self._stopped:
+        if seg.stats_steps == 0 and not self._stopped and self.options.every_n_steps != "auto":
             self._warnings.warn(
                 f"TDACallback: segment {seg.index} ({seg.num_steps} steps) got no K-FAC statistics "
                 f"(every_n_steps={self.options.every_n_steps}). Lower every_n_steps or use fewer segments.",

@@ -268,8 +268,10 @@ class Trace:
             )
         if sums["A_count"] == 0 or sums["S_count"] == 0:
             raise TraceError(
-                f"Segment {segment} has no K-FAC statistics for layer {layer!r} (no statistics step fell "
-                f"inside it). Record with a smaller every_n_steps, or use fewer segments."
+                f"Segment {segment} has no K-FAC statistics for layer {layer!r} (no statistics step fell inside "
+                f"it: the overhead budget afforded none, or every_n_steps was larger than the segment). Recompute "
+                f"them at the checkpoints (covariances='recompute'; SOURCE's default 'auto' does), or record with "
+                f"TDACallback(strict_budget=False), a smaller every_n_steps or fewer segments."
             )
         return sums["A_sum"] / sums["A_count"], sums["S_sum"] / sums["S_count"]
 

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from conftest import quiet_trainer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_tda import ClassificationTask, RegressionTask, TDACallback, Trace
 from lightning_tda.cli import main
 from lightning_tda.demo import MLPClassifier
 from lightning_tda.layers.covariances import KFACStatistics, conv_input_product, outer_product
 from lightning_tda.layers.tracked import find_layers
+from lightning_tda.methods import SOURCE
 from lightning_tda.recording.cadence import BudgetCadence
 from lightning_tda.recording.cost import RecordingCost
 from lightning_tda.trace import TraceError
@@ -90,11 +91,14 @@ def test_budget_cadence_keeps_the_minimum_per_segment_and_spends_the_budget_othe
     # statistics cost 20 plain steps: by default only the minimum, which wins over the budget
     taken, _ = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [80, 80, 40], plain=1.0, extra=20.0)
     assert taken == [[10, 30, 50, 70], [90, 110, 130, 150], [165, 175, 185, 195]]
-    # strict: one per segment, the only cost allowed past the budget; the first segment plans the minimum
-    # until its first statistics step is timed, then re-plans its rest
+    # strict: the first statistics step (it measures their cost) is the only cost allowed past the budget; the
+    # first segment plans the minimum until it is timed, then re-plans its rest; the budget affords no other
     strict = BudgetCadence(budget=0.05, min_per_segment=4, strict=True)
     taken, overhead = simulate(strict, [80, 80, 40], plain=1.0, extra=20.0)
-    assert taken == [[10], [120], [180]] and overhead == pytest.approx(3 * 20 / 200)
+    assert taken == [[10], [], []] and overhead == pytest.approx(20 / 200)
+    # ... and as many as the budget affords when it affords some (2 per 80 steps at 2 plain steps each)
+    taken, overhead = simulate(BudgetCadence(budget=0.05, min_per_segment=4, strict=True), [80, 80], 1.0, 2.0)
+    assert [len(chosen) for chosen in taken] == [2, 2] and overhead <= 0.05
     # a segment shorter than the minimum takes statistics on every step
     taken, _ = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [3, 50], plain=1.0, extra=0.2)
     assert taken[0] == [0, 1, 2] and len(taken[1]) >= 4
@@ -134,8 +138,8 @@ def test_auto_cadence_gives_every_segment_the_minimum_and_records_the_choice(tmp
     assert trace.meta["every_n_steps"] == "auto"
     assert (trace.meta["overhead_budget"], trace.meta["min_statistics_steps"]) == (0.9, 3)
     assert "90% overhead budget" in trace.summary()
-    # a tiny one does not: the minimum wins, or with strict_budget fewer, but every segment gets one
-    for strict, expected in ((False, [3, 3]), (True, [1, 1])):
+    # a tiny one does not: the minimum wins, or with strict_budget (the default) as many as it affords: none
+    for strict, expected in ((False, [3, 3]), (True, [0, 0])):
         tda = TDACallback(
             path, ClassificationTask(), min_statistics_steps=3, overhead_budget=0.001, strict_budget=strict,
             if_exists="overwrite",
@@ -144,6 +148,13 @@ def test_auto_cadence_gives_every_segment_the_minimum_and_records_the_choice(tmp
         trace = Trace.open(path)
         assert [segment.stats_steps for segment in trace.segments][1:] == expected
         assert trace.meta["strict_budget"] == strict
+    # segments without statistics: SOURCE recomputes their covariances, a method reading streamed ones names the fix
+    with pytest.raises(TraceError, match="no K-FAC statistics .*covariances='recompute'.*strict_budget=False"):
+        trace.covariances(1, "net.0")
+    data = loader().dataset
+    source = SOURCE(trace, MLPClassifier(sizes=[64, 16, 10]), ClassificationTask(), response="unrolled")
+    assert torch.isfinite(source.attribute(Subset(data, range(4)), data).values).all()
+    assert source.config()["covariances_by_segment"]["1"].startswith("recompute: segment 1 holds 0 statistics")
     with pytest.raises(ValueError, match="overhead budget"):
         TDACallback(path, task=ClassificationTask(), overhead_budget=0.0)
 
