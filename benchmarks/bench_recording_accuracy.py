@@ -50,7 +50,10 @@ covariances at the final checkpoint). Without the recompute (rows "covariances s
 steps per segment) SOURCE lost up to 0.05 on 13 of 18 and 0.25 on breast cancer, what made `strict_budget=True`
 an opt-in before. The recompute costs one more pass over the training data per segment when attributing (0.1-2 s
 on these settings); where the budget affords 4 statistics steps per segment (longer runs, e.g. the interpolating
-iris run's 800 steps) the streamed covariances are used as before."""
+iris run's 800 steps) the streamed covariances are used as before.
+(Measured with a floor of one statistics step per segment, removed afterwards the same day: a segment the
+budget affords none of now takes none. SOURCE's default scores cannot change, since such segments were recomputed
+before too; "covariances streamed" then refuses those segments, naming the fix.)"""
 
 
 def statistics_steps(path: Path) -> str:
