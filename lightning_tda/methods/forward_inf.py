@@ -530,10 +530,13 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
         return values, ascent
 
     def _curvature_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """K-FAC factors ``{layer: (A, S)}`` of the final checkpoint's segment for the tracked layers whose
-        parameters all move (read once); layers without statistics are left out."""
+        """K-FAC factors ``{layer: (A, S)}`` of the last segment with statistics steps up to the final checkpoint's
+        (the overhead budget can leave the final segment without any) for the tracked layers whose parameters all
+        move (read once); layers without recorded factors are left out."""
         if self._factors is None:
-            segment = self.trace.final_checkpoint.segment
+            final = self.trace.final_checkpoint.segment
+            recorded = [info.index for info in self.trace.segments if info.index <= final and info.stats_steps > 0]
+            segment = recorded[-1] if recorded else final
             moving = set(self.moving_names)
             self._factors = {}
             for layer in self.layers:

@@ -24,7 +24,7 @@ from lightning_tda.cli import main
 from lightning_tda.demo import MLPClassifier
 from lightning_tda.layers.covariances import KFACStatistics, conv_input_product, outer_product
 from lightning_tda.layers.tracked import find_layers
-from lightning_tda.methods import SOURCE
+from lightning_tda.methods import SOURCE, ForwardINF
 from lightning_tda.recording.cadence import BudgetCadence
 from lightning_tda.recording.cost import RecordingCost
 from lightning_tda.trace import TraceError
@@ -155,6 +155,9 @@ def test_auto_cadence_gives_every_segment_the_minimum_and_records_the_choice(tmp
     source = SOURCE(trace, MLPClassifier(sizes=[64, 16, 10]), ClassificationTask(), response="unrolled")
     assert torch.isfinite(source.attribute(Subset(data, range(4)), data).values).all()
     assert source.config()["covariances_by_segment"]["1"].startswith("recompute: segment 1 holds 0 statistics")
+    forward = ForwardINF(trace, MLPClassifier(sizes=[64, 16, 10]), ClassificationTask())
+    assert torch.isfinite(forward.attribute(Subset(data, range(4)), data).values).all()
+    assert set(forward._curvature_factors()) == {"net.0", "net.2"}  # segment 0's: the last one with statistics
     with pytest.raises(ValueError, match="overhead budget"):
         TDACallback(path, task=ClassificationTask(), overhead_budget=0.0)
 
