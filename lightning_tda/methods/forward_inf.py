@@ -141,12 +141,13 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
     multiples of the gradient: ``K·α`` for plain steps, ``Σ α/‖g_j‖`` for normalized ones), which to
     first order leaves ``⟨∇ℓ(z), ∇f(z_q)⟩``, and multiplied by ``φ(σ_q)/N``: ``σ_q`` is the curvature
     of the training loss along the query's gradient (Rayleigh quotient of the K-FAC factors the
-    callback recorded in the last segment) and ``φ(σ) = (1 − e^(−Λσ))/σ`` is SOURCE's response of a
-    training run of learning-rate mass Λ (:func:`~lightning_tda.methods.base.learning_rate_mass`):
-    ``1/σ``, an influence function, where training had time to settle along that direction, ``Λ``
-    (TracIn) where it did not. One positive factor per query (``config["unit_factor_per_query"]``),
-    so no ranking within a query changes. Measured against re-training (BENCHMARKS.md), this puts
-    Forward-INF on the scale of SOURCE and EK-FAC IF; ``Λ/N`` alone over-predicted by up to 260x.
+    callback recorded in the last segment with statistics steps) and ``φ(σ) = (1 − e^(−Λσ))/σ`` is
+    SOURCE's response of a training run of learning-rate mass Λ
+    (:func:`~lightning_tda.methods.base.learning_rate_mass`): ``1/σ``, an influence function, where
+    training had time to settle along that direction, ``Λ`` (TracIn) where it did not. One positive
+    factor per query (``config["unit_factor_per_query"]``), so no ranking within a query changes.
+    Measured against re-training (BENCHMARKS.md), this puts Forward-INF on the scale of SOURCE and
+    EK-FAC IF; ``Λ/N`` alone over-predicted by up to 260x.
     """
 
     name = "forward-inf"
@@ -552,8 +553,8 @@ class ForwardINF(PlantedDuplicateTuning, AttributionMethod):
 
     def _curvature_along(self, batch: Any, mean: bool = False) -> Tensor:
         """``(P,)`` float64 Rayleigh quotient ``σ_q = g_qᵀ F g_q / ‖g_q‖²`` of the recorded K-FAC curvature
-        ``F`` (final segment) along each query's gradient at θ̂ (``mean=True``: one value for the batch's
-        mean gradient); NaN when no moving layer has recorded factors."""
+        ``F`` (the last segment with statistics) along each query's gradient at θ̂ (``mean=True``: one value
+        for the batch's mean gradient); NaN when no moving layer has recorded factors."""
         factors = self._curvature_factors()
         rows = self.task.batch_size(batch) if not mean else 1
         if not factors:
