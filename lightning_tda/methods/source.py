@@ -280,7 +280,8 @@ class SOURCE(AttributionMethod):
         covariances: where each segment's eigenbasis comes from: ``"stream"`` (the K-FAC covariances the
             callback recorded), ``"recompute"`` (recomputed at the segment's checkpoints, one more pass) or
             ``"auto"`` (default): streamed where the segment holds at least 4 statistics steps, else recomputed
-            (:func:`chosen_covariances`; ``Scores.config["covariances"]`` has each segment's choice and reason).
+            (:func:`chosen_covariances`; ``Scores.config["covariances_by_segment"]`` has each segment's choice
+            and reason).
         correction_examples: use a random subset of this many training examples for the EK-FAC
             correction pass (default: all).
         split_correction: each of a segment's C checkpoints corrects the eigenvalues on a disjoint
@@ -457,12 +458,13 @@ class SOURCE(AttributionMethod):
         """Fast-SOURCE curvature: streamed eigenbasis, correction (or dense blocks) at the averaged parameters."""
         checkpoints = self.trace.segment(segment).checkpoints
         options = FisherOptions(self.trace.fisher, self.samples, self.seed)
+        covariances, _ = self.segment_covariances(segment)
         key_fields = {
             "method": "source-fast",
             "segment": segment,
             "checkpoints": list(checkpoints),
             "curvature": self.curvature_kind,
-            "covariances": self.segment_covariances(segment)[0],
+            "covariances": covariances,
             "samples": self.samples,
             "seed": self.seed,
             "examples": self.correction_examples,
@@ -480,7 +482,7 @@ class SOURCE(AttributionMethod):
             blocks = gauss_newton_blocks(self.model, self.layers, self.task, data, options)
             fitted: Curvature = {la.name: DenseLayerCurvature(la.name, la.shape, blocks[la.name]) for la in self.layers}
         else:
-            if self.segment_covariances(segment)[0] == "recompute":
+            if covariances == "recompute":
                 factors = covariances_at(self.model, self.layers, self.task, data, options)
             else:
                 factors = {la.name: self.trace.covariances(segment, la.name) for la in self.layers}

@@ -7,13 +7,12 @@ MLP it is about one step, on a ResNet's 3×3 convolutions (whose input factor is
 :class:`BudgetCadence` therefore measures it. It times plain steps and statistics steps, and every
 other cost the recorder adds (checkpoints, segment writes, the loss check), and spaces statistics steps
 so that the extra time stays within ``budget`` × the training time. Every planned segment gets
-``min_per_segment`` statistics steps spread evenly over it even when they cost more than the budget (the
-``strict=False``: SOURCE's streamed covariances need them), or, with ``strict=True`` (the callback's
-default), as many of them as the budget can pay for, none in a segment whose budget affords none (on very
-short runs, or where one statistics step costs more than the budget of a whole segment; SOURCE then
-recomputes that segment's covariances at its checkpoints). The first statistics step of the run is the
-one cost allowed past the budget: it measures what a statistics step costs. The trace records which steps
-took statistics.
+``min_per_segment`` statistics steps spread evenly over it even when they cost more than the budget (with
+``strict=False``, for SOURCE's streamed covariances), or, with ``strict=True`` (the callback's default), as
+many of them as the budget can pay for, none in a segment whose budget affords none (on very short runs, or
+where one statistics step costs more than the budget of a whole segment; SOURCE then recomputes that
+segment's covariances at its checkpoints). The first statistics step of the run is the one cost allowed past
+the budget: it measures what a statistics step costs. The trace records which steps took statistics.
 
 Decisions are made at statistics steps only (the next optional step, how many statistics steps the
 budget affords per step, the rest of the segment's required steps), so under DDP one broadcast of rank
