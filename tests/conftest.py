@@ -1,4 +1,4 @@
-"""Shared fixtures: a digits MLP trained with TDACallback, and an offline W&B sandbox."""
+"""Shared fixtures: a digits MLP trained with TDACallback, an offline W&B sandbox, and known scores for reports."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def quiet_trainer(**kwargs):
     from lightning_tda.demo import headless_trainer
 
     return headless_trainer(**{"num_sanity_val_steps": 0, "limit_val_batches": 0, **kwargs})
+
+
+def similarity_scores(train, test, query_ids):
+    """Scores with a known structure for the report tests: the cosine similarity of query and training digits,
+    positive for the same label and negative for another, ``(len(query_ids), len(train))`` float32."""
+    import torch.nn.functional as F
+
+    x_train, y_train = train.tensors
+    x_query, y_query = test.tensors[0][query_ids], test.tensors[1][query_ids]
+    same_label = (y_query[:, None] == y_train[None, :]).float() * 2 - 1
+    return (F.normalize(x_query, dim=1) @ F.normalize(x_train, dim=1).T) * same_label
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import similarity_scores
 from html_reader import ReportParser
 from wandb_reader import OfflineRun, find_runs
 
@@ -52,15 +53,12 @@ def report_case(digits_run, tmp_path_factory):
     dm = DigitsDataModule(batch_size=64, seed=0, flip_fraction=0.05)
     dm.setup()
     train, test = dm.train_set, dm.test_set
-    x_train, y_train = train.tensors
-    x_query, y_query = test.tensors[0][QUERY_IDS], test.tensors[1][QUERY_IDS]
-    same_label = (y_query[:, None] == y_train[None, :]).float() * 2 - 1
-    values = (F.normalize(x_query, dim=1) @ F.normalize(x_train, dim=1).T) * same_label
+    values = similarity_scores(train, test, QUERY_IDS)
     config = {"kind": "cosine", "unit": UNIT, "warnings": [WARNING]}
     pairwise = Scores(values, torch.arange(len(train)), torch.tensor(QUERY_IDS), "similarity", config)
     model = digits_run["final_model"].eval()
     with torch.no_grad():
-        losses = F.cross_entropy(model(x_train), y_train, reduction="none")
+        losses = F.cross_entropy(model(train.tensors[0]), train.tensors[1], reduction="none")
     self_scores = Scores(losses, torch.arange(len(train)), None, "similarity", kind="self")
     trace = tmp_path_factory.mktemp("report") / "trace.h5"
     shutil.copy(digits_run["path"], trace)

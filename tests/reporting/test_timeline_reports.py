@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import similarity_scores
 from html_reader import ReportParser
 from wandb_reader import OfflineRun
 
@@ -35,10 +35,7 @@ def timeline_case():
     dm = DigitsDataModule(batch_size=64, seed=0)
     dm.setup()
     train, test = dm.train_set, dm.test_set
-    x_train, y_train = train.tensors
-    x_query, y_query = test.tensors[0][QUERY_IDS], test.tensors[1][QUERY_IDS]
-    same_label = (y_query[:, None] == y_train[None, :]).float() * 2 - 1
-    totals = (F.normalize(x_query, dim=1) @ F.normalize(x_train, dim=1).T) * same_label
+    totals = similarity_scores(train, test, QUERY_IDS)
     # query q's scores come from the segments with weights w[q] (rows sum to 1): its support segment is argmax w[q]
     weights = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.15, 0.25, 0.6]])
     values = weights.T[:, :, None] * totals[None]
