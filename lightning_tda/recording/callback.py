@@ -10,8 +10,8 @@ During ``fit`` the callback
   and for Adam-family optimizers the segment mean of the second moments,
 
 * on the first ``loss_check_steps`` optimizer steps, checks that the Task's loss is the loss
-  ``training_step`` optimises (:mod:`~lightning_tda.recording.loss_check`: one replayed forward per batch, no
-  extra backward); a scale or reduction mismatch, or an extra term, is warned about with the fix,
+  ``training_step`` optimises (:mod:`~lightning_tda.recording.loss_check`, from the training forward's outputs
+  where the Task recognises the call); a scale or reduction mismatch, or an extra term, is warned about with the fix,
 
 all into one HDF5 trace (:mod:`lightning_tda.trace`). Only global rank 0 writes; statistics are
 summed across ranks first. The callback's own state is saved in Lightning checkpoints under a
@@ -30,7 +30,7 @@ Devices and precision: sums, the NaN/Inf check and the loss column stay on the m
 step without statistics makes no host-device synchronisation. Under bf16/fp16 autocast the products are computed
 outside autocast in at least float32 and summed in float64. One device or DDP (a write failure stops only the
 writing: every rank keeps every collective); sharded strategies are refused at ``setup``
-(:func:`~lightning_tda.recording.trainer.check_strategy`). Factors are stored as ``factor_dtype``; a factor far
+(:func:`~lightning_tda.recording.trainer.check_trainer`). Factors are stored as ``factor_dtype``; a factor far
 larger than its layer (``max_factor_ratio``) is not recorded, and a method that needs it says so.
 """
 
@@ -44,7 +44,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor
@@ -60,7 +59,8 @@ from lightning_tda.recording.optimizer import AdamSecondMoments, layer_param_gro
 from lightning_tda.recording.options import IF_EXISTS, RecordingOptions
 from lightning_tda.recording.segments import OpenSegment, SegmentPolicy, as_policy, checkpoint_steps
 from lightning_tda.recording.step_log import StepLogBuffer, host_values, learning_rates, loss_value
-from lightning_tda.recording.trainer import check_strategy, per_example_scale, planned_steps
+from lightning_tda.recording.trainer import check_trainer, per_example_scale, planned_steps
+from lightning_tda.recording.training_forward import TrainingForward
 from lightning_tda.recording.true_fisher import TrainingGraphFisher
 from lightning_tda.tasks import Task
 from lightning_tda.trace.writer import TraceWriteError, TraceWriter
@@ -152,6 +152,8 @@ class TDACallback(L.Callback):
         self._fisher_done = False
         self._generator: torch.Generator | None = None
         self._true_fisher: TrainingGraphFisher | None = None
+        self._forward: TrainingForward | None = None
+        self._keep_forward = False  # this micro-batch's forward output is wanted (statistics or the loss check)
         self._trainer_for_state: L.Trainer | None = None
         self._loss_check: TrainingLossCheck | None = None
         self._second_moments: AdamSecondMoments | None = None
@@ -170,19 +172,8 @@ class TDACallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy)
-        if not pl_module.automatic_optimization:
-            raise RuntimeError(
-                "TDACallback supports automatic optimization only: with manual optimization it cannot tell "
-                "which backward belongs to which optimizer step. Set automatic_optimization = True or "
-                "remove the callback."
-            )
-        for cb in trainer.callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
-                self._warnings.warn(
-                    "TDACallback: a ModelCheckpoint has save_weights_only=True, so its checkpoints hold no "
-                    "callback state and a run resumed from them cannot continue the trace.",
-                )
+        for message in check_trainer(trainer, pl_module):
+            self._warnings.warn(message)
         self.layers, skipped, tied = find_layers(pl_module, self.options.layers, self.options.exclude)
         for message in selection_warnings(skipped, tied):
             self._warnings.warn(f"TDACallback {message}")
@@ -209,9 +200,9 @@ class TDACallback(L.Callback):
             keep_outputs=self.fisher.kind == "true",
             on_inputs=self._on_layer_inputs,
         ).__enter__()
+        self._forward = TrainingForward(pl_module, wanted=lambda: self._keep_forward)
         if self.fisher.kind == "true":
             self._true_fisher = TrainingGraphFisher(self.layers, self.task, self.fisher, self._generator)
-            self._true_fisher.attach(pl_module, capturing=lambda: self._capturing)
 
     def _start_recording(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         """Statistics, the trace (created with its header and initial checkpoint, or opened to continue), the plan
@@ -316,9 +307,11 @@ class TDACallback(L.Callback):
         self._capturing = self._stats_step
         self._examples += self._batch_size
         self._fisher_done = False
-        if self._loss_check is not None and self._loss_check.covers(self.step):
+        checked = self._loss_check is not None and self._loss_check.covers(self.step)
+        if checked:
             with self._cost.timed("loss_check"):
                 self._loss_check.before_training_step(pl_module.device)
+        self._keep_forward = checked or (self._capturing and self._true_fisher is not None)
         if self._capturing:
             self._capture.row_mask = self.task.row_mask(batch)
             self._capture.batch_size = self._batch_size
@@ -338,8 +331,9 @@ class TDACallback(L.Callback):
         if not (self._stats_step and self._true_fisher is not None and self._capturing):
             return
         with self._cost.timed("statistics"):
-            rows = self._true_fisher.from_training_graph(self._capture, self._batch)
-            if rows is not None:
+            outputs = self._forward.outputs(self.task, self._batch)
+            if outputs is not None:
+                rows = self._true_fisher.from_training_graph(self._capture, outputs, self._batch)
                 for layer, layer_rows in rows.items():
                     self.stats.stage_gradients(layer, layer_rows)
                 self._fisher_done = True
@@ -347,11 +341,12 @@ class TDACallback(L.Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """True Fisher by a second forward pass, when it could not use the training graph."""
         self._capturing = False  # the training forward of this micro-batch is over
-        if self._true_fisher is not None:
-            self._true_fisher.forget_calls()
-        if self._loss_check is not None:  # parameters are not updated yet: the Task's loss at the same point
+        if self._loss_check is not None and self._keep_forward:  # parameters not updated yet: the Task's loss there
             with self._cost.timed("loss_check"):
-                self._loss_check.after_backward(pl_module, self._batch, trainer.precision_plugin.train_step_context())
+                outputs, precision = self._forward.outputs(self.task, self._batch), trainer.precision_plugin
+                self._loss_check.after_backward(pl_module, self._batch, precision.train_step_context(), outputs)
+        self._keep_forward = False
+        self._forward.forget()
         if not (self._stats_step and self._true_fisher is not None) or self._fisher_done:
             return
         with self._cost.timed("statistics"):
@@ -589,9 +584,10 @@ class TDACallback(L.Callback):
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
             self._capture = None
-        if self._true_fisher is not None:
-            self._true_fisher.detach()
-            self._true_fisher = None
+        if self._forward is not None:
+            self._forward.detach()
+            self._forward = None
+        self._true_fisher = None
 
     # ------------------------------------------------------------------------ state for resume
     def state_dict(self) -> dict[str, Any]:

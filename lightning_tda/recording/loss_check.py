@@ -9,10 +9,12 @@ term, label smoothing) every score is silently off. :class:`TDACallback
 
 * the reported loss is the one Lightning hands to ``on_train_batch_end`` (already divided by
   ``accumulate_grad_batches``, so the callback multiplies it back; unaffected by a GradScaler);
-* the Task's losses come from :func:`replay_task_losses`: one extra forward without gradients at the
-  same parameters (before the optimizer step), in the precision plugin's autocast context, in train
-  mode with the RNG state the training forward started from (so dropout draws the same masks) and
-  batch-norm buffers restored afterwards. No extra backward.
+* the Task's losses come from the training forward's own outputs when ``training_step`` called the model
+  in a way the Task recognises (:mod:`~lightning_tda.recording.training_forward`): no extra pass at all.
+  Otherwise from :func:`replay_task_losses`: one extra forward without gradients at the same parameters
+  (before the optimizer step), in the precision plugin's autocast context, in train mode with the RNG
+  state the training forward started from (so dropout draws the same masks) and batch-norm buffers
+  restored afterwards. No extra backward either way.
 
 :class:`LossCheck` (update/compute, as in torchmetrics) then names what explains the reported losses:
 the Task's batch mean (``match``), the batch sum (``example_sum``), the batch's token mean where the
@@ -339,7 +341,8 @@ def predicted_positions(task: Task, batch: Any) -> Tensor | None:
 
 class TrainingLossCheck:
     """The check as :class:`~lightning_tda.recording.callback.TDACallback` runs it: on the first ``steps`` optimizer
-    steps of a fit, one replayed Task forward per micro-batch (see the module docstring).
+    steps of a fit, the Task's losses of each micro-batch from its training forward, or one replayed Task forward
+    (see the module docstring).
 
     The callback calls :meth:`before_training_step` in ``on_train_batch_start``, :meth:`after_backward`
     in ``on_after_backward`` (parameters not yet updated) and :meth:`after_batch` in
@@ -387,11 +390,20 @@ class TrainingLossCheck:
         self._rng = rng_state(device)
         self._losses = None
 
-    def after_backward(self, model: nn.Module, batch: Any, context: AbstractContextManager) -> None:
+    def after_backward(
+        self, model: nn.Module, batch: Any, context: AbstractContextManager, outputs: Tensor | None = None
+    ) -> None:
+        """The Task's losses of ``batch`` at the parameters of its training step: from the training forward's
+        ``outputs`` when given (the call :meth:`Task.outputs_of_call` recognised) and the Task computes its
+        losses from outputs (:meth:`Task.train_loss` not overridden), else by a replayed forward."""
         if self._rng is None:
             return
         try:
-            self._losses = replay_task_losses(model, self.task, batch, self._rng, context)
+            if outputs is not None and type(self.task).train_loss is Task.train_loss:
+                with torch.no_grad(), context:
+                    self._losses = self.task.loss(outputs.detach(), self.task.targets(batch)).detach()
+            else:
+                self._losses = replay_task_losses(model, self.task, batch, self._rng, context)
         except Exception as err:  # any failure of the user's Task on a training batch is reported, not raised
             problem = str(err).splitlines()[0] if str(err) else type(err).__name__
             self.check.skip(f"{type(self.task).__name__}.train_loss failed on a training batch: {problem}")

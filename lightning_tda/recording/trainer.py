@@ -1,5 +1,6 @@
-"""What the recorder needs from the Lightning ``Trainer``: whether its strategy can be followed, how many
-optimizer steps a fit plans, and the scale that turns autograd's output gradients into per-example ones.
+"""What the recorder needs from the Lightning ``Trainer``: whether it can follow the run (its strategy, its
+optimization, its checkpoints), how many optimizer steps a fit plans, and the scale that turns autograd's output
+gradients into per-example ones.
 """
 
 from __future__ import annotations
@@ -7,8 +8,27 @@ from __future__ import annotations
 import math
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from torch import Tensor
+
+
+def check_trainer(trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+    """Refuse a run the recorder cannot follow (:func:`check_strategy`, manual optimization); the warnings about
+    what it can follow only in part."""
+    check_strategy(trainer.strategy)
+    if not pl_module.automatic_optimization:
+        raise RuntimeError(
+            "TDACallback supports automatic optimization only: with manual optimization it cannot tell "
+            "which backward belongs to which optimizer step. Set automatic_optimization = True or "
+            "remove the callback."
+        )
+    return [
+        "TDACallback: a ModelCheckpoint has save_weights_only=True, so its checkpoints hold no callback state and "
+        "a run resumed from them cannot continue the trace."
+        for callback in trainer.callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.save_weights_only
+    ]
 
 
 def check_strategy(strategy: Strategy) -> None:

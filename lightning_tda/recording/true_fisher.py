@@ -5,14 +5,15 @@ the model (or, for few outputs, every output-Hessian factor: :mod:`lightning_tda
 the methods' curvature passes). When ``training_step`` called the model (the LightningModule, or a Hugging Face
 model inside it) on the batch's own inputs and :meth:`Task.outputs_of_call` recognises that call as
 :meth:`Task.forward`, the sampled targets are back-propagated through the training graph itself, before the
-training backward (:meth:`TrainingGraphFisher.from_training_graph`): no second forward pass. Otherwise one more
+training backward (:meth:`TrainingGraphFisher.from_training_graph`, with the outputs
+:mod:`~lightning_tda.recording.training_forward` kept): no second forward pass. Otherwise one more
 forward runs after the training backward, under the training step's autocast, with dropout's random state and
 batch-norm buffers restored (:meth:`TrainingGraphFisher.by_second_forward`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -41,40 +42,10 @@ class TrainingGraphFisher:
         self.task = task
         self.fisher = fisher
         self.generator = generator
-        self._hooks: list[Any] = []
-        self._calls: list[tuple[tuple, dict[str, Any], Any]] = []
 
-    def attach(self, model: nn.Module, capturing: Callable[[], bool]) -> None:
-        """Keep the output of each call of ``model`` (and of the Hugging Face models inside it) while
-        ``capturing()``: the candidates for the training forward's output."""
-
-        def keep(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            if capturing() and torch.is_grad_enabled():
-                self._calls.append((args, kwargs, output))
-
-        self._hooks = [root.register_forward_hook(keep, with_kwargs=True) for root in _model_roots(model)]
-
-    def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        self._calls = []
-
-    def forget_calls(self) -> None:
-        self._calls = []
-
-    def from_training_graph(self, capture: LayerCapture, batch: Any) -> dict[str, Tensor] | None:
-        """Rows from one more backward through the training graph (kept for training), or ``None`` when the
-        training step's model call could not be recognised as the Task's forward."""
-        calls, self._calls = self._calls, []
-        found = {}
-        for args, kwargs, output in calls:
-            outputs = self.task.outputs_of_call(batch, args, kwargs, output)
-            if outputs is not None:
-                found[id(outputs)] = outputs  # nested calls of one forward give the same tensor
-        if len(found) != 1:
-            return None
-        (outputs,) = found.values()
+    def from_training_graph(self, capture: LayerCapture, outputs: Tensor, batch: Any) -> dict[str, Tensor]:
+        """Rows from one more backward through the training graph (kept for training), given the training forward's
+        ``outputs`` (:class:`~lightning_tda.recording.training_forward.TrainingForward`)."""
         return self._rows(capture, outputs, batch, keep_graph=True)
 
     def by_second_forward(
@@ -112,17 +83,3 @@ class TrainingGraphFisher:
         if len(parts) == 1 and parts[0][1] == 1.0:
             return parts[0][0]
         return {name: torch.cat([rows[name] * weight**0.5 for rows, weight in parts], dim=1) for name in parts[0][0]}
-
-
-def _model_roots(model: nn.Module) -> list[nn.Module]:
-    """The LightningModule and the outermost Hugging Face models inside it (modules with
-    ``get_input_embeddings``): the calls a ``training_step`` makes to produce the task's outputs."""
-    roots: list[str] = []
-    modules = [model]
-    for name, module in model.named_modules():
-        if module is model or any(name.startswith(f"{root}.") for root in roots):
-            continue
-        if callable(getattr(module, "get_input_embeddings", None)):
-            roots.append(name)
-            modules.append(module)
-    return modules

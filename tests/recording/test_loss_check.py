@@ -1,5 +1,6 @@
 """The callback's check that the Task's loss is the loss training_step optimises: a plain run (with
-dropout, batch norm and gradient accumulation, in float32 and bf16) passes silently; 10x the loss, a sum
+dropout, batch norm and gradient accumulation, in float32 and bf16) passes silently, from the training forward's
+own outputs or, when the Task cannot recognise the model call, a replayed forward; 10x the loss, a sum
 reduction and label smoothing are each warned about with the numbers and recorded in the trace; the
 explanations themselves (token mean, constant offset) on exact numbers."""
 
@@ -35,7 +36,7 @@ class LossVariant(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
+        logits = self.net(x) if self.kind == "direct" else self(x)  # "direct": a call the Task cannot recognise
         if self.kind == "sum":
             return F.cross_entropy(logits, y, reduction="sum")
         if self.kind == "times10":
@@ -48,16 +49,19 @@ class LossVariant(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def _train(kind: str, path, **trainer_options):
+def _train(kind: str, path, forwards: list | None = None, **trainer_options):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(60, 8, generator=generator)
     y = torch.randint(0, 3, (60,), generator=generator)
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)  # the last batch has 12 examples
     L.seed_everything(0, verbose=False)
     callback = TDACallback(str(path), task=ClassificationTask(), segments=1)
+    model = LossVariant(kind)
+    if forwards is not None:  # count the network's forward passes
+        model.net.register_forward_hook(lambda *_: forwards.append(1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(max_steps=6, callbacks=[callback], **trainer_options).fit(LossVariant(kind), loader)
+        quiet_trainer(max_steps=6, callbacks=[callback], **trainer_options).fit(model, loader)
     messages = [str(w.message) for w in caught if "loss check" in str(w.message)]
     (record,) = Trace.open(path).loss_checks()
     return messages, record
@@ -72,6 +76,19 @@ def test_a_plain_run_passes_without_a_warning(trainer_options, tmp_path):
     assert record["verdict"] == "match" and record["first_step"] == 1
     assert record["batches"] == 4 * trainer_options.get("accumulate_grad_batches", 1)
     assert record["max_relative_difference"] < (1e-2 if trainer_options else 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mean", "direct"])
+def test_the_check_reuses_the_training_forward_and_replays_it_only_when_it_cannot(kind, tmp_path):
+    """``self(x)`` is the Task's forward: its output gives the Task's losses (and the true Fisher's targets), so
+    recording adds no forward pass. ``self.net(x)`` is not recognised: one replayed forward per checked batch (and a
+    second forward per statistics step), and the replay reproduces dropout and batch norm exactly."""
+    path, forwards = tmp_path / "trace.h5", []
+    messages, record = _train(kind, path, forwards)
+    assert messages == [] and record["verdict"] == "match" and record["max_relative_difference"] < 1e-5
+    statistics_steps = sum(segment.stats_steps for segment in Trace.open(path).segments)
+    assert statistics_steps >= 1
+    assert len(forwards) == 6 + (0 if kind == "mean" else 4 + statistics_steps)
 
 
 @pytest.mark.parametrize(
