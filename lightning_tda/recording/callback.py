@@ -490,7 +490,8 @@ class TDACallback(L.Callback):
             precond = seg.second_moments.means()
             with self._recording():
                 self._step_log.flush(self.writer)
-                self.writer.write_segment(seg.index, attrs, sums, precond, dtypes=self.stats.dtypes)
+                kfac = sums if seg.stats_steps else {}  # a segment without statistics steps has only zero sums
+                self.writer.write_segment(seg.index, attrs, kfac, precond, dtypes=self.stats.dtypes)
                 self.writer.flush()
         self.num_segments_closed += 1
         self.policy.segment_closed()

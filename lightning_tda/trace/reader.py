@@ -229,13 +229,16 @@ class Trace:
     def kfac_sums(self, segment: int, layer: str) -> dict[str, Tensor]:
         """Raw sums ``A_sum, A_count, S_sum, S_count`` of ``layer`` in ``segment``, checked (shapes from the
         layer record, finite, symmetric, non-negative counts and variances to rounding) and returned as float64
-        (they are stored as float32 or float64); the sum of a factor the callback did not record is absent."""
+        (they are stored as float32 or float64); the sum of a factor the callback did not record is absent. A
+        segment without statistics steps stores none: its sums and counts are zeros."""
         info = self.layer(layer)
         shapes = info.factor_shapes()
         self.segment(segment)
         where = f"segments/{segment_name(segment)}/kfac/{layer}"
         keys = [k for k in FACTORS if (k, False) not in (("A_sum", info.A_recorded), ("S_sum", info.S_recorded))]
         with self._read() as r:
+            if not r.has(where) and self.segment(segment).stats_steps == 0:  # not written: every sum is zero
+                return {key: torch.zeros(shapes[key][0], dtype=torch.float64) for key in keys}
             if not r.has(where):
                 raise r.error(where, f"is missing: segment {segment} holds no K-FAC sums for layer {layer!r}")
             sums = {key: r.array(f"{where}/{key}", shapes[key], kinds="f", finite=True) for key in keys}

@@ -148,6 +148,12 @@ def test_auto_cadence_gives_every_segment_the_minimum_and_records_the_choice(tmp
         trace = Trace.open(path)
         assert [segment.stats_steps for segment in trace.segments][1:] == expected
         assert trace.meta["strict_budget"] == strict
+    # segments without statistics store no K-FAC sums (all zero); the reader gives the zeros
+    with h5py.File(path, "r") as f:
+        assert len(f["segments/0001/kfac"]) == 0 and len(f["segments/0000/kfac"]) == 2
+    assert {key: float(value.abs().sum()) for key, value in trace.kfac_sums(1, "net.0").items()} == dict.fromkeys(
+        ("A_sum", "A_count", "S_sum", "S_count"), 0.0
+    )
     # segments without statistics: SOURCE recomputes their covariances, a method reading streamed ones names the fix
     with pytest.raises(TraceError, match="no K-FAC statistics .*covariances='recompute'.*strict_budget=False"):
         trace.covariances(1, "net.0")
