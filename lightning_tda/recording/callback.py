@@ -36,6 +36,7 @@ larger than its layer (``max_factor_ratio``) is not recorded, and a method that 
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -124,6 +125,7 @@ class TDACallback(L.Callback):
             statistics_examples=statistics_examples,
         )
         self.path = str(path)
+        self._state_key = self._generate_state_key(path=self.path)  # read at every hook Lightning calls
         self.task = task
         self.policy = as_policy(segments)
         self.fisher = FisherOptions(fisher, seed=seed, exact_outputs=exact_fisher_outputs, fallback_samples=1)
@@ -166,7 +168,7 @@ class TDACallback(L.Callback):
     def state_key(self) -> str:
         """Where Lightning keeps this callback's resume state: one per trace, so two recorders in one Trainer
         (two traces, e.g. of different layers) resume independently."""
-        return self._generate_state_key(path=self.path)
+        return self._state_key
 
     # ----------------------------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -215,7 +217,6 @@ class TDACallback(L.Callback):
             device=pl_module.device,
             recorded=self.recorded,
             factor_dtype=self.options.factor_dtype,
-            max_examples=self.options.statistics_examples,
         )
         self._generator = torch.Generator(device=pl_module.device)
         self._generator.manual_seed(self.options.seed + trainer.global_rank)
@@ -299,6 +300,7 @@ class TDACallback(L.Callback):
             if self._timer is not None:
                 self._timer.start()
             self._stats_step = self.cadence.is_statistics_step(self.step)
+            self._stats_share = self.cadence.statistics_share(self.step) if self._stats_step else 1.0
         self._batch = batch
         self._batch_size = self.task.batch_size(batch)
         # after a write failure a single process stops taking statistics; under DDP every rank keeps taking
@@ -315,6 +317,8 @@ class TDACallback(L.Callback):
         if self._capturing:
             self._capture.row_mask = self.task.row_mask(batch)
             self._capture.batch_size = self._batch_size
+            examples = math.ceil(self._batch_size * self._stats_share)  # the products' examples, first of the batch
+            self.stats.max_examples = min(examples, self.options.statistics_examples or examples)
             if self.fisher.kind == "empirical":
                 self._grad_scale = per_example_scale(trainer, self._batch_size)
 
@@ -388,12 +392,16 @@ class TDACallback(L.Callback):
             self._loss_check_paid += checking
             self.cadence.spend(checking)
             if self._stats_step:
-                for step, seconds, statistics_step in self._timer.take() if self._timer is not None else ():
-                    self.cadence.record_step(step, seconds, statistics_step)
+                self._record_step_times()
                 planned = self.cadence.plan_next(self.step)
                 if trainer.world_size > 1:  # every rank takes statistics on rank 0's steps
                     self.cadence.follow(trainer.strategy.broadcast(planned, src=0))
             self._finish_optimizer_step(trainer, pl_module)
+
+    def _record_step_times(self) -> None:
+        """Hand the steps timed since the last call to the cadence (at statistics steps: on a GPU this waits)."""
+        for step, seconds, statistics_step in self._timer.take() if self._timer is not None else ():
+            self.cadence.record_step(step, seconds, statistics_step)
 
     def _finish_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step += 1
@@ -596,6 +604,7 @@ class TDACallback(L.Callback):
             return {}
         trainer = self._trainer_for_state
         flat = self._reduced_sums(trainer) if trainer is not None else None
+        self._record_step_times()  # the steps timed so far belong to the saved cadence
         with self._recording():
             self._step_log.flush(self.writer)
             if self.writer is not None:
@@ -682,15 +691,9 @@ class TDACallback(L.Callback):
         if self._loss_check is None or self._loss_check.done:
             return
         with self._cost.timed("loss_check"):
-            self._record_loss_check()
-
-    def _record_loss_check(self) -> None:
-        result = self._loss_check.finish()
-        if result.warns:
-            rank_zero_warn(f"TDACallback loss check: {result.message}")
-        else:
-            rank_zero_info(f"TDACallback loss check: {result.message}")
-        if self.writer is not None:
-            with self._recording():
-                self.writer.record_loss_check(result.record())
-                self.writer.flush()
+            result = self._loss_check.finish()
+            (rank_zero_warn if result.warns else rank_zero_info)(f"TDACallback loss check: {result.message}")
+            if self.writer is not None:
+                with self._recording():
+                    self.writer.record_loss_check(result.record())
+                    self.writer.flush()

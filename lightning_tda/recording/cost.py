@@ -16,8 +16,7 @@ necessarily in the section that queued it. Nothing here imports Lightning.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
@@ -36,17 +35,10 @@ class RecordingCost:
         self.seconds = dict.fromkeys(COST_KINDS, 0.0)
         self._nested = 0.0  # time of the sections inside the one being timed
 
-    @contextmanager
-    def timed(self, kind: str) -> Iterator[None]:
-        """Count the time of the enclosed code as ``kind`` (minus the timed sections nested in it)."""
-        start = time.perf_counter()
-        outer, self._nested = self._nested, 0.0
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - start
-            self.seconds[kind] += elapsed - self._nested
-            self._nested = outer + elapsed
+    def timed(self, kind: str) -> TimedSection:
+        """Count the time of the enclosed code (``with cost.timed(kind):``) as ``kind``, minus the timed sections
+        nested in it."""
+        return TimedSection(self, kind)
 
     @property
     def total(self) -> float:
@@ -60,6 +52,25 @@ class RecordingCost:
             "training_seconds": time.perf_counter() - self.started,
             "seconds": dict(self.seconds),
         }
+
+
+class TimedSection:
+    """One timed section of :meth:`RecordingCost.timed` (a plain class: entered several times per step, where a
+    generator-based context manager would cost several times as much)."""
+
+    __slots__ = ("cost", "kind", "start", "outer")
+
+    def __init__(self, cost: RecordingCost, kind: str) -> None:
+        self.cost, self.kind = cost, kind
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+        self.outer, self.cost._nested = self.cost._nested, 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.cost.seconds[self.kind] += elapsed - self.cost._nested
+        self.cost._nested = self.outer + elapsed
 
 
 def combined_cost(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

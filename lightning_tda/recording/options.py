@@ -55,9 +55,9 @@ class RecordingOptions:
             the budget affords them, or always with ``strict_budget=False``.
         strict_budget: with ``every_n_steps="auto"`` (default True), honour ``overhead_budget`` also where the
             minimum costs more: a segment then gets as many of its ``min_statistics_steps`` as the budget
-            affords, none if it affords none (the run's first statistics step, which measures their cost, is
-            the one cost allowed past the budget). Where a segment ends up with fewer than 4, SOURCE
-            recomputes its covariances at the segment's checkpoints when attributing
+            affords, none if it affords none (the run's first statistics step, which measures their cost on a
+            quarter of each batch, is the one cost allowed past the budget). Where a segment ends up with fewer
+            than 4, SOURCE recomputes its covariances at the segment's checkpoints when attributing
             (``covariances="auto"``), within 0.02 LDS of 4 streamed steps on 17 of 18 settings
             (BENCHMARKS.md, "What cheaper recording costs attribution"); EK-FAC IF recomputes its own by
             default. ``False`` always takes the minimum, past the budget on short runs.
