@@ -29,7 +29,7 @@ from lightning_tda.evaluation import lds  # noqa: E402
 from lightning_tda.evaluation.lds import bootstrap_mean  # noqa: E402
 from lightning_tda.trace import Trace  # noqa: E402
 
-METHODS = ("SOURCE", "SOURCE, covariances streamed", "EK-FAC IF")
+METHODS = ("SOURCE", "EK-FAC IF")
 INTRO = (
     "Setup: each setting of `benchmarks/run.py` trained once per TDACallback configuration (3 segments, the same "
     "seed: the same model, only the recorded statistics differ), SOURCE and EK-FAC IF at their defaults (SOURCE's "

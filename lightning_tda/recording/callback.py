@@ -314,6 +314,7 @@ class TDACallback(L.Callback):
             with self._cost.timed("loss_check"):
                 self._loss_check.before_training_step(pl_module.device)
         self._keep_forward = checked or (self._capturing and self._true_fisher is not None)
+        self._forward.forget()  # a batch whose training_step returned no loss had no backward to forget its calls
         if self._capturing:
             self._capture.row_mask = self.task.row_mask(batch)
             self._capture.batch_size = self._batch_size
