@@ -34,26 +34,23 @@ INTRO = (
     "Setup: each setting of `benchmarks/run.py` trained once per TDACallback configuration (3 segments, the same "
     "seed: the same model, only the recorded statistics differ), SOURCE and EK-FAC IF at their defaults (SOURCE's "
     '`covariances="auto"`: a segment\'s eigenbasis from its streamed covariances where it holds at least 4 '
-    "statistics steps, else from covariances recomputed at its checkpoints) and SOURCE with streamed covariances "
-    'only (`covariances="stream"`, the default before), LDS '
-    "(α = 0.5, 50 queries) against the cached ground truth (M = 50 halves × 2 seeds); the difference to the "
-    "defaults is paired per query (mean [95% bootstrap CI]). Statistics steps per segment as recorded."
+    "statistics steps, else from covariances recomputed at its checkpoints), LDS (α = 0.5, 50 queries) against the "
+    "cached ground truth (M = 50 halves × 2 seeds); the difference to the defaults is paired per query (mean [95% "
+    "bootstrap CI]). Statistics steps per segment as recorded."
 )
 
-NOTES = """Reading. Defaults now (`strict_budget=True`: statistics steps within the 5% budget, at least one per segment;
-SOURCE's `covariances="auto"`) against the defaults before (`strict_budget=False`: 4 statistics steps per segment
-past the budget, streamed covariances). **SOURCE: within 0.02 on 17 of 18 settings** (before − now: −0.019 to
-+0.010; now higher on 12, lower on 6). **Missed on breast cancer converged: 0.568 now against 0.634, −0.066
-[−0.095, −0.042]**, a run driven to almost zero loss whose one streamed statistics step per segment gave 0.380
-(the recompute recovers three quarters of that loss, not all of it). **EK-FAC IF identical** (it recomputes its
-covariances at the final checkpoint). Without the recompute (rows "covariances streamed": one or two streamed
-steps per segment) SOURCE lost up to 0.05 on 13 of 18 and 0.25 on breast cancer, what made `strict_budget=True`
-an opt-in before. The recompute costs one more pass over the training data per segment when attributing (0.1-2 s
-on these settings); where the budget affords 4 statistics steps per segment (longer runs, e.g. the interpolating
-iris run's 800 steps) the streamed covariances are used as before.
-(Measured with a floor of one statistics step per segment, removed afterwards the same day: a segment the
-budget affords none of now takes none. SOURCE's default scores cannot change, since such segments were recomputed
-before too; "covariances streamed" then refuses those segments, naming the fix.)"""
+NOTES = """Reading. The defaults (`strict_budget=True`: statistics steps within the 5% budget, none in a segment whose
+budget affords none; the run's first statistics step, which measures their cost, on a quarter of each batch) against
+4 statistics steps per segment past the budget (`strict_budget=False`, the defaults before issue 24). **SOURCE:
+within 0.02 on 17 of 18 settings; missed on breast cancer converged (−0.079 [−0.116, −0.047])**, a run driven to
+almost zero loss where the covariances recomputed at the checkpoints rank worse than streamed ones. **EK-FAC IF
+identical** (it recomputes its covariances at the final checkpoint). Against the same table measured earlier on
+2026-12-07 (before the quarter-batch first step, the loss check from the training forward and the empty segments
+that store no sums), SOURCE's LDS at the defaults is unchanged to the digit on 16 of 18 settings: every segment with
+fewer than 4 statistics steps is recomputed, so its streamed sums never enter. The two that moved hold 4 or more
+streamed steps in a segment, among them now the quarter-batch step: ANES96 0.544 (then 0.550) and the
+interpolating iris run 0.430 (then 0.421). Which steps take statistics depends on the machine's speed: a run of the
+same command minutes earlier took 4/6/6 and 7/7/7 steps there and gave 0.546 and 0.432."""
 
 
 def statistics_steps(path: Path) -> str:
