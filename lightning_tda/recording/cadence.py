@@ -153,7 +153,9 @@ class BudgetCadence:
         affords none."""
         count = min(self.min_per_segment - taken, steps)
         if self.strict and self.affordable_rate is not None:  # measured: no floor, the budget decides
-            affordable = self.affordable_rate * steps - debt / self.extra_seconds if self.extra_seconds > 0 else 0
+            affordable = self.affordable_rate * steps
+            if debt > 0:  # rank 0's plan (plan_next), made right after it set the rate from its own extra cost
+                affordable -= debt / self.extra_seconds
             return max(0, min(count, math.floor(affordable)))
         return max(count, 1 if taken == 0 else 0)
 
@@ -164,7 +166,8 @@ class BudgetCadence:
 
     def statistics_share(self, step: int) -> float:
         """The share of each batch statistics step ``step`` takes its products from: ``MEASURING_SHARE`` while no
-        statistics step has been timed (the run's first, which measures their cost), else the whole batch."""
+        statistics step has been timed (the run's first, which measures their cost; the step is remembered so
+        that :meth:`record_step` scales its cost), else the whole batch."""
         if self.extra:
             return 1.0
         self.measuring_step = step

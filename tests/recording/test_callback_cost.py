@@ -135,6 +135,21 @@ def test_the_cost_measuring_step_takes_a_quarter_of_the_batch_and_its_scaled_cos
         assert list(each.extra) == [5.0, 5.0]
 
 
+def test_a_rank_that_follows_the_plan_opens_segments_with_the_same_required_steps():
+    """Under DDP every rank adopts rank 0's plan; a rank's own timings may differ (here it has none), yet the next
+    segment must plan the same required statistics steps on it, or the ranks' collectives would not match."""
+    leader, follower = (BudgetCadence(budget=0.05, min_per_segment=4, strict=True) for _ in range(2))
+    leader.open_segment(0, 400)
+    for step in range(10):
+        leader.record_step(step, 1.0, False)
+    leader.statistics_share(10)
+    leader.record_step(10, 3.0, True)  # spent past the budget: the leader's own re-plan pays that back
+    follower.follow(leader.plan_next(10))
+    for cadence in (leader, follower):
+        cadence.open_segment(400, 400)
+    assert follower.required == leader.required and len(leader.required) == 4
+
+
 @pytest.mark.parametrize("budget", [0.02, 0.05, 0.10])
 @pytest.mark.parametrize("extra, io", [(3.0, 0.0), (3.0, 2.0), (0.7, 1.0), (4.0, 0.5)])
 def test_the_budget_is_honoured_within_two_points_on_runs_of_200_steps_or_more(budget, extra, io):
