@@ -472,7 +472,8 @@ class TDACallback(L.Callback):
             return
         if self._segment.last_checkpoint_step != self.step:
             self._write_checkpoint(trainer, pl_module)
-        sums = self._reduced_sums(trainer)
+        # a segment without statistics steps (on every rank alike: they follow one plan) has only zero sums
+        sums = self._reduced_sums(trainer) if seg.stats_steps else {"__skipped__": 0}
         skipped = int(sums.pop("__skipped__"))
         if skipped:
             self._warnings.warn(
@@ -499,8 +500,7 @@ class TDACallback(L.Callback):
             precond = seg.second_moments.means()
             with self._recording():
                 self._step_log.flush(self.writer)
-                kfac = sums if seg.stats_steps else {}  # a segment without statistics steps has only zero sums
-                self.writer.write_segment(seg.index, attrs, kfac, precond, dtypes=self.stats.dtypes)
+                self.writer.write_segment(seg.index, attrs, sums, precond, dtypes=self.stats.dtypes)
                 self.writer.flush()
         self.num_segments_closed += 1
         self.policy.segment_closed()

@@ -233,13 +233,13 @@ class Trace:
         segment without statistics steps stores none: its sums and counts are zeros."""
         info = self.layer(layer)
         shapes = info.factor_shapes()
-        self.segment(segment)
+        statistics_steps = self.segment(segment).stats_steps
         where = f"segments/{segment_name(segment)}/kfac/{layer}"
         keys = [k for k in FACTORS if (k, False) not in (("A_sum", info.A_recorded), ("S_sum", info.S_recorded))]
         with self._read() as r:
-            if not r.has(where) and self.segment(segment).stats_steps == 0:  # not written: every sum is zero
-                return {key: torch.zeros(shapes[key][0], dtype=torch.float64) for key in keys}
             if not r.has(where):
+                if statistics_steps == 0:  # not written: every sum is zero
+                    return {key: torch.zeros(shapes[key][0], dtype=torch.float64) for key in keys}
                 raise r.error(where, f"is missing: segment {segment} holds no K-FAC sums for layer {layer!r}")
             sums = {key: r.array(f"{where}/{key}", shapes[key], kinds="f", finite=True) for key in keys}
         for key, value in sums.items():
