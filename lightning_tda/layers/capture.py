@@ -22,12 +22,14 @@ OnInputs = Callable[[TrackedLayer, Tensor, "Tensor | None"], None]
 class LayerCapture:
     """Forward hooks on tracked layers that record input rows and (optionally) output gradients.
 
-    Use as a context manager. While ``enabled()`` returns True and autograd is on, each forward of a
-    tracked layer stores ``activations[name]`` (rows from :meth:`TrackedLayer.activation_rows`,
-    detached), the number of rows ``row_counts[name]`` (an int, or an int64 tensor when masked) and the
-    output tensor ``outputs[name]`` (unless ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook
-    on the output calls it with the gradient rows ``(B, R, out)`` during backward. A module called several
-    times per forward has its rows concatenated along ``R``.
+    Use as a context manager, or :meth:`attach` and :meth:`release` the hooks around the forwards to capture
+    (the callback attaches them for statistics steps only: a hooked module takes PyTorch's slower call path on
+    every forward). While attached and autograd is on, each forward of a tracked layer stores
+    ``activations[name]`` (rows from :meth:`TrackedLayer.activation_rows`, detached), the number of rows
+    ``row_counts[name]`` (an int, or an int64 tensor when masked) and the output tensor ``outputs[name]`` (unless
+    ``keep_outputs=False``); with ``on_gradient`` given, a tensor hook on the output calls it with the gradient
+    rows ``(B, R, out)`` during backward. A module called several times per forward has its rows concatenated
+    along ``R``.
 
     ``row_mask`` (``(B, T)`` bool, from ``Task.row_mask``; may be set per batch) drops padded positions
     from the rows of sequence layers. ``batch_size`` (may be set per batch) makes a layer whose input
@@ -41,7 +43,6 @@ class LayerCapture:
     def __init__(
         self,
         layers: Sequence[TrackedLayer],
-        enabled: Callable[[], bool] = lambda: True,
         on_gradient: OnRows | None = None,
         keep_outputs: bool = True,
         row_mask: Tensor | None = None,
@@ -50,7 +51,6 @@ class LayerCapture:
     ) -> None:
         self.layers = list(layers)
         self._by_name = {layer.name: layer for layer in self.layers}
-        self.enabled = enabled
         self.on_gradient = on_gradient
         self.on_inputs = on_inputs
         self.keep_outputs = keep_outputs
@@ -66,20 +66,28 @@ class LayerCapture:
         self.row_counts.clear()
         self.outputs.clear()
 
+    def attach(self) -> None:
+        """Put the forward hooks on the tracked layers (a no-op while they are on)."""
+        if not self._handles:
+            self._handles = [layer.module.register_forward_hook(self._hook_for(layer)) for layer in self.layers]
+
+    def release(self) -> None:
+        """Take the forward hooks off; what was captured stays until :meth:`clear`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def __enter__(self) -> LayerCapture:
-        for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._hook_for(layer)))
+        self.attach()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.release()
         self.clear()
 
     def _hook_for(self, layer: TrackedLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            if not (torch.is_grad_enabled() and self.enabled()):
+            if not torch.is_grad_enabled():
                 return None
             inputs = args[0].detach()
             check_batch(layer, inputs.shape[0], self.batch_size)

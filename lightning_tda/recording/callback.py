@@ -194,15 +194,15 @@ class TDACallback(L.Callback):
         self._cost.first_step = self.step
         self.cadence.spend(time.perf_counter() - started)
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
-        # statistics steps capture the training forward itself (rows reduced to products at once; true Fisher below)
+        # statistics steps capture the training forward itself (rows reduced to products at once; true Fisher below);
+        # the hooks are on only for the micro-batches that need them
         self._capture = LayerCapture(
             self.layers,
-            enabled=lambda: self._capturing,
             on_gradient=self._on_gradient_rows if self.fisher.kind == "empirical" else None,
             keep_outputs=self.fisher.kind == "true",
             on_inputs=self._on_layer_inputs,
-        ).__enter__()
-        self._forward = TrainingForward(pl_module, wanted=lambda: self._keep_forward)
+        )
+        self._forward = TrainingForward(pl_module)
         if self.fisher.kind == "true":
             self._true_fisher = TrainingGraphFisher(self.layers, self.task, self.fisher, self._generator)
 
@@ -315,13 +315,20 @@ class TDACallback(L.Callback):
                 self._loss_check.before_training_step(pl_module.device)
         self._keep_forward = checked or (self._capturing and self._true_fisher is not None)
         self._forward.forget()  # a batch whose training_step returned no loss had no backward to forget its calls
+        if self._keep_forward:
+            self._forward.watch()
         if self._capturing:
+            self._capture.attach()
             self._capture.row_mask = self.task.row_mask(batch)
             self._capture.batch_size = self._batch_size
             examples = math.ceil(self._batch_size * self._stats_share)  # the products' examples, first of the batch
             self.stats.max_examples = min(examples, self.options.statistics_examples or examples)
             if self.fisher.kind == "empirical":
                 self._grad_scale = per_example_scale(trainer, self._batch_size)
+
+    def _stop_capturing(self) -> None:
+        self._capturing = False
+        self._capture.release()
 
     def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
         with self._cost.timed("statistics"):
@@ -345,12 +352,13 @@ class TDACallback(L.Callback):
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """True Fisher by a second forward pass, when it could not use the training graph."""
-        self._capturing = False  # the training forward of this micro-batch is over
+        self._stop_capturing()  # the training forward of this micro-batch is over
         if self._loss_check is not None and self._keep_forward:  # parameters not updated yet: the Task's loss there
             with self._cost.timed("loss_check"):
                 outputs, precision = self._forward.outputs(self.task, self._batch), trainer.precision_plugin
                 self._loss_check.after_backward(pl_module, self._batch, precision.train_step_context(), outputs)
         self._keep_forward = False
+        self._forward.release()
         self._forward.forget()
         if not (self._stats_step and self._true_fisher is not None) or self._fisher_done:
             return
@@ -384,7 +392,10 @@ class TDACallback(L.Callback):
                 self.stats.commit(keep_step=observes)
                 if observes and bool(self.stats.last_step_finite):
                     self.policy.observe(self.stats.last_step())  # an adaptive policy reads the step (one host sync)
-        self._capturing = False
+        if self._capturing or self._keep_forward:  # training_step returned no loss: no backward ended the capture
+            self._stop_capturing()
+            self._keep_forward = False
+            self._forward.release()
         if self._stepped:
             if self._timer is not None:
                 self._timer.stop(self.step, self._stats_step)

@@ -7,13 +7,13 @@ on the first steps of a fit (:mod:`~lightning_tda.recording.loss_check`). When `
 :meth:`Task.outputs_of_call <lightning_tda.tasks.Task.outputs_of_call>` recognises that call as
 :meth:`Task.forward`, its output *is* those outputs: same parameters, same dropout masks, same autocast. Keeping
 it costs nothing; replaying the forward costs a third of a training step (measured: 0.27 s of a 6.5 s, 32-step
-ResNet fit for the loss check's 4 replays). Calls are kept only while the caller wants them (statistics steps and
-checked steps), and forgotten after each micro-batch's backward. Nothing here imports Lightning.
+ResNet fit for the loss check's 4 replays). The hooks are on only while the caller wants the calls (statistics steps
+and checked steps: a hooked module takes PyTorch's slower call path on every forward), and the calls are forgotten
+after each micro-batch's backward. Nothing here imports Lightning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,19 +26,30 @@ class TrainingForward:
     """Outputs of the training forward of the current micro-batch, when the Task recognises the model call.
 
     Args:
-        model: the LightningModule; forward hooks go on it and on the outermost Hugging Face models inside it.
-        wanted: whether calls are kept now (checked at each call, so a step that needs nothing keeps nothing).
+        model: the LightningModule; while :meth:`watch` is on, forward hooks sit on it and on the outermost Hugging
+            Face models inside it.
     """
 
-    def __init__(self, model: nn.Module, wanted: Callable[[], bool]) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self._roots = model_roots(model)
+        self._hooks: list[Any] = []
         self._calls: list[tuple[tuple, dict[str, Any], Any]] = []
         self._found: tuple[Tensor | None] | None = None
 
-        def keep(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            if wanted() and torch.is_grad_enabled():
-                self._calls.append((args, kwargs, output))
+    def watch(self) -> None:
+        """Keep the calls of the forwards from now on, until :meth:`release` (a no-op while watching)."""
+        if not self._hooks:
+            self._hooks = [root.register_forward_hook(self._keep, with_kwargs=True) for root in self._roots]
 
-        self._hooks = [root.register_forward_hook(keep, with_kwargs=True) for root in model_roots(model)]
+    def release(self) -> None:
+        """Keep no more calls (the hooks come off); those kept stay until :meth:`forget`."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _keep(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if torch.is_grad_enabled():
+            self._calls.append((args, kwargs, output))
 
     def outputs(self, task: Task, batch: Any) -> Tensor | None:
         """The outputs :meth:`Task.forward` would give for ``batch`` (with their graph), from the one kept call the
@@ -58,9 +69,7 @@ class TrainingForward:
         self._found = None
 
     def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self.release()
         self.forget()
 
 

@@ -26,6 +26,7 @@ from lightning_tda.layers.covariances import FACTORS
 from lightning_tda.layers.tracked import TrackedLayer
 from lightning_tda.trace.checks import TraceError, TraceReader
 from lightning_tda.trace.lock import TraceLock
+from lightning_tda.trace.objects import new_dataset, new_group, set_new_attributes
 from lightning_tda.trace.probe import is_parsed, mark_parsed
 from lightning_tda.trace.reader import Trace
 from lightning_tda.trace.records import loss_check_records, recording_cost_records
@@ -58,9 +59,9 @@ def _store_array(group: h5py.Group, name: str, tensor: Tensor, dtype: str) -> No
         data = tensor.to(getattr(torch, dtype)).numpy()
     else:
         data = tensor.numpy()
-    dataset = group.create_dataset(name, data=data)
+    new_dataset(group, name, data)
     if dtype == "bfloat16" and tensor.is_floating_point():  # every other dtype is numpy's own
-        dataset.attrs["dtype"] = dtype
+        group[name].attrs["dtype"] = dtype
 
 
 def _write_guarded(method: Callable) -> Callable:
@@ -220,6 +221,14 @@ class TraceWriter:
             self.lock.release()
             raise
         self._step_datasets: dict[str, tuple[h5py.Dataset, int, int]] | None = None
+        self._groups: dict[str, h5py.Group] = {}  # looking a group up costs as much as creating a dataset in it
+        self._records: dict[str, list[dict[str, Any]]] = {}  # meta/<name>'s JSON records, as written
+
+    def _group(self, name: str) -> h5py.Group:
+        """The top-level group ``name`` (``meta``, ``segments``, ``checkpoints``), looked up once."""
+        if name not in self._groups:
+            self._groups[name] = self.file[name]
+        return self._groups[name]
 
     # --- skeleton -------------------------------------------------------------------------------
     @_write_guarded
@@ -246,24 +255,26 @@ class TraceWriter:
             created=datetime.now(timezone.utc).isoformat(),
             run_id=run_id,
         )
-        meta_group = f.create_group("meta")
-        meta_group.attrs.update({k: v for k, v in meta.items()})
+        meta_group = new_group(f, "meta")
+        set_new_attributes(meta_group, meta)
         meta_group.create_dataset("optimizer", data=to_json(optimizer))
         meta_group.create_dataset("config", data=to_json(config))
-        layer_group = f.create_group("layers")
+        layer_group = new_group(f, "layers")
         layer_group.create_dataset("names", data=[layer.name for layer in layers], dtype=h5py.string_dtype())
         for layer in layers:
-            g = layer_group.create_group(layer.name)
-            g.attrs.update(
-                kind=layer.kind,
-                in_features=layer.in_features,
-                out_features=layer.out_features,
-                has_bias=layer.has_bias,
-                param_group=(layer_groups or {}).get(layer.name, 0),
-                A_recorded=(recorded or {}).get(layer.name, (True, True))[0],
-                S_recorded=(recorded or {}).get(layer.name, (True, True))[1],
+            set_new_attributes(
+                new_group(layer_group, layer.name),
+                {
+                    "kind": layer.kind,
+                    "in_features": layer.in_features,
+                    "out_features": layer.out_features,
+                    "has_bias": layer.has_bias,
+                    "param_group": (layer_groups or {}).get(layer.name, 0),
+                    "A_recorded": (recorded or {}).get(layer.name, (True, True))[0],
+                    "S_recorded": (recorded or {}).get(layer.name, (True, True))[1],
+                },
             )
-        steps = f.create_group("steps")
+        steps = new_group(f, "steps")
         for column in STEP_COLUMNS:
             dtype = np.int64 if column in INT_COLUMNS else np.float64
             steps.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
@@ -275,7 +286,7 @@ class TraceWriter:
             chunks=(1024, num_param_groups),
         )
         for name in ("segments", "checkpoints", "results", "cache"):
-            f.create_group(name)
+            new_group(f, name)
         self.flush()
 
     # --- appends --------------------------------------------------------------------------------
@@ -319,25 +330,25 @@ class TraceWriter:
         preconditioner = preconditioner or {}
         arrays = [t for sums in kfac.values() for t in sums.values()] + [v for v, _ in preconditioner.values()]
         reserve_space(self.file, _nbytes(arrays, len(arrays) + 2 * len(kfac) + len(preconditioner) + 3, itemsize=8))
-        group = self.file["segments"].create_group(segment_name(index))
-        group.attrs.update(dict(attrs))
-        kfac_group = group.create_group("kfac")
+        group = new_group(self._group("segments"), segment_name(index))
+        set_new_attributes(group, attrs)
+        kfac_group = new_group(group, "kfac")
         for layer, sums in kfac.items():
-            layer_group = kfac_group.create_group(layer)
+            layer_group = new_group(kfac_group, layer)
             for key in FACTORS:
                 value = sums.get(key)
                 if value is None or (key.endswith("_sum") and value.numel() == 0):
                     continue
                 a_dtype, s_dtype = (dtypes or {}).get(layer, (torch.float64, torch.float64))
                 dtype = {"A_sum": a_dtype, "S_sum": s_dtype}.get(key, torch.float64)
-                layer_group.create_dataset(key, data=value.detach().to(device="cpu", dtype=dtype).numpy())
+                new_dataset(layer_group, key, value.detach().to(device="cpu", dtype=dtype).numpy())
         if preconditioner:
-            pre_group = group.create_group("preconditioner")
+            pre_group = new_group(group, "preconditioner")
             for layer, (v_mean, count) in preconditioner.items():
-                g = pre_group.create_group(layer)
+                g = new_group(pre_group, layer)
                 v_dtype = (dtypes or {}).get(layer, (torch.float64, torch.float64))[0]  # as wide layers' factors
-                g.create_dataset("v_mean", data=v_mean.detach().to(device="cpu", dtype=v_dtype).numpy())
-                g.attrs["count"] = count
+                new_dataset(g, "v_mean", v_mean.detach().to(device="cpu", dtype=v_dtype).numpy())
+                set_new_attributes(g, {"count": count})
 
     @_write_guarded
     def write_checkpoint(
@@ -362,11 +373,11 @@ class TraceWriter:
             self.file,
             _nbytes(state.values(), len(state) + 1, itemsize=stored) + _nbytes(arrays, len(arrays) + 2, itemsize=4),
         )
-        checkpoints = self.file["checkpoints"]
+        checkpoints = self._group("checkpoints")
         if name in checkpoints:
             del checkpoints[name]
-        group = checkpoints.create_group(name)
-        group.attrs.update(dict(attrs))
+        group = new_group(checkpoints, name)
+        set_new_attributes(group, attrs)
         stored: dict[tuple, str] = {}
         for key, tensor in state.items():
             alias = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
@@ -379,35 +390,37 @@ class TraceWriter:
             moments = self.file.require_group("second_moments")
             if name in moments:
                 del moments[name]
-            moments_group = moments.create_group(name)
+            moments_group = new_group(moments, name)
             for layer, matrix in second_moments.items():
-                moments_group.create_dataset(layer, data=matrix.detach().to(device="cpu", dtype=torch.float32).numpy())
+                new_dataset(moments_group, layer, matrix.detach().to(device="cpu", dtype=torch.float32).numpy())
 
     @_write_guarded
     def record_loss_check(self, record: Mapping[str, Any]) -> None:
         """Add the result of the callback's loss check (:mod:`lightning_tda.recording.loss_check`) to
         ``meta/loss_check``, replacing an earlier record of the same first step (a resumed fit that checked again)."""
-        meta = self.file["meta"]
-        earlier = loss_check_records(TraceReader(self.file, self.path))
-        records = [r for r in earlier if r.get("first_step") != record.get("first_step")]
-        records.append(dict(record))
-        reserve_space(self.file, len(to_json(records)) + OBJECT_OVERHEAD)
-        if "loss_check" in meta:
-            del meta["loss_check"]
-        meta.create_dataset("loss_check", data=to_json(records))
+        self._replace_record("loss_check", loss_check_records, record)
 
     @_write_guarded
     def record_cost(self, record: Mapping[str, Any]) -> None:
         """Add what recording one fit cost (``first_step``, ``last_step``, ``training_seconds``, ``seconds`` per
         kind) to ``meta/recording_cost``, replacing an earlier record of the same first step (a resumed fit)."""
-        meta = self.file["meta"]
-        earlier = recording_cost_records(TraceReader(self.file, self.path))
-        records = [r for r in earlier if r["first_step"] != record["first_step"]]
+        self._replace_record("recording_cost", recording_cost_records, record)
+
+    def _replace_record(
+        self, name: str, read: Callable[[TraceReader], list[dict[str, Any]]], record: Mapping[str, Any]
+    ) -> None:
+        """Write the JSON list ``meta/<name>`` with ``record`` in place of an earlier one of its ``first_step``. The
+        earlier records are read from the file once (none in a file this writer created)."""
+        if name not in self._records:
+            self._records[name] = [] if self.created else read(TraceReader(self.file, self.path))
+        records = [r for r in self._records[name] if r.get("first_step") != record.get("first_step")]
         records.append(dict(record))
+        meta = self._group("meta")
         reserve_space(self.file, len(to_json(records)) + OBJECT_OVERHEAD)
-        if "recording_cost" in meta:
-            del meta["recording_cost"]
-        meta.create_dataset("recording_cost", data=to_json(records))
+        if name in meta:
+            del meta[name]
+        meta.create_dataset(name, data=to_json(records))
+        self._records[name] = records
 
     # --- resume ---------------------------------------------------------------------------------
     @_write_guarded

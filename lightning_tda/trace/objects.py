@@ -1,0 +1,77 @@
+"""New HDF5 groups, datasets and numeric attributes through h5py's low-level API.
+
+h5py's high-level calls check and convert their arguments in Python on every call: creating a dataset costs about
+0.11 ms, a group 0.08 ms and an attribute 0.06 ms, of which HDF5 itself takes a third to a half (measured in one
+digits-MLP fit: together about 20 ms of the recorder's 46 ms). The writer creates the same objects here with the
+property lists h5py's defaults use (no timestamps, UTF-8 link names, contiguous layout), so the file is the one
+h5py would write and reads back the same. Only new objects are created: nothing here replaces an existing one.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import h5py
+import numpy as np
+from h5py import h5a, h5d, h5g, h5p, h5s, h5t
+
+
+def _link_properties() -> h5p.PropLCID:
+    properties = h5p.create(h5p.LINK_CREATE)
+    properties.set_create_intermediate_group(True)
+    properties.set_char_encoding(h5t.CSET_UTF8)
+    return properties
+
+
+def _untimed(kind: Any) -> Any:
+    properties = h5p.create(kind)
+    properties.set_obj_track_times(False)
+    return properties
+
+
+_LINKS = _link_properties()
+_GROUPS = _untimed(h5p.GROUP_CREATE)
+_DATASETS = _untimed(h5p.DATASET_CREATE)
+_TYPES: dict[np.dtype, h5t.TypeID] = {}
+
+
+def _type_of(dtype: np.dtype) -> h5t.TypeID:
+    if dtype not in _TYPES:
+        _TYPES[dtype] = h5t.py_create(dtype, logical=True)
+    return _TYPES[dtype]
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # which would make a 0-d array 1-d
+
+
+def _space_of(array: np.ndarray) -> h5s.SpaceID:
+    return h5s.create(h5s.SCALAR) if array.ndim == 0 else h5s.create_simple(array.shape)
+
+
+def new_group(parent: h5py.Group, name: str) -> h5py.Group:
+    """Create the group ``parent/name`` (which must not exist)."""
+    return h5py.Group(h5g.create(parent.id, name.encode(), lcpl=_LINKS, gcpl=_GROUPS))
+
+
+def new_dataset(parent: h5py.Group, name: str, array: np.ndarray) -> h5d.DatasetID:
+    """Create the dataset ``parent/name`` holding ``array`` (numeric or bool; contiguous, as written)."""
+    array = _contiguous(array)
+    dataset = h5d.create(parent.id, name.encode(), _type_of(array.dtype), _space_of(array), dcpl=_DATASETS)
+    if array.size:
+        dataset.write(h5s.ALL, h5s.ALL, array)
+    return dataset
+
+
+def set_new_attributes(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
+    """Give a new object (one without these attributes yet) its attributes: numbers, bools and lists of them
+    through the low-level API, anything else (strings) as h5py stores it."""
+    for name, value in values.items():
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            obj.attrs[name] = value
+            continue
+        attribute = h5a.create(obj.id, name.encode(), _type_of(array.dtype), _space_of(array))
+        attribute.write(_contiguous(array))
