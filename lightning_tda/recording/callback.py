@@ -37,7 +37,6 @@ larger than its layer (``max_factor_ratio``) is not recorded, and a method that 
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -161,7 +160,8 @@ class TDACallback(L.Callback):
         self._second_moments: AdamSecondMoments | None = None
         self._cost = RecordingCost()
         self._timer: StepTimer | None = None
-        self._loss_check_paid = 0.0  # of the loss check's seconds, those the cadence was told about
+        self._paid = 0.0  # of the recording's seconds besides statistics, those the cadence was told about
+        self._world_size = 1
         self._reset_micro_batch()
 
     @property
@@ -186,13 +186,13 @@ class TDACallback(L.Callback):
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"TDACallback records exactly one optimizer; this run has {len(trainer.optimizers)}.")
         optimizer = trainer.optimizers[0]
-        started = time.perf_counter()
+        self._world_size = trainer.world_size
         self._cost = RecordingCost()
-        self._loss_check_paid = 0.0
+        self._paid = 0.0
         with self._cost.timed("trace_creation"):
             self._start_recording(trainer, pl_module, optimizer)
         self._cost.first_step = self.step
-        self.cadence.spend(time.perf_counter() - started)
+        self._pay_recording_costs()
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
         # statistics steps capture the training forward itself (rows reduced to products at once; true Fisher below);
         # the hooks are on only for the micro-batches that need them
@@ -253,18 +253,11 @@ class TDACallback(L.Callback):
                     self.writer.flush()
 
     def _open_writer(self, resuming: bool) -> None:
-        continuing = resuming or self.run_id is not None
-        self.writer = TraceWriter(self.path, "append" if continuing else IF_EXISTS[self.options.if_exists])
-        if continuing:
-            if self.writer.run_id != self.run_id:
-                found = self.writer.run_id
-                self.writer.close()
-                self.writer = None
-                raise RuntimeError(
-                    f"The trace at {self.path} belongs to run {found}, but this callback recorded run "
-                    f"{self.run_id}. Resume (or continue) with the trace path of the original run."
-                )
-        elif not self.writer.created:  # append to a trace written by another callback (a later stage)
+        if resuming or self.run_id is not None:  # the trace of this run, continued
+            self.writer = TraceWriter(self.path, "append", run_id=self.run_id)
+            return
+        self.writer = TraceWriter(self.path, IF_EXISTS[self.options.if_exists])
+        if not self.writer.created:  # append to a trace written by another callback (a later stage)
             self.run_id = self.writer.run_id
             self.step = self.writer.num_rows
             self.num_segments_closed = self.writer.num_segments
@@ -282,6 +275,7 @@ class TDACallback(L.Callback):
     def _reset_micro_batch(self) -> None:
         self._capturing = False
         self._stats_step = False
+        self._checked = False  # the step is one of the loss check's
         self._stepped = False
         self._lrs: list[float | Tensor] = []  # this step's, per param group
         self._loss_sum: Tensor | None = None
@@ -292,28 +286,32 @@ class TDACallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         with self._cost.timed("bookkeeping"):
-            self._start_batch(trainer, pl_module, batch)
+            if not self._step_open:  # the first micro-batch of an optimizer step
+                self._open_step()
+            self._batch = batch
+            self._batch_size = self.task.batch_size(batch)
+            self._examples += self._batch_size
+            if self._stats_step or self._checked:
+                self._prepare_batch(trainer, pl_module, batch)
 
-    def _start_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        if not self._step_open:  # the first micro-batch of an optimizer step
-            self._step_open = True
-            if self._timer is not None:
-                self._timer.start()
-            self._stats_step = self.cadence.is_statistics_step(self.step)
-            self._stats_share = self.cadence.statistics_share(self.step) if self._stats_step else 1.0
-        self._batch = batch
-        self._batch_size = self.task.batch_size(batch)
+    def _open_step(self) -> None:
+        self._step_open = True
+        if self._timer is not None:
+            self._timer.start()
         # after a write failure a single process stops taking statistics; under DDP every rank keeps taking
         # (and reducing) them, so every collective still matches on every rank
-        self._stats_step = self._stats_step and not (self._stopped and trainer.world_size == 1)
+        self._stats_step = self.cadence.is_statistics_step(self.step) and not (self._stopped and self._world_size == 1)
+        self._stats_share = self.cadence.statistics_share(self.step) if self._stats_step else 1.0
+        self._checked = self._loss_check is not None and self._loss_check.covers(self.step)
+
+    def _prepare_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        """Hooks and state for a micro-batch of a statistics step or of the loss check."""
         self._capturing = self._stats_step
-        self._examples += self._batch_size
         self._fisher_done = False
-        checked = self._loss_check is not None and self._loss_check.covers(self.step)
-        if checked:
+        if self._checked:
             with self._cost.timed("loss_check"):
                 self._loss_check.before_training_step(pl_module.device)
-        self._keep_forward = checked or (self._capturing and self._true_fisher is not None)
+        self._keep_forward = self._checked or (self._capturing and self._true_fisher is not None)
         self._forward.forget()  # a batch whose training_step returned no loss had no backward to forget its calls
         if self._keep_forward:
             self._forward.watch()
@@ -325,10 +323,6 @@ class TDACallback(L.Callback):
             self.stats.max_examples = min(examples, self.options.statistics_examples or examples)
             if self.fisher.kind == "empirical":
                 self._grad_scale = per_example_scale(trainer, self._batch_size)
-
-    def _stop_capturing(self) -> None:
-        self._capturing = False
-        self._capture.release()
 
     def _on_gradient_rows(self, layer: TrackedLayer, rows: Tensor) -> None:
         with self._cost.timed("statistics"):
@@ -352,14 +346,16 @@ class TDACallback(L.Callback):
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """True Fisher by a second forward pass, when it could not use the training graph."""
-        self._stop_capturing()  # the training forward of this micro-batch is over
+        if not (self._stats_step or self._keep_forward):
+            return
+        self._capturing = False  # the training forward of this micro-batch is over
+        self._capture.release()
         if self._loss_check is not None and self._keep_forward:  # parameters not updated yet: the Task's loss there
             with self._cost.timed("loss_check"):
                 outputs, precision = self._forward.outputs(self.task, self._batch), trainer.precision_plugin
                 self._loss_check.after_backward(pl_module, self._batch, precision.train_step_context(), outputs)
         self._keep_forward = False
-        self._forward.release()
-        self._forward.forget()
+        self._forward.detach()
         if not (self._stats_step and self._true_fisher is not None) or self._fisher_done:
             return
         with self._cost.timed("statistics"):
@@ -377,12 +373,20 @@ class TDACallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         with self._cost.timed("bookkeeping"):
-            self._end_batch(trainer, pl_module, outputs, batch)
+            loss = loss_value(outputs, self._device)
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            if self._stats_step or self._checked or self._keep_forward:
+                self._end_batch(trainer, loss, batch)
+            if self._stepped:
+                if self._timer is not None:
+                    self._timer.stop(self.step, self._stats_step)
+                if self._stats_step:
+                    self._plan_statistics(trainer)
+                self._finish_optimizer_step(trainer, pl_module)
 
-    def _end_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
-        loss = loss_value(outputs, self._device)
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-        if self._loss_check is not None and not self._loss_check.done:  # first steps only: float() syncs
+    def _end_batch(self, trainer: L.Trainer, loss: Tensor, batch: Any) -> None:
+        """The end of a micro-batch of a statistics step or of the loss check."""
+        if self._checked:  # float() syncs: the first steps only
             with self._cost.timed("loss_check"):
                 self._loss_check.after_batch(float(loss), trainer.accumulate_grad_batches, batch)
         if self._stats_step:
@@ -393,22 +397,24 @@ class TDACallback(L.Callback):
                 if observes and bool(self.stats.last_step_finite):
                     self.policy.observe(self.stats.last_step())  # an adaptive policy reads the step (one host sync)
         if self._capturing or self._keep_forward:  # training_step returned no loss: no backward ended the capture
-            self._stop_capturing()
-            self._keep_forward = False
+            self._capturing = self._keep_forward = False
+            self._capture.release()
             self._forward.release()
-        if self._stepped:
-            if self._timer is not None:
-                self._timer.stop(self.step, self._stats_step)
-            # the loss check's replayed forwards are a cost of recording, paid from the budget like checkpoints
-            checking = self._cost.seconds["loss_check"] - self._loss_check_paid
-            self._loss_check_paid += checking
-            self.cadence.spend(checking)
-            if self._stats_step:
-                self._record_step_times()
-                planned = self.cadence.plan_next(self.step)
-                if trainer.world_size > 1:  # every rank takes statistics on rank 0's steps
-                    self.cadence.follow(trainer.strategy.broadcast(planned, src=0))
-            self._finish_optimizer_step(trainer, pl_module)
+
+    def _plan_statistics(self, trainer: L.Trainer) -> None:
+        """At a statistics step: the cadence's next plan, from the step timings and the costs paid so far."""
+        self._pay_recording_costs()
+        self._record_step_times()
+        planned = self.cadence.plan_next(self.step)
+        if self._world_size > 1:  # every rank takes statistics on rank 0's steps
+            self.cadence.follow(trainer.strategy.broadcast(planned, src=0))
+
+    def _pay_recording_costs(self) -> None:
+        """Pay from the budget what recording cost since the last payment, besides statistics (the cadence measures
+        those from the step timings): the trace's creation, checkpoints, writes, the loss check and bookkeeping."""
+        spent = self._cost.total - self._cost.seconds["statistics"]
+        self.cadence.spend(spent - self._paid)
+        self._paid = spent
 
     def _record_step_times(self) -> None:
         """Hand the steps timed since the last call to the cadence (at statistics steps: on a GPU this waits)."""
@@ -422,42 +428,31 @@ class TDACallback(L.Callback):
         if self._stats_step:
             with self._cost.timed("statistics"):
                 seg.second_moments.add(self._second_moments.read(trainer.optimizers[0]))
-        row = {
-            "step": self.step,
-            "global_step": trainer.global_step,
-            "epoch": trainer.current_epoch,
-            "segment": seg.index,
-            "batch_size": self._examples * trainer.world_size,
-            "loss": self._loss_sum,
-            "statistics": int(self._stats_step),
-            "lr": self._lrs,
-        }
-        self._step_log.append(row)
+        examples, statistics = self._examples * self._world_size, int(self._stats_step)
+        row = (self.step, trainer.global_step, trainer.current_epoch, seg.index, examples, self._loss_sum, statistics)
+        self._step_log.append((*row, self._lrs))
         self._reset_micro_batch()
-        started = time.perf_counter()
         if self._loss_check is not None and not self._loss_check.done and not self._loss_check.covers(self.step):
             self._finish_loss_check()
         if self.step in self.checkpoint_plan:
             self._write_checkpoint(trainer, pl_module)
-        if self._should_close(trainer):
+        reason = self._close_reason(trainer)
+        if reason is not None:
             with self._cost.timed("io"):
-                self._close_segment(trainer, pl_module, self._close_reason())
+                self._close_segment(trainer, pl_module, reason)
                 self._open_segment()
-        self.cadence.spend(time.perf_counter() - started)
-        self._loss_check_paid = self._cost.seconds["loss_check"]  # finishing the check was paid just now
+        self._pay_recording_costs()
 
-    def _should_close(self, trainer: L.Trainer) -> bool:
+    def _close_reason(self, trainer: L.Trainer) -> str | None:
+        """Why the open segment closes after this step (``"manual"``, ``"planned"`` or the policy's), or None."""
         if self._new_segment_requested or self.step in self.boundaries:
-            return True
+            return "manual" if self._new_segment_requested else "planned"
+        if type(self.policy).should_close is SegmentPolicy.should_close:  # planned boundaries only
+            return None
         decision = self.policy.should_close(self._segment.num_steps)
-        if trainer.world_size > 1 and type(self.policy).should_close is not SegmentPolicy.should_close:
+        if self._world_size > 1:
             decision = bool(trainer.strategy.broadcast(decision, src=0))
-        return decision
-
-    def _close_reason(self) -> str:
-        if self._new_segment_requested:
-            return "manual"
-        return "planned" if self.step in self.boundaries else self.policy.reason
+        return self.policy.reason if decision else None
 
     def new_segment(self) -> None:
         """Close the open segment after the current optimizer step (e.g. when the data changes).
@@ -525,27 +520,21 @@ class TDACallback(L.Callback):
 
     # ----------------------------------------------------------------------------- checkpoints
     def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        with self._cost.timed("checkpoints"):
-            self._save_checkpoint(trainer, pl_module)
-        self.num_checkpoints += 1
-
-    def _save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._segment.last_checkpoint_step = self.step
-        if self.writer is not None:
+        self.num_checkpoints += 1
+        if self.writer is None:
+            return
+        with self._cost.timed("checkpoints"):
             # every name of a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight), so loading the
             # checkpoint cannot leave one of them at its initial value; the trace stores the data once
             trainable = {name for name, p in pl_module.named_parameters(remove_duplicate=False) if p.requires_grad}
             buffers = {name for name, _ in pl_module.named_buffers()}
             state = {k: v for k, v in pl_module.state_dict().items() if k in trainable or k in buffers}
-            attrs = {
-                "index": self.num_checkpoints,
-                "step": self.step,
-                "segment": self._segment.index,
-                "epoch": trainer.current_epoch,
-            }
+            index = self.num_checkpoints - 1
+            attrs = {"index": index, "step": self.step, "segment": self._segment.index, "epoch": trainer.current_epoch}
             second_moments = self._second_moments.read(trainer.optimizers[0])  # Adam's v̂ behind this state
             with self._recording():
-                name = f"{self.num_checkpoints:06d}"
+                name = f"{index:06d}"
                 self.writer.write_checkpoint(name, state, attrs, self.options.checkpoint_dtype, second_moments)
                 with self._cost.timed("io"):
                     self._step_log.flush(self.writer)

@@ -16,28 +16,33 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_tda.trace.schema import STEP_COLUMNS
 from lightning_tda.trace.writer import TraceWriter
 
 
 class StepLogBuffer:
-    """Rows of the step log not yet written (columns as in ``trace.schema.STEP_COLUMNS`` plus ``lr``)."""
+    """Rows of the step log not yet written, as tuples (a tuple per step costs a third of a dict of lists)."""
+
+    COLUMNS = (*STEP_COLUMNS, "lr")  # the order of append's arguments
 
     def __init__(self) -> None:
-        self.rows: dict[str, list] = {}
+        self.rows: list[tuple] = []
 
-    def append(self, row: Mapping[str, Any]) -> None:
-        for key, value in row.items():
-            self.rows.setdefault(key, []).append(value)
+    def append(self, row: tuple) -> None:
+        """One optimizer step's row, its values in the order of :attr:`COLUMNS`: the loss as :func:`loss_value` gives
+        it (left on its device), the learning rates (per param group) as :func:`learning_rates` does."""
+        self.rows.append(row)
 
     def flush(self, writer: TraceWriter | None) -> None:
         """Append the buffered rows to ``writer``'s trace (if any) and forget them."""
         if writer is not None and self.rows:
-            columns = {key: np.asarray(values) for key, values in self.rows.items() if key not in ("loss", "lr")}
-            columns["lr"] = host_values(self.rows["lr"])  # one device sync per block for tensor learning rates
-            losses = [loss.reshape(()).double() for loss in self.rows["loss"]]
-            columns["loss"] = torch.stack(losses).cpu().numpy()  # one device sync per block
+            columns = dict(zip(self.COLUMNS, zip(*self.rows)))
+            columns = {key: np.asarray(values) for key, values in columns.items() if key not in ("loss", "lr")} | {
+                "lr": host_values(columns["lr"]),  # one device sync per block for tensor learning rates
+                "loss": torch.stack([loss.reshape(()) for loss in columns["loss"]]).double().cpu().numpy(),  # one sync
+            }
             writer.append_steps(columns)
-        self.rows = {}
+        self.rows = []
 
 
 def loss_value(outputs: Any, device: torch.device) -> Tensor:
@@ -53,10 +58,8 @@ def loss_value(outputs: Any, device: torch.device) -> Tensor:
 def learning_rates(optimizer: Any) -> list[float | Tensor]:
     """Each param group's learning rate, read without a device synchronisation: a float stays a float, a tensor
     is copied on its device in float64 (a scheduler updates a tensor learning rate in place)."""
-    return [
-        lr.detach().to(torch.float64, copy=True) if isinstance(lr, Tensor) else float(lr)
-        for lr in (group["lr"] for group in optimizer.param_groups)
-    ]
+    rates = [group["lr"] for group in optimizer.param_groups]
+    return [lr.detach().to(torch.float64, copy=True) if isinstance(lr, Tensor) else float(lr) for lr in rates]
 
 
 def host_values(rows: Sequence[Sequence[float | Tensor]]) -> np.ndarray:

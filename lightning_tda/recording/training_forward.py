@@ -69,6 +69,7 @@ class TrainingForward:
         self._found = None
 
     def detach(self) -> None:
+        """:meth:`release` and :meth:`forget`."""
         self.release()
         self.forget()
 

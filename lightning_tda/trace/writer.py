@@ -188,9 +188,11 @@ class TraceWriter:
         path: file to create or continue.
         mode: ``"create"`` (refuse an existing file), ``"overwrite"`` or ``"append"`` (continue an
             existing trace; it must be a valid trace).
+        run_id: with ``"append"``, the run the existing trace must belong to (a resumed run continues its own
+            trace); a trace of another run is refused.
     """
 
-    def __init__(self, path: str | os.PathLike, mode: str = "create") -> None:
+    def __init__(self, path: str | os.PathLike, mode: str = "create", run_id: str | None = None) -> None:
         self.path = Path(path)
         self.failed: BaseException | None = None
         self.flushed = False
@@ -205,6 +207,11 @@ class TraceWriter:
         self.lock.acquire(timeout=2.0)  # before anything opens (and "w" truncates) the file
         try:
             exists = self.path.exists()
+            if mode == "append" and run_id is not None and not exists:
+                raise TraceError(
+                    f"The trace of run {run_id} at {self.path} is gone (moved or deleted). Resume (or continue) with "
+                    f"the trace path of the original run."
+                )
             if mode == "create" and exists:
                 raise TraceError(
                     f"A trace already exists at {self.path}; it is not overwritten. Pass a new path, "
@@ -214,6 +221,13 @@ class TraceWriter:
                 Trace.validated(self.path)  # format, schema and records checked before writing into it
                 self.file = h5py.File(self.path, "a", libver=LIBVER)
                 self.created = False
+                if run_id is not None and self.run_id != run_id:
+                    found = self.run_id
+                    self.file.close()
+                    raise TraceError(
+                        f"The trace at {self.path} belongs to run {found}, but this callback recorded run {run_id}. "
+                        f"Resume (or continue) with the trace path of the original run."
+                    )
             else:
                 self.file = h5py.File(self.path, "w", libver=LIBVER)
                 self.created = True

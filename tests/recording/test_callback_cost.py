@@ -528,3 +528,28 @@ def test_the_callback_takes_statistics_from_the_first_examples_of_each_batch(tmp
     assert counts == {None: (4 * 16, 4 * 16), 5: (4 * 5, 4 * 5)}  # 4 statistics steps of batches of 16
     with pytest.raises(ValueError, match="statistics_examples"):
         TDACallback(tmp_path / "x.h5", task=ClassificationTask(), statistics_examples=0)
+
+
+class _HookWatcher(L.Callback):
+    """Per optimizer step: whether the tracked layers and the LightningModule had forward hooks during its forward."""
+
+    def __init__(self) -> None:
+        self.layers: list[bool] = []
+        self.root: list[bool] = []
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.layers.append(any(m._forward_hooks for m in pl_module.modules() if isinstance(m, nn.Linear)))
+        self.root.append(bool(pl_module._forward_hooks))
+
+
+def test_forward_hooks_are_on_only_for_the_steps_that_need_them(tmp_path):
+    """A hooked module takes PyTorch's slower call path on every forward: the layers are hooked on statistics steps
+    only, the model on those and the loss check's steps, and nothing stays hooked after the fit."""
+    path, watcher = tmp_path / "trace.h5", _HookWatcher()
+    callback = TDACallback(str(path), task=ClassificationTask(), every_n_steps=3, loss_check_steps=2)
+    model = MLPClassifier(sizes=[64, 16, 10])
+    quiet_trainer(max_epochs=2, callbacks=[callback, watcher]).fit(model, loader())
+    statistics = Trace.open(path).steps().statistics.astype(bool).tolist()
+    assert watcher.layers == statistics and sum(statistics) == 6
+    assert watcher.root == [s or step < 2 for step, s in enumerate(statistics)]
+    assert not any(m._forward_hooks for m in model.modules())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,3 +227,38 @@ def test_two_recorders_in_one_trainer_resume_independently(tmp_path):
         assert after.run_id == before.run_id == trace.run_id
         assert len(trace.steps()) == 12 and trace.segments[-1].end_step == 12  # continued, not restarted
     assert Trace.open(second[1].path).layer_names == ["net.2"]
+
+
+@pytest.mark.parametrize("trace", ["another run's", "gone"])
+def test_resuming_with_a_trace_that_is_not_the_runs_own_is_refused_with_the_fix(trace, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    data = DataLoader(
+        TensorDataset(torch.randn(48, 64, generator=generator), torch.randint(0, 10, (48,), generator=generator)),
+        batch_size=16,
+    )
+
+    def run(path: Path, epochs: int, ckpt_path=None) -> None:
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+        callback = TDACallback(str(path), ClassificationTask(), loss_check_steps=0)
+        trainer = quiet_trainer(max_epochs=epochs, callbacks=[callback, saver], enable_checkpointing=True)
+        trainer.fit(MLPClassifier(sizes=[64, 16, 10]), data, ckpt_path=ckpt_path)
+
+    path = tmp_path / "trace.h5"
+    run(path, 1)
+    if trace == "gone":
+        path.unlink()
+    else:  # the path now holds the trace of another run (recorded without resuming)
+        path.unlink()
+        L.seed_everything(1, verbose=False)
+        quiet_trainer(max_epochs=1, callbacks=[TDACallback(str(path), ClassificationTask())]).fit(
+            MLPClassifier(sizes=[64, 16, 10]), data
+        )
+    before = (Trace.open(path).run_id, len(Trace.open(path).steps())) if path.exists() else None
+    expected = "is gone (moved or deleted)" if trace == "gone" else "belongs to run"
+    with pytest.raises(RuntimeError, match=re.escape(expected)) as error:
+        run(path, 2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert "Resume (or continue) with the trace path of the original run." in str(error.value)
+    after = (Trace.open(path).run_id, len(Trace.open(path).steps())) if path.exists() else None
+    assert after == before  # the other run's trace is untouched; a gone one is not created anew
