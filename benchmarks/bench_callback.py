@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -129,6 +130,24 @@ def build(model_name: str, n: int):
 
 def child(model_name: str, config: str, epochs: int, n: int) -> None:
     """Train once and print the measurements as JSON."""
+    print(json.dumps(train(model_name, config, epochs, n)))
+
+
+def child_in_process(model_name: str, configs: list[str], epochs: int, n: int, repeats: int) -> None:
+    """Train every configuration ``repeats`` times in this one process, interleaved (A B A B ...), after one unmeasured
+    fit of each, and print the measurements as JSON (a list per configuration). The fits then leave out what a fresh
+    process pays once, at its first fit: the first use of HDF5, of torch's kernels and of Lightning's loops."""
+    for config in configs:
+        train(model_name, config, epochs, n)
+    runs: dict[str, list[dict]] = {config: [] for config in configs}
+    for _ in range(repeats):
+        for config in configs:
+            runs[config].append(train(model_name, config, epochs, n))
+    print(json.dumps(runs))
+
+
+def train(model_name: str, config: str, epochs: int, n: int) -> dict:
+    """Train once: the fit's seconds, peak RSS (the process's) and, with the callback, the trace's measurements."""
     import lightning as L
     import torch
 
@@ -161,7 +180,7 @@ def child(model_name: str, config: str, epochs: int, n: int) -> None:
             if hasattr(trace, "recording_costs") and trace.recording_costs():  # measured by the callback itself
                 (cost,) = trace.recording_costs()
                 result["cost"] = cost["seconds"]
-    print(json.dumps(result))
+    return result
 
 
 def _checkpoint_bytes(path: Path) -> int:
@@ -179,15 +198,19 @@ def run_child(model_name: str, config: str, epochs: int, n: int, baseline: Path 
     script, child_config = Path(__file__), config
     if config == BEFORE:
         script, child_config = baseline / "benchmarks" / "bench_callback.py", "defaults"
+    return _run([str(script), "--child", model_name, child_config], epochs, n, f"{model_name} / {config}")
+
+
+def _run(arguments: list[str], epochs: int, n: int, what: str) -> Any:
     out = subprocess.run(
-        [sys.executable, str(script), "--child", model_name, child_config, "--epochs", str(epochs), "--n", str(n)],
+        [sys.executable, *arguments, "--epochs", str(epochs), "--n", str(n)],
         capture_output=True,
         text=True,
         check=False,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     if out.returncode != 0:
-        raise RuntimeError(f"{model_name} / {config} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -197,10 +220,20 @@ def measure(
     repeats: int,
     baseline: Path | None = None,
     save: Path | None = None,
+    in_process: bool = False,
 ) -> dict:
-    """Interleaved repeats: every repeat runs every case and configuration once, in the same order. With
+    """Interleaved repeats: every repeat runs every case and configuration once, in the same order, each fit in a
+    fresh process (with ``in_process``, every fit of a case in one process: :func:`child_in_process`). With
     ``save``, the results so far are written there as JSON after every run (read back with ``--load``)."""
     results: dict[tuple, list[dict]] = {}
+    if in_process:
+        for model_name, n, epochs in cases:
+            arguments = [__file__, "--child-in-process", model_name, ";".join(configs), "--repeats", str(repeats)]
+            for config, runs in _run(arguments, epochs, n, f"{model_name} in one process").items():
+                results[(model_name, n, epochs, config)] = runs
+                print(f"{model_name} n={n} {epochs} epochs, {config}, in one process: "
+                      f"{statistics.median(r['seconds'] for r in runs):.2f} s (median)", flush=True)  # fmt: skip
+        return results
     for repeat in range(repeats):
         for model_name, n, epochs in cases:
             for config in configs:
@@ -360,6 +393,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=0, help="training examples (child runs)")
     parser.add_argument("--cases", default=None, help="real suite: model:n:epochs,... instead of all cases")
     parser.add_argument("--child", nargs=2, default=None)
+    parser.add_argument("--child-in-process", nargs=2, default=None)
+    parser.add_argument(
+        "--in-process", action="store_true", help="every fit of a case in one process, after a warm-up fit of each"
+    )
     parser.add_argument(
         "--defaults-only", action="store_true", help="only without the callback vs its defaults (for long runs)"
     )
@@ -377,6 +414,11 @@ def main() -> None:
         child(args.child[0], args.child[1], epochs, args.n)
         return
     repeats = args.repeats or (1 if args.quick else 5 if args.suite == "digits" else 3)
+    if args.child_in_process:
+        child_in_process(args.child_in_process[0], args.child_in_process[1].split(";"), epochs, args.n, repeats)
+        return
+    if args.in_process and args.baseline:
+        parser.error("--in-process runs this checkout's code only: leave out --baseline")
     from benchmarks.report import write_section
 
     if args.suite == "sizes":
@@ -404,16 +446,21 @@ def main() -> None:
         configs = list(dict.fromkeys(key[3] for key in results))
         repeats = max(len(runs) for runs in results.values())
     else:
-        results = measure(cases, configs, repeats, args.baseline, args.save)
+        results = measure(cases, configs, repeats, args.baseline, args.save, args.in_process)
     text, ratios = table(results, cases, configs)
+    where = (
+        "every fit of a case in one process, after a warm-up fit of each"
+        if args.in_process
+        else "each in a fresh process"
+    )
     if args.suite == "real":
         body = (
             f"Target: at most 1.05x the wall time of training without the callback on runs of 128 steps or more, "
             f"1.10x on shorter ones, at the callback's defaults (true Fisher, every_n_steps='auto' within a 5% "
-            f"overhead budget, at least 4 statistics steps per segment (the minimum wins over the budget), 3 segments, "
-            f"2 checkpoints per segment, factor_dtype='auto'): {verdict(ratios)}.\n\n"
-            f"Median of up to {repeats} interleaved repeats (the count is in the spread column), each in a "
-            f"fresh process with one torch thread; the ratio "
+            f"overhead budget, up to 4 statistics steps per segment as the budget affords them (strict_budget), "
+            f"3 segments, 2 checkpoints per segment, factor_dtype='auto'): {verdict(ratios)}.\n\n"
+            f"Median of up to {repeats} interleaved repeats (the count is in the spread column), {where} with one "
+            f"torch thread; the ratio "
             f"is the median of each repeat's ratio to the run without the callback just before it. Trace MB is "
             f"the whole file; checkpoints are the initial state plus float32 trainable parameters and buffers. "
             f"The last two columns are the callback's own measurement (`Trace.recording_costs()`, median over "
