@@ -434,9 +434,9 @@ class TDACallback(L.Callback):
         self._reset_micro_batch()
         if self._loss_check is not None and not self._loss_check.done and not self._loss_check.covers(self.step):
             self._finish_loss_check()
-        if self.step in self.checkpoint_plan:
-            self._write_checkpoint(trainer, pl_module)
         reason = self._close_reason(trainer)
+        if self.step in self.checkpoint_plan and reason is None:  # a closing segment writes its last checkpoint
+            self._write_checkpoint(trainer, pl_module)
         if reason is not None:
             with self._cost.timed("io"):
                 self._close_segment(trainer, pl_module, reason)
@@ -477,7 +477,7 @@ class TDACallback(L.Callback):
         if seg.num_steps == 0:
             return
         if self._segment.last_checkpoint_step != self.step:
-            self._write_checkpoint(trainer, pl_module)
+            self._write_checkpoint(trainer, pl_module, flush=False)  # flushed with the segment
         # a segment without statistics steps (on every rank alike: they follow one plan) has only zero sums
         sums = self._reduced_sums(trainer) if seg.stats_steps else {"__skipped__": 0}
         skipped = int(sums.pop("__skipped__"))
@@ -519,14 +519,13 @@ class TDACallback(L.Callback):
         return self.stats.summed(lambda flat: strategy.reduce(flat.to(strategy.root_device), reduce_op="sum"))
 
     # ----------------------------------------------------------------------------- checkpoints
-    def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, flush: bool = True) -> None:
         self._segment.last_checkpoint_step = self.step
         self.num_checkpoints += 1
         if self.writer is None:
             return
         with self._cost.timed("checkpoints"):
-            # every name of a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight), so loading the
-            # checkpoint cannot leave one of them at its initial value; the trace stores the data once
+            # each name of a tied parameter (GPT-2's lm_head.weight), so loading sets all; the data is stored once
             trainable = {name for name, p in pl_module.named_parameters(remove_duplicate=False) if p.requires_grad}
             buffers = {name for name, _ in pl_module.named_buffers()}
             state = {k: v for k, v in pl_module.state_dict().items() if k in trainable or k in buffers}
@@ -536,9 +535,10 @@ class TDACallback(L.Callback):
             with self._recording():
                 name = f"{index:06d}"
                 self.writer.write_checkpoint(name, state, attrs, self.options.checkpoint_dtype, second_moments)
-                with self._cost.timed("io"):
-                    self._step_log.flush(self.writer)
-                self.writer.flush()
+                if flush:  # the step log first: a checkpoint's step is in it
+                    with self._cost.timed("io"):
+                        self._step_log.flush(self.writer)
+                    self.writer.flush()
 
     # ------------------------------------------------------------------------------ endings
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

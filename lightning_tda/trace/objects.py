@@ -35,6 +35,7 @@ _LINKS = _link_properties()
 _GROUPS = _untimed(h5p.GROUP_CREATE)
 _DATASETS = _untimed(h5p.DATASET_CREATE)
 _TYPES: dict[np.dtype, h5t.TypeID] = {}
+_STRING = h5py.string_dtype()  # variable-length UTF-8
 
 
 def _type_of(dtype: np.dtype) -> h5t.TypeID:
@@ -65,12 +66,22 @@ def new_dataset(parent: h5py.Group, name: str, array: np.ndarray) -> h5d.Dataset
     return dataset
 
 
+def new_extendable_dataset(
+    parent: h5py.Group, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: tuple
+) -> None:
+    """Create the empty, chunked dataset ``parent/name`` of ``shape``, extendable along its first axis."""
+    properties = _DATASETS.copy()
+    properties.set_chunk(chunks)
+    space = h5s.create_simple(shape, (h5s.UNLIMITED, *shape[1:]))
+    h5d.create(parent.id, name.encode(), _type_of(np.dtype(dtype)), space, dcpl=properties)
+
+
 def set_new_attributes(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
-    """Give a new object (one without these attributes yet) its attributes: numbers, bools and lists of them
-    through the low-level API, anything else (strings) as h5py stores it."""
+    """Give a new object (one without these attributes yet) its attributes: numbers, bools and lists of them, and
+    strings (variable-length UTF-8, as h5py stores a ``str``); anything else as h5py stores it."""
     for name, value in values.items():
-        array = np.asarray(value)
-        if array.dtype.kind not in "biuf":
+        array = np.array(value, dtype=_STRING) if isinstance(value, str) else np.asarray(value)
+        if array.dtype.kind not in "biufO":
             obj.attrs[name] = value
             continue
         attribute = h5a.create(obj.id, name.encode(), _type_of(array.dtype), _space_of(array))

@@ -26,7 +26,7 @@ from lightning_tda.layers.covariances import FACTORS
 from lightning_tda.layers.tracked import TrackedLayer
 from lightning_tda.trace.checks import TraceError, TraceReader
 from lightning_tda.trace.lock import TraceLock
-from lightning_tda.trace.objects import new_dataset, new_group, set_new_attributes
+from lightning_tda.trace.objects import new_dataset, new_extendable_dataset, new_group, set_new_attributes
 from lightning_tda.trace.probe import is_parsed, mark_parsed
 from lightning_tda.trace.reader import Trace
 from lightning_tda.trace.records import loss_check_records, recording_cost_records
@@ -262,12 +262,16 @@ class TraceWriter:
         f = self.file
         layers = list(layers)
         reserve_space(f, len(to_json(optimizer)) + len(to_json(config)) + OBJECT_OVERHEAD * (2 * len(layers) + 20))
-        f.attrs.update(
-            format=FORMAT,
-            schema_version=SCHEMA_VERSION,
-            library_version=library_version(),
-            created=datetime.now(timezone.utc).isoformat(),
-            run_id=run_id,
+        created = datetime.now(timezone.utc).isoformat()
+        set_new_attributes(
+            f,
+            {
+                "format": FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "library_version": library_version(),
+                "created": created,
+                "run_id": run_id,
+            },
         )
         meta_group = new_group(f, "meta")
         set_new_attributes(meta_group, meta)
@@ -290,15 +294,8 @@ class TraceWriter:
             )
         steps = new_group(f, "steps")
         for column in STEP_COLUMNS:
-            dtype = np.int64 if column in INT_COLUMNS else np.float64
-            steps.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
-        steps.create_dataset(
-            "lr",
-            shape=(0, num_param_groups),
-            maxshape=(None, num_param_groups),
-            dtype=np.float64,
-            chunks=(1024, num_param_groups),
-        )
+            new_extendable_dataset(steps, column, np.int64 if column in INT_COLUMNS else np.float64, (0,), (4096,))
+        new_extendable_dataset(steps, "lr", np.float64, (0, num_param_groups), (1024, num_param_groups))
         for name in ("segments", "checkpoints", "results", "cache"):
             new_group(f, name)
         self.flush()

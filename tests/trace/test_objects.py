@@ -3,7 +3,7 @@
 import h5py
 import numpy as np
 
-from lightning_tda.trace.objects import new_dataset, new_group, set_new_attributes
+from lightning_tda.trace.objects import new_dataset, new_extendable_dataset, new_group, set_new_attributes
 
 ARRAYS = {
     "matrix": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -14,7 +14,7 @@ ARRAYS = {
     "bits": np.arange(4, dtype=np.uint16),
     "flags": np.array([True, False]),
 }
-ATTRIBUTES = {"index": 3, "mean_lr": [0.1, 0.2], "has_bias": True, "ratio": 0.5, "reason": "planned", "none": -1}
+ATTRIBUTES = {"index": 3, "mean_lr": [0.1, 0.2], "has_bias": True, "ratio": 0.5, "reason": "planned", "kind": "çonv"}
 
 
 def _describe(obj: h5py.HLObject) -> dict:
@@ -22,7 +22,8 @@ def _describe(obj: h5py.HLObject) -> dict:
     out["timestamped"] = h5py.h5o.get_info(obj.id).ctime != 0
     if isinstance(obj, h5py.Dataset):
         layout = obj.id.get_create_plist().get_layout()
-        out |= {"shape": obj.shape, "dtype": obj.dtype.str, "values": obj[()].tolist(), "layout": layout}
+        out |= {"shape": obj.shape, "maxshape": obj.maxshape, "chunks": obj.chunks, "dtype": obj.dtype.str}
+        out |= {"values": obj[()].tolist(), "layout": layout}
     return out
 
 
@@ -37,8 +38,14 @@ def test_low_level_objects_read_back_as_h5py_writes_them(tmp_path):
         for name, array in ARRAYS.items():
             new_dataset(low_group, name, array)
             high_group.create_dataset(name, data=array)
+        for name, dtype, shape, chunks in (("step", np.int64, (0,), (4096,)), ("lr", np.float64, (0, 3), (1024, 3))):
+            new_extendable_dataset(low_group, name, dtype, shape, chunks)
+            high_group.create_dataset(name, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype, chunks=chunks)
+            for group in (low_group, high_group):
+                group[name].resize(5, axis=0)
+                group[name][:] = 1
         assert _describe(low_group) == _describe(high_group)
-        for name in ARRAYS:
+        for name in [*ARRAYS, "step", "lr"]:
             assert _describe(low_group[name]) == _describe(high_group[name]), name
         assert not _describe(low_group)["timestamped"] and not _describe(low_group["matrix"])["timestamped"]
         assert _describe(low["segments"]) == _describe(high["segments"])  # an intermediate group, as h5py makes it
