@@ -233,6 +233,8 @@ def measure(
                 results[(model_name, n, epochs, config)] = runs
                 print(f"{model_name} n={n} {epochs} epochs, {config}, in one process: "
                       f"{statistics.median(r['seconds'] for r in runs):.2f} s (median)", flush=True)  # fmt: skip
+            if save:
+                save.write_text(json.dumps([[list(key), runs] for key, runs in results.items()]))
         return results
     for repeat in range(repeats):
         for model_name, n, epochs in cases:
