@@ -281,7 +281,7 @@ class SOURCE(AttributionMethod):
             callback recorded), ``"recompute"`` (recomputed at the segment's checkpoints, one more pass) or
             ``"auto"`` (default): streamed where the segment holds at least 4 statistics steps, else recomputed
             (:func:`chosen_covariances`; ``Scores.config["covariances_by_segment"]`` has each segment's choice
-            and reason).
+            and reason, and is empty for the first-order response, which fits no curvature).
         correction_examples: use a random subset of this many training examples for the EK-FAC
             correction pass (default: all).
         split_correction: each of a segment's C checkpoints corrects the eigenvalues on a disjoint
@@ -400,7 +400,9 @@ class SOURCE(AttributionMethod):
             "response_reason": self.response_reason,
             "curvature": self.curvature_kind,
             "covariances": self.covariances,
-            "covariances_by_segment": {str(s): self.segment_covariances(s)[1] for s in self.needed},
+            "covariances_by_segment": (  # the first-order response fits no curvature
+                {} if self.response == "first-order" else {str(s): self.segment_covariances(s)[1] for s in self.needed}
+            ),
             "correction_examples": self.correction_examples,
             "split_correction": self.split_correction,
             "samples": self.samples,

@@ -350,6 +350,7 @@ def test_auto_response_is_first_order_for_an_sgd_run_stopped_early_and_says_why(
     chosen = "first-order" if optimizer == "sgd" else "unrolled"
     assert auto.config["response"] == chosen
     assert ("stopped early" if optimizer == "sgd" else "the run used Adam") in auto.config["response_reason"]
+    assert bool(auto.config["covariances_by_segment"]) == (chosen == "unrolled")  # first-order fits no curvature
     explicit = SOURCE(trace, LinearRegression(), RegressionTask(), response=chosen)
     torch.testing.assert_close(auto.values, explicit.attribute(concrete["queries"], concrete["train"]).values)
     # 150 full-batch steps (150 passes): the unrolled response
