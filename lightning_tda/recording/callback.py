@@ -350,7 +350,7 @@ class TDACallback(L.Callback):
             return
         self._capturing = False  # the training forward of this micro-batch is over
         self._capture.release()
-        if self._loss_check is not None and self._keep_forward:  # parameters not updated yet: the Task's loss there
+        if self._checked:  # parameters not updated yet: the Task's loss there
             with self._cost.timed("loss_check"):
                 outputs, precision = self._forward.outputs(self.task, self._batch), trainer.precision_plugin
                 self._loss_check.after_backward(pl_module, self._batch, precision.train_step_context(), outputs)
