@@ -258,10 +258,8 @@ class TDACallback(L.Callback):
             return
         self.writer = TraceWriter(self.path, IF_EXISTS[self.options.if_exists])
         if not self.writer.created:  # append to a trace written by another callback (a later stage)
-            self.run_id = self.writer.run_id
-            self.step = self.writer.num_rows
-            self.num_segments_closed = self.writer.num_segments
-            self.num_checkpoints = self.writer.num_checkpoints
+            self.run_id, self.step = self.writer.run_id, self.writer.num_rows
+            self.num_segments_closed, self.num_checkpoints = self.writer.num_segments, self.writer.num_checkpoints
 
     def _broadcast_counters(self, trainer: L.Trainer) -> None:
         """Give every rank rank 0's view of the trace (it differs only when appending to a file)."""
@@ -476,6 +474,8 @@ class TDACallback(L.Callback):
         seg = self._segment
         if seg.num_steps == 0:
             return
+        with self._recording():  # first: a checkpoint's step must be in it, also when a write after it fails
+            self._step_log.flush(self.writer)
         if self._segment.last_checkpoint_step != self.step:
             self._write_checkpoint(trainer, pl_module, flush=False)  # flushed with the segment
         # a segment without statistics steps (on every rank alike: they follow one plan) has only zero sums
@@ -505,7 +505,6 @@ class TDACallback(L.Callback):
             }
             precond = seg.second_moments.means()
             with self._recording():
-                self._step_log.flush(self.writer)
                 self.writer.write_segment(seg.index, attrs, sums, precond, dtypes=self.stats.dtypes)
                 self.writer.flush()
         self.num_segments_closed += 1
@@ -531,13 +530,13 @@ class TDACallback(L.Callback):
             state = {k: v for k, v in pl_module.state_dict().items() if k in trainable or k in buffers}
             index = self.num_checkpoints - 1
             attrs = {"index": index, "step": self.step, "segment": self._segment.index, "epoch": trainer.current_epoch}
-            second_moments = self._second_moments.read(trainer.optimizers[0])  # Adam's v̂ behind this state
+            moments = self._second_moments.read(trainer.optimizers[0])  # Adam's v̂ behind this state
             with self._recording():
-                name = f"{index:06d}"
-                self.writer.write_checkpoint(name, state, attrs, self.options.checkpoint_dtype, second_moments)
-                if flush:  # the step log first: a checkpoint's step is in it
+                if flush:  # the step log first: a checkpoint's step must be in it, also when this write fails
                     with self._cost.timed("io"):
                         self._step_log.flush(self.writer)
+                self.writer.write_checkpoint(f"{index:06d}", state, attrs, self.options.checkpoint_dtype, moments)
+                if flush:
                     self.writer.flush()
 
     # ------------------------------------------------------------------------------ endings

@@ -28,6 +28,7 @@ from lightning_tda import Trace, TraceError
 from lightning_tda.demo import MLPClassifier
 from lightning_tda.scores import Scores
 from lightning_tda.trace.lock import lock_path
+from lightning_tda.trace.writer import TraceWriter
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "train_digits.py"
 
@@ -68,6 +69,33 @@ def test_a_full_disk_stops_recording_and_keeps_every_closed_segment(tmp_path, mo
     assert [s.index for s in trace.segments] == [0, 1] and trace.num_steps == 6  # rows up to the last flush
     assert_prefix_of(trace, Trace.open(tmp_path / "reference.h5"), sizes=[64, 16, 10])
     assert not lock_path(path).exists()  # released
+
+
+def test_a_full_disk_at_the_step_log_of_a_checkpoint_keeps_a_trace_that_opens(tmp_path, monkeypatch):
+    """A checkpoint's step must be in the step log (the reader refuses one past it), so the step log is written
+    first: a full disk at the third step-log block (step 3, the middle of segment 1) leaves neither that block nor
+    the checkpoint of step 3, and the trace opens with segment 0."""
+    fit(tmp_path / "reference.h5", epochs=2, segments=4, every_n_steps=1)
+    reserve, append, blocks = lightning_tda.trace.writer.reserve_space, TraceWriter.append_steps, []
+
+    def counted_append(self: TraceWriter, rows: dict) -> None:
+        blocks.append(len(rows["step"]))
+        return append(self, rows)
+
+    def disk_full_at_third_block(file: h5py.File, extra: int = 0) -> None:
+        if len(blocks) == 3 and "steps" in file and file["steps/step"].shape[0] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        reserve(file, extra)
+
+    monkeypatch.setattr(TraceWriter, "append_steps", counted_append)
+    monkeypatch.setattr(lightning_tda.trace.writer, "reserve_space", disk_full_at_third_block)
+    path = tmp_path / "trace.h5"
+    with pytest.warns(UserWarning, match=r"STOPPED RECORDING at optimizer step 3: Writing the trace .* No space left"):
+        fit(path, epochs=2, segments=4, every_n_steps=1)
+    trace = Trace.open(path)
+    assert [s.index for s in trace.segments] == [0] and trace.num_steps == 2
+    assert [c.step for c in trace.checkpoints] == [1, 2]
+    assert_prefix_of(trace, Trace.open(tmp_path / "reference.h5"), sizes=[64, 16, 10])
 
 
 def test_a_full_disk_before_the_first_flush_leaves_no_file(tmp_path, monkeypatch):
