@@ -346,14 +346,12 @@ class TDACallback(L.Callback):
         """True Fisher by a second forward pass, when it could not use the training graph."""
         if not (self._stats_step or self._keep_forward):
             return
-        self._capturing = False  # the training forward of this micro-batch is over
-        self._capture.release()
+        self._release_hooks()  # the training forward of this micro-batch is over
         if self._checked:  # parameters not updated yet: the Task's loss there
             with self._cost.timed("loss_check"):
                 outputs, precision = self._forward.outputs(self.task, self._batch), trainer.precision_plugin
                 self._loss_check.after_backward(pl_module, self._batch, precision.train_step_context(), outputs)
-        self._keep_forward = False
-        self._forward.detach()
+        self._forward.forget()
         if not (self._stats_step and self._true_fisher is not None) or self._fisher_done:
             return
         with self._cost.timed("statistics"):
@@ -394,10 +392,13 @@ class TDACallback(L.Callback):
                 self.stats.commit(keep_step=observes)
                 if observes and bool(self.stats.last_step_finite):
                     self.policy.observe(self.stats.last_step())  # an adaptive policy reads the step (one host sync)
-        if self._capturing or self._keep_forward:  # training_step returned no loss: no backward ended the capture
-            self._capturing = self._keep_forward = False
-            self._capture.release()
-            self._forward.release()
+        self._release_hooks()  # off already, unless training_step returned no loss: no backward released them
+
+    def _release_hooks(self) -> None:
+        """Take the capture's and the training forward's hooks off (what they kept stays until it is read)."""
+        self._capturing = self._keep_forward = False
+        self._capture.release()
+        self._forward.release()
 
     def _plan_statistics(self, trainer: L.Trainer) -> None:
         """At a statistics step: the cadence's next plan, from the step timings and the costs paid so far."""

@@ -36,10 +36,10 @@ class StepLogBuffer:
     def flush(self, writer: TraceWriter | None) -> None:
         """Append the buffered rows to ``writer``'s trace (if any) and forget them."""
         if writer is not None and self.rows:
-            columns = dict(zip(self.COLUMNS, zip(*self.rows)))
-            columns = {key: np.asarray(values) for key, values in columns.items() if key not in ("loss", "lr")} | {
-                "lr": host_values(columns["lr"]),  # one device sync per block for tensor learning rates
-                "loss": torch.stack([loss.reshape(()) for loss in columns["loss"]]).double().cpu().numpy(),  # one sync
+            values = dict(zip(self.COLUMNS, zip(*self.rows)))
+            columns = {key: np.asarray(column) for key, column in values.items() if key not in ("loss", "lr")} | {
+                "lr": host_values(values["lr"]),  # one device sync per block for tensor learning rates
+                "loss": torch.stack([loss.reshape(()) for loss in values["loss"]]).double().cpu().numpy(),  # one sync
             }
             writer.append_steps(columns)
         self.rows = []

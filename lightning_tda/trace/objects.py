@@ -35,7 +35,8 @@ _LINKS = _link_properties()
 _GROUPS = _untimed(h5p.GROUP_CREATE)
 _DATASETS = _untimed(h5p.DATASET_CREATE)
 _TYPES: dict[np.dtype, h5t.TypeID] = {}
-_STRING = h5py.string_dtype()  # variable-length UTF-8
+_STRING = h5py.string_dtype()  # variable-length UTF-8, as h5py stores a ``str``
+_STRING_TYPE = h5t.py_create(_STRING, logical=True)  # kept apart: numpy's dtype equality ignores the metadata
 
 
 def _type_of(dtype: np.dtype) -> h5t.TypeID:
@@ -80,9 +81,12 @@ def set_new_attributes(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
     """Give a new object (one without these attributes yet) its attributes: numbers, bools and lists of them, and
     strings (variable-length UTF-8, as h5py stores a ``str``); anything else as h5py stores it."""
     for name, value in values.items():
-        array = np.array(value, dtype=_STRING) if isinstance(value, str) else np.asarray(value)
-        if array.dtype.kind not in "biufO":
-            obj.attrs[name] = value
-            continue
-        attribute = h5a.create(obj.id, name.encode(), _type_of(array.dtype), _space_of(array))
-        attribute.write(_contiguous(array))
+        if isinstance(value, str):
+            array, kind = np.array(value, dtype=_STRING), _STRING_TYPE
+        else:
+            array = np.asarray(value)
+            if array.dtype.kind not in "biuf":
+                obj.attrs[name] = value
+                continue
+            kind = _type_of(array.dtype)
+        h5a.create(obj.id, name.encode(), kind, _space_of(array)).write(_contiguous(array))

@@ -59,9 +59,9 @@ def _store_array(group: h5py.Group, name: str, tensor: Tensor, dtype: str) -> No
         data = tensor.to(getattr(torch, dtype)).numpy()
     else:
         data = tensor.numpy()
-    new_dataset(group, name, data)
+    dataset = new_dataset(group, name, data)
     if dtype == "bfloat16" and tensor.is_floating_point():  # every other dtype is numpy's own
-        group[name].attrs["dtype"] = dtype
+        set_new_attributes(h5py.Dataset(dataset), {"dtype": dtype})
 
 
 def _write_guarded(method: Callable) -> Callable:
@@ -239,7 +239,7 @@ class TraceWriter:
         self._records: dict[str, list[dict[str, Any]]] = {}  # meta/<name>'s JSON records, as written
 
     def _group(self, name: str) -> h5py.Group:
-        """The top-level group ``name`` (``meta``, ``segments``, ``checkpoints``), looked up once."""
+        """The top-level group ``name`` (``meta``, ``steps``, ``segments``, ``checkpoints``), looked up once."""
         if name not in self._groups:
             self._groups[name] = self.file[name]
         return self._groups[name]
@@ -310,7 +310,7 @@ class TraceWriter:
         if self._step_datasets is None:  # looking datasets and their layout up costs as much as writing a block
             self._step_datasets = {}
             for column in (*STEP_COLUMNS, "lr"):
-                dataset = self.file["steps"][column]
+                dataset = self._group("steps")[column]
                 chunk_bytes = math.prod(dataset.chunks) * dataset.dtype.itemsize
                 self._step_datasets[column] = (dataset, dataset.chunks[0], chunk_bytes)
         start = self._step_datasets["step"][0].shape[0]
