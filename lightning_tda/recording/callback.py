@@ -53,13 +53,14 @@ from lightning_tda.layers.covariances import KFACStatistics, recorded_factors
 from lightning_tda.layers.fisher import FisherOptions
 from lightning_tda.layers.tracked import TrackedLayer, find_layers, selection_warnings
 from lightning_tda.recording.cadence import BudgetCadence, FixedCadence, StepTimer
+from lightning_tda.recording.checkpoints import HeldCheckpoints, checkpoint_state
 from lightning_tda.recording.cost import RecordingCost, report_cost
 from lightning_tda.recording.loss_check import TrainingLossCheck
 from lightning_tda.recording.optimizer import AdamSecondMoments, layer_param_groups, optimizer_record
 from lightning_tda.recording.options import IF_EXISTS, RecordingOptions
 from lightning_tda.recording.segments import OpenSegment, SegmentPolicy, as_policy, checkpoint_steps
 from lightning_tda.recording.step_log import StepLogBuffer, host_values, learning_rates, loss_value
-from lightning_tda.recording.trainer import check_trainer, per_example_scale, planned_steps
+from lightning_tda.recording.trainer import check_trainer, per_example_scale, planned_steps, summed_over_ranks
 from lightning_tda.recording.training_forward import TrainingForward
 from lightning_tda.recording.true_fisher import TrainingGraphFisher
 from lightning_tda.tasks import Task
@@ -145,6 +146,7 @@ class TDACallback(L.Callback):
         self.num_checkpoints = 0
         self._segment = OpenSegment(index=0, start_step=0)
         self._step_log = StepLogBuffer()
+        self._held = HeldCheckpoints()  # a small model's checkpoints of the open segment, written at its close
         self._restored: dict[str, Any] | None = None
         self._new_segment_requested = False
         self._warnings = WarningCache()
@@ -192,7 +194,6 @@ class TDACallback(L.Callback):
         with self._cost.timed("trace_creation"):
             self._start_recording(trainer, pl_module, optimizer)
         self._cost.first_step = self.step
-        self._pay_recording_costs()
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
         # statistics steps capture the training forward itself (rows reduced to products at once; true Fisher below);
         # the hooks are on only for the micro-batches that need them
@@ -410,7 +411,8 @@ class TDACallback(L.Callback):
 
     def _pay_recording_costs(self) -> None:
         """Pay from the budget what recording cost since the last payment, besides statistics (the cadence measures
-        those from the step timings): the trace's creation, checkpoints, writes, the loss check and bookkeeping."""
+        those from the step timings): the trace's creation, checkpoints, writes, the loss check and bookkeeping.
+        Paid before the cadence plans (its plans alone read the budget), not at every step."""
         spent = self._cost.total - self._cost.seconds["statistics"]
         self.cadence.spend(spent - self._paid)
         self._paid = spent
@@ -440,7 +442,6 @@ class TDACallback(L.Callback):
             with self._cost.timed("io"):
                 self._close_segment(trainer, pl_module, reason)
                 self._open_segment()
-        self._pay_recording_costs()
 
     def _close_reason(self, trainer: L.Trainer) -> str | None:
         """Why the open segment closes after this step (``"manual"``, ``"planned"`` or the policy's), or None."""
@@ -454,11 +455,8 @@ class TDACallback(L.Callback):
         return self.policy.reason if decision else None
 
     def new_segment(self) -> None:
-        """Close the open segment after the current optimizer step (e.g. when the data changes).
-
-        Between two ``fit`` calls this is not needed: every fit ends its last segment. Under DDP call
-        it on every rank.
-        """
+        """Close the open segment after the current optimizer step (e.g. when the data changes). Not needed between
+        two ``fit`` calls: every fit ends its last segment. Under DDP call it on every rank."""
         self._new_segment_requested = True
 
     # ---------------------------------------------------------------------------- segments
@@ -476,11 +474,11 @@ class TDACallback(L.Callback):
         if seg.num_steps == 0:
             return
         with self._recording():  # first: a checkpoint's step must be in it, also when a write after it fails
-            self._step_log.flush(self.writer)
+            self._write_step_log()
         if self._segment.last_checkpoint_step != self.step:
-            self._write_checkpoint(trainer, pl_module, flush=False)  # flushed with the segment
+            self._write_checkpoint(trainer, pl_module, closing=True)  # flushed with the segment
         # a segment without statistics steps (on every rank alike: they follow one plan) has only zero sums
-        sums = self._reduced_sums(trainer) if seg.stats_steps else {"__skipped__": 0}
+        sums = summed_over_ranks(self.stats, trainer) if seg.stats_steps else {"__skipped__": 0}
         skipped = int(sums.pop("__skipped__"))
         if skipped:
             self._warnings.warn(
@@ -511,34 +509,35 @@ class TDACallback(L.Callback):
         self.num_segments_closed += 1
         self.policy.segment_closed()
 
-    def _reduced_sums(self, trainer: L.Trainer) -> dict[str, Any]:
-        """K-FAC sums summed over ranks, on the CPU, plus the skipped-step count under ``"__skipped__"``."""
-        if trainer.world_size == 1:
-            return self.stats.summed()
-        strategy = trainer.strategy
-        return self.stats.summed(lambda flat: strategy.reduce(flat.to(strategy.root_device), reduce_op="sum"))
-
     # ----------------------------------------------------------------------------- checkpoints
-    def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, flush: bool = True) -> None:
+    def _write_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, closing: bool = False) -> None:
+        """Save the model state after this step: with the segment's close (``closing``, the caller wrote the step
+        log and flushes), held until then (a small model inside a segment), or written and flushed at once."""
         self._segment.last_checkpoint_step = self.step
         self.num_checkpoints += 1
         if self.writer is None:
             return
         with self._cost.timed("checkpoints"):
-            # each name of a tied parameter (GPT-2's lm_head.weight), so loading sets all; the data is stored once
-            trainable = {name for name, p in pl_module.named_parameters(remove_duplicate=False) if p.requires_grad}
-            buffers = {name for name, _ in pl_module.named_buffers()}
-            state = {k: v for k, v in pl_module.state_dict().items() if k in trainable or k in buffers}
-            index = self.num_checkpoints - 1
-            attrs = {"index": index, "step": self.step, "segment": self._segment.index, "epoch": trainer.current_epoch}
+            state, index = checkpoint_state(pl_module), self.num_checkpoints - 1
+            name, attrs = f"{index:06d}", {"index": index, "step": self.step, "segment": self._segment.index}
+            attrs["epoch"] = trainer.current_epoch
             moments = self._second_moments.read(trainer.optimizers[0])  # Adam's v̂ behind this state
+            if not closing and self._held.hold(name, state, attrs, moments):
+                return
             with self._recording():
-                if flush:  # the step log first: a checkpoint's step must be in it, also when this write fails
-                    with self._cost.timed("io"):
-                        self._step_log.flush(self.writer)
-                self.writer.write_checkpoint(f"{index:06d}", state, attrs, self.options.checkpoint_dtype, moments)
-                if flush:
+                if not closing:  # the step log first: a checkpoint's step must be in it, also when this write fails
+                    self._write_step_log()
+                self.writer.write_checkpoint(name, state, attrs, self.options.checkpoint_dtype, moments)
+                if not closing:
                     self.writer.flush()
+
+    def _write_step_log(self) -> None:
+        """Append the buffered step rows, then the checkpoints held for the close (unflushed, failures raised)."""
+        with self._cost.timed("io"):
+            self._step_log.flush(self.writer)
+            if self.writer is not None and self._held.checkpoints:
+                with self._cost.timed("checkpoints"):
+                    self._held.write(self.writer, self.options.checkpoint_dtype)
 
     # ------------------------------------------------------------------------------ endings
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -586,7 +585,7 @@ class TDACallback(L.Callback):
         self._teardown_capture()
         if self.writer is not None:
             with self._recording():
-                self._step_log.flush(self.writer)
+                self._write_step_log()
                 self.writer.close()
             self.writer = None
 
@@ -604,10 +603,11 @@ class TDACallback(L.Callback):
         if self.stats is None or self.run_id is None:
             return {}
         trainer = self._trainer_for_state
-        flat = self._reduced_sums(trainer) if trainer is not None else None
-        self._record_step_times()  # the steps timed so far belong to the saved cadence
+        flat = summed_over_ranks(self.stats, trainer) if trainer is not None else None
+        self._pay_recording_costs()  # the costs and steps so far belong to the saved cadence
+        self._record_step_times()
         with self._recording():
-            self._step_log.flush(self.writer)
+            self._write_step_log()
             if self.writer is not None:
                 self.writer.flush()
         return {
@@ -679,6 +679,7 @@ class TDACallback(L.Callback):
         if self.writer is not None:
             self.writer.abandon()  # a no-op on a writer whose failure already abandoned the file
         self.writer = None
+        self._held.clear()
         self._stopped = True
         kept = self.num_segments_closed
         self._warnings.warn(
@@ -695,6 +696,5 @@ class TDACallback(L.Callback):
             result = self._loss_check.finish()
             (rank_zero_warn if result.warns else rank_zero_info)(f"TDACallback loss check: {result.message}")
             if self.writer is not None:
-                with self._recording():
+                with self._recording():  # flushed with the next checkpoint or segment
                     self.writer.record_loss_check(result.record())
-                    self.writer.flush()

@@ -1,16 +1,19 @@
 """What the recorder needs from the Lightning ``Trainer``: whether it can follow the run (its strategy, its
-optimization, its checkpoints), how many optimizer steps a fit plans, and the scale that turns autograd's output
-gradients into per-example ones.
+optimization, its checkpoints), how many optimizer steps a fit plans, the scale that turns autograd's output
+gradients into per-example ones, and statistics summed over its ranks.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from torch import Tensor
+
+from lightning_tda.layers.covariances import KFACStatistics
 
 
 def check_trainer(trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
@@ -77,3 +80,11 @@ def per_example_scale(trainer: L.Trainer, batch_size: int) -> Tensor | float:
         return scale
     current = scaler._get_scale_async()  # None before the first scaled loss: get_scale() is its initial value
     return scale / (float(scaler.get_scale()) if current is None else current.double())
+
+
+def summed_over_ranks(stats: KFACStatistics, trainer: L.Trainer) -> dict[str, Any]:
+    """``stats``' K-FAC sums summed over ranks, on the CPU, plus the skipped-step count under ``"__skipped__"``."""
+    if trainer.world_size == 1:
+        return stats.summed()
+    strategy = trainer.strategy
+    return stats.summed(lambda flat: strategy.reduce(flat.to(strategy.root_device), reduce_op="sum"))

@@ -64,6 +64,11 @@ def _store_array(group: h5py.Group, name: str, tensor: Tensor, dtype: str) -> No
         set_new_attributes(h5py.Dataset(dataset), {"dtype": dtype})
 
 
+def storage_alias(tensor: Tensor) -> tuple:
+    """What two names of one tensor (tied parameters) have in common: the same data, dtype, shape and strides."""
+    return tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
 def _write_guarded(method: Callable) -> Callable:
     """Turn an I/O failure of a :class:`TraceWriter` method into :class:`TraceWriteError`, after closing
     the file with every write completed before the failure (see :meth:`TraceWriter.abandon`)."""
@@ -391,7 +396,7 @@ class TraceWriter:
         set_new_attributes(group, attrs)
         stored: dict[tuple, str] = {}
         for key, tensor in state.items():
-            alias = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            alias = storage_alias(tensor)
             if tensor.numel() and alias in stored:
                 group[key] = group[stored[alias]]
                 continue

@@ -26,6 +26,7 @@ from test_trace_errors import fit
 import lightning_tda.trace.writer
 from lightning_tda import Trace, TraceError
 from lightning_tda.demo import MLPClassifier
+from lightning_tda.recording.checkpoints import HeldCheckpoints
 from lightning_tda.scores import Scores
 from lightning_tda.trace.lock import lock_path
 from lightning_tda.trace.writer import TraceWriter
@@ -73,9 +74,11 @@ def test_a_full_disk_stops_recording_and_keeps_every_closed_segment(tmp_path, mo
 
 def test_a_full_disk_at_the_step_log_of_a_checkpoint_keeps_a_trace_that_opens(tmp_path, monkeypatch):
     """A checkpoint's step must be in the step log (the reader refuses one past it), so the step log is written
-    first: a full disk at the third step-log block (step 3, the middle of segment 1) leaves neither that block nor
-    the checkpoint of step 3, and the trace opens with segment 0."""
+    first: a full disk at the third step-log block (step 3, the middle of segment 1, of a model too large to hold
+    its checkpoints until the segment closes) leaves neither that block nor the checkpoint of step 3, and the trace
+    opens with segment 0."""
     fit(tmp_path / "reference.h5", epochs=2, segments=4, every_n_steps=1)
+    monkeypatch.setattr(HeldCheckpoints, "hold", lambda *args: False)  # as for a state above HELD_BYTES
     reserve, append, blocks = lightning_tda.trace.writer.reserve_space, TraceWriter.append_steps, []
 
     def counted_append(self: TraceWriter, rows: dict) -> None:
@@ -94,6 +97,39 @@ def test_a_full_disk_at_the_step_log_of_a_checkpoint_keeps_a_trace_that_opens(tm
         fit(path, epochs=2, segments=4, every_n_steps=1)
     trace = Trace.open(path)
     assert [s.index for s in trace.segments] == [0] and trace.num_steps == 2
+    assert [c.step for c in trace.checkpoints] == [1, 2]
+    assert_prefix_of(trace, Trace.open(tmp_path / "reference.h5"), sizes=[64, 16, 10])
+
+
+def test_a_full_disk_at_a_held_checkpoint_keeps_the_rows_before_it(tmp_path, monkeypatch):
+    """A small model's mid-segment checkpoint waits in memory for its segment's close, which writes the step rows
+    first: a full disk at the held checkpoint of step 3 keeps segment 0 and the rows up to step 4, and the trace
+    opens."""
+    fit(tmp_path / "reference.h5", epochs=2, segments=4, every_n_steps=1)
+    reserve, write_checkpoint, names, failed = (
+        lightning_tda.trace.writer.reserve_space,
+        TraceWriter.write_checkpoint,
+        [],
+        [],
+    )
+
+    def named_write(self: TraceWriter, name: str, *args, **kwargs) -> None:
+        names.append(name)
+        return write_checkpoint(self, name, *args, **kwargs)
+
+    def disk_full_at_step_3(file: h5py.File, extra: int = 0) -> None:
+        if names[-1:] == ["000002"] and not failed:
+            failed.append(True)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        reserve(file, extra)
+
+    monkeypatch.setattr(TraceWriter, "write_checkpoint", named_write)
+    monkeypatch.setattr(lightning_tda.trace.writer, "reserve_space", disk_full_at_step_3)
+    path = tmp_path / "trace.h5"
+    with pytest.warns(UserWarning, match=r"STOPPED RECORDING at optimizer step 4: Writing the trace .* No space left"):
+        fit(path, epochs=2, segments=4, every_n_steps=1)
+    trace = Trace.open(path)
+    assert [s.index for s in trace.segments] == [0] and trace.num_steps == 4
     assert [c.step for c in trace.checkpoints] == [1, 2]
     assert_prefix_of(trace, Trace.open(tmp_path / "reference.h5"), sizes=[64, 16, 10])
 
