@@ -37,6 +37,8 @@ _DATASETS = _untimed(h5p.DATASET_CREATE)
 _TYPES: dict[np.dtype, h5t.TypeID] = {}
 _STRING = h5py.string_dtype()  # variable-length UTF-8, as h5py stores a ``str``
 _STRING_TYPE = h5t.py_create(_STRING, logical=True)  # kept apart: numpy's dtype equality ignores the metadata
+_SPACES: dict[tuple[int, ...], h5s.SpaceID] = {}  # a dataspace costs as much to make as an attribute to write
+MAX_SPACES = 4096
 
 
 def _type_of(dtype: np.dtype) -> h5t.TypeID:
@@ -50,7 +52,13 @@ def _contiguous(array: np.ndarray) -> np.ndarray:
 
 
 def _space_of(array: np.ndarray) -> h5s.SpaceID:
-    return h5s.create(h5s.SCALAR) if array.ndim == 0 else h5s.create_simple(array.shape)
+    """The dataspace of ``array``'s shape, made once per shape (HDF5 copies it into each object; none is
+    selected on, so one serves every object of its shape)."""
+    if array.shape not in _SPACES:
+        if len(_SPACES) >= MAX_SPACES:
+            _SPACES.clear()
+        _SPACES[array.shape] = h5s.create(h5s.SCALAR) if array.ndim == 0 else h5s.create_simple(array.shape)
+    return _SPACES[array.shape]
 
 
 def new_group(parent: h5py.Group, name: str) -> h5py.Group:
@@ -58,10 +66,15 @@ def new_group(parent: h5py.Group, name: str) -> h5py.Group:
     return h5py.Group(h5g.create(parent.id, name.encode(), lcpl=_LINKS, gcpl=_GROUPS))
 
 
-def new_dataset(parent: h5py.Group, name: str, array: np.ndarray) -> h5d.DatasetID:
-    """Create the dataset ``parent/name`` holding ``array`` (numeric or bool; contiguous, as written)."""
-    array = _contiguous(array)
-    dataset = h5d.create(parent.id, name.encode(), _type_of(array.dtype), _space_of(array), dcpl=_DATASETS)
+def new_dataset(parent: h5py.Group, name: str, array: np.ndarray | str) -> h5d.DatasetID:
+    """Create the dataset ``parent/name`` holding ``array`` (numeric or bool; contiguous, as written), or a ``str``
+    (a scalar variable-length UTF-8 string, as h5py stores one)."""
+    if isinstance(array, str):
+        array, kind = np.array(array, dtype=_STRING), _STRING_TYPE
+    else:
+        array = _contiguous(array)
+        kind = _type_of(array.dtype)
+    dataset = h5d.create(parent.id, name.encode(), kind, _space_of(array), dcpl=_DATASETS)
     if array.size:
         dataset.write(h5s.ALL, h5s.ALL, array)
     return dataset

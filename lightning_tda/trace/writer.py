@@ -280,8 +280,8 @@ class TraceWriter:
         )
         meta_group = new_group(f, "meta")
         set_new_attributes(meta_group, meta)
-        meta_group.create_dataset("optimizer", data=to_json(optimizer))
-        meta_group.create_dataset("config", data=to_json(config))
+        new_dataset(meta_group, "optimizer", to_json(optimizer))
+        new_dataset(meta_group, "config", to_json(config))
         layer_group = new_group(f, "layers")
         layer_group.create_dataset("names", data=[layer.name for layer in layers], dtype=h5py.string_dtype())
         for layer in layers:
@@ -435,7 +435,7 @@ class TraceWriter:
         reserve_space(self.file, len(to_json(records)) + OBJECT_OVERHEAD)
         if name in meta:
             del meta[name]
-        meta.create_dataset(name, data=to_json(records))
+        new_dataset(meta, name, to_json(records))
         self._records[name] = records
 
     # --- resume ---------------------------------------------------------------------------------

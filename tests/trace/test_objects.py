@@ -13,6 +13,7 @@ ARRAYS = {
     "empty": np.zeros((0, 5), dtype=np.float32),
     "bits": np.arange(4, dtype=np.uint16),
     "flags": np.array([True, False]),
+    "config": '{"segments": 3, "model": "çonv"}',  # a JSON record: a scalar variable-length UTF-8 string
 }
 ATTRIBUTES = {"index": 3, "mean_lr": [0.1, 0.2], "has_bias": True, "ratio": 0.5, "reason": "planned", "kind": "çonv"}
 
@@ -23,7 +24,9 @@ def _describe(obj: h5py.HLObject) -> dict:
     if isinstance(obj, h5py.Dataset):
         layout = obj.id.get_create_plist().get_layout()
         out |= {"shape": obj.shape, "maxshape": obj.maxshape, "chunks": obj.chunks, "dtype": obj.dtype.str}
-        out |= {"values": obj[()].tolist(), "layout": layout}
+        values, string = obj[()], h5py.check_string_dtype(obj.dtype)
+        out |= {"values": values.tolist() if isinstance(values, np.ndarray) else values, "layout": layout}
+        out["string"] = None if string is None else (string.encoding, string.length)
     return out
 
 
