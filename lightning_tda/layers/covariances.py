@@ -299,16 +299,19 @@ class KFACStatistics:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.recorded = {name: (recorded or {}).get(name, (True, True)) for name in self.layers}
         self.sums: dict[str, dict[str, Tensor]] = {}
-        self.skipped_steps = torch.zeros((), dtype=torch.float64, device=self.device)
         self.last_step_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._zero = False  # every sum is zero: nothing was added since the last reset
         self.reset()
         self._staged: dict[str, dict[str, list[tuple[Tensor | int, Tensor | float]]]] = {}
         self._last_step: dict[str, dict[str, list[tuple[Tensor | int, Tensor | float]]]] = {}
 
     def reset(self) -> None:
-        """Zero every sum (used when a segment closes)."""
-        self.sums = {name: self._zeros(name) for name in self.layers}
-        self.skipped_steps = torch.zeros((), dtype=torch.float64, device=self.device)
+        """Zero every sum (used when a segment closes). Sums nothing was added to since are kept: allocating them
+        anew costs a segment close more than its writes on a small model (fresh pages)."""
+        if not self._zero:
+            self.sums = {name: self._zeros(name) for name in self.layers}
+            self.skipped_steps = torch.zeros((), dtype=torch.float64, device=self.device)
+            self._zero = True
         self._last_step = {}
 
     def _zeros(self, name: str) -> dict[str, Tensor]:
@@ -380,6 +383,7 @@ class KFACStatistics:
         on the host (row numbers) reach the device as one float64 tensor per step, not one per layer.
         """
         staged, self._staged = self._staged, {}
+        self._zero = False
         diagonals = [
             value.diagonal().sum() if value.dim() == 2 else value.sum()  # an embedding's A is its diagonal
             for parts in staged.values()
@@ -452,7 +456,7 @@ class KFACStatistics:
         return result
 
     def load_flat_tensors(self, tensors: Sequence[Tensor]) -> None:
-        tensors = iter(tensors)
+        tensors, self._zero = iter(tensors), False
         for name in sorted(self.sums):
             for key in FACTORS:
                 self.sums[name][key] = next(tensors).to(device=self.device, dtype=torch.float64).clone()
