@@ -50,8 +50,8 @@ def loss_value(outputs: Any, device: torch.device) -> Tensor:
     its device (read once per block of rows, not once per step)."""
     if isinstance(outputs, Mapping):
         outputs = outputs.get("loss")
-    if isinstance(outputs, Tensor):
-        return outputs.detach()
+    if isinstance(outputs, Tensor):  # Lightning's is detached already
+        return outputs.detach() if outputs.requires_grad else outputs
     return torch.full((), float("nan"), device=device)
 
 
