@@ -21,8 +21,9 @@ run too short for a second statistics step this halves what statistics cost (0.4
 ResNet). The trace records which steps took statistics.
 
 Decisions are made at statistics steps only (the next optional step, how many statistics steps the
-budget affords per step, the rest of the segment's required steps), so under DDP one broadcast of rank
-0's :class:`Plan` per statistics step keeps every rank on the same steps. Nothing here imports
+budget affords per step, the rest of the segment's required steps), and at an optional step before it is
+taken (costs paid since its plan may move it), so under DDP one broadcast of rank 0's :class:`Plan` per
+statistics step, and one per optional step, keeps every rank on the same steps. Nothing here imports
 Lightning; time is passed in by the caller, so the rules are testable with a fake clock.
 :class:`StepTimer` measures the steps: on a GPU with CUDA events (the host's clock would measure only
 kernel launches), read at statistics steps, so plain steps never wait for the device.
@@ -71,6 +72,9 @@ class FixedCadence:
     def statistics_share(self, step: int) -> float:
         return 1.0
 
+    def is_optional(self, step: int) -> bool:
+        return False
+
     def record_step(self, step: int, seconds: float, statistics_step: bool) -> None:
         pass
 
@@ -102,10 +106,11 @@ class BudgetCadence:
     statistics step's extra cost is its duration minus the median plain step. Each plain step earns
     ``budget`` × the median plain step of credit; costs are paid from it. At each statistics step
     :meth:`plan_next` picks the next optional one: the first step at which the credit will cover the
-    median extra cost. Besides these, each planned segment has *required* steps at the middles of equal
-    parts of it: ``min_per_segment`` of them, or with ``strict`` as many as the budget affords over the
-    segment (the budget per step less the other costs so far, over the median extra cost, less what was
-    spent past the budget), possibly none. Before any statistics step has been timed the first segment plans
+    median extra cost; when it comes, :meth:`confirm` moves it if costs paid since the plan took that credit.
+    Besides these, each planned segment has *required* steps at the middles of equal parts of it:
+    ``min_per_segment`` of them, or with ``strict`` as many as the budget affords over the segment (the
+    budget per step less the other costs so far, over the median extra cost, less what was spent past the
+    budget), possibly none. Before any statistics step has been timed the first segment plans
     ``min_per_segment``; with ``strict``, after its first statistics step (on a share of each batch, see
     :meth:`statistics_share`) the rest of it is re-planned with the estimated cost.
 
@@ -172,6 +177,20 @@ class BudgetCadence:
             return 1.0
         self.measuring_step = step
         return MEASURING_SHARE
+
+    def is_optional(self, step: int) -> bool:
+        """Whether ``step`` is the planned optional statistics step and not a required one (:meth:`confirm`)."""
+        return step == self.next_optional and step not in self.required
+
+    def confirm(self, step: int) -> Plan:
+        """At the optional statistics step ``step``, once the costs and steps since the plan are in: it stays if the
+        credit covers a statistics step, else it moves to where the credit will (the costs paid since the plan,
+        checkpoints and writes, were not foreseen by it)."""
+        earned_per_step = self.budget * self.plain_seconds
+        short = self.extra_seconds - self.credit - earned_per_step  # unpaid with this step's own credit, as planned
+        if short > 1e-9 * self.extra_seconds and earned_per_step > 0:
+            self.next_optional = step + math.ceil(short / earned_per_step)
+        return self.plan
 
     def plan_next(self, step: int) -> Plan:
         """After statistics step ``step``: the next optional statistics step (None before costs are known),

@@ -286,20 +286,23 @@ class TDACallback(L.Callback):
     ) -> None:
         with self._cost.timed("bookkeeping"):
             if not self._step_open:  # the first micro-batch of an optimizer step
-                self._open_step()
+                self._open_step(trainer)
             self._batch = batch
             self._batch_size = self.task.batch_size(batch)
             self._examples += self._batch_size
             if self._stats_step or self._checked:
                 self._prepare_batch(trainer, pl_module, batch)
 
-    def _open_step(self) -> None:
+    def _open_step(self, trainer: L.Trainer) -> None:
         self._step_open = True
         if self._timer is not None:
             self._timer.start()
         # after a write failure a single process stops taking statistics; under DDP every rank keeps taking
         # (and reducing) them, so every collective still matches on every rank
         self._stats_step = self.cadence.is_statistics_step(self.step) and not (self._stopped and self._world_size == 1)
+        if self._stats_step and self.cadence.is_optional(self.step):  # the costs since its plan may move it
+            self._plan_statistics(trainer, confirming=True)
+            self._stats_step = self.cadence.is_statistics_step(self.step)
         self._stats_share = self.cadence.statistics_share(self.step) if self._stats_step else 1.0
         self._checked = self._loss_check is not None and self._loss_check.covers(self.step)
 
@@ -401,11 +404,12 @@ class TDACallback(L.Callback):
         self._capture.release()
         self._forward.release()
 
-    def _plan_statistics(self, trainer: L.Trainer) -> None:
-        """At a statistics step: the cadence's next plan, from the step timings and the costs paid so far."""
+    def _plan_statistics(self, trainer: L.Trainer, confirming: bool = False) -> None:
+        """After a statistics step (or before an optional one, ``confirming`` it): the cadence's next plan, from the
+        step timings and the costs paid so far."""
         self._pay_recording_costs()
         self._record_step_times()
-        planned = self.cadence.plan_next(self.step)
+        planned = self.cadence.confirm(self.step) if confirming else self.cadence.plan_next(self.step)
         if self._world_size > 1:  # every rank takes statistics on rank 0's steps
             self.cadence.follow(trainer.strategy.broadcast(planned, src=0))
 
@@ -545,7 +549,12 @@ class TDACallback(L.Callback):
         with self._cost.timed("io"):
             self._close_segment(trainer, pl_module, "end")
             self._open_segment()
-        self._report_cost(trainer)
+        if self.step != self._cost.first_step:  # what recording this fit cost: in the trace, a line, W&B's summary
+            record = self._cost.record(self.step)
+            if self.writer is not None:
+                with self._recording():
+                    self.writer.record_cost(record)
+            report_cost(record, trainer)
         if self.step == 0:
             self._warnings.warn(
                 f"TDACallback: training made no optimizer step, so the trace {self.path} has no segments or "
@@ -562,16 +571,6 @@ class TDACallback(L.Callback):
                 f"TDACallback: trace {self.path}: {self.step} steps, {self.num_segments_closed} segments, "
                 f"{self.num_checkpoints} checkpoints."
             )
-
-    def _report_cost(self, trainer: L.Trainer) -> None:
-        """What recording this fit cost: the record in the trace, a line for the user and the W&B summary."""
-        if self.step == self._cost.first_step:
-            return
-        record = self._cost.record(self.step)
-        if self.writer is not None:
-            with self._recording():
-                self.writer.record_cost(record)
-        report_cost(record, trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.run_id is None:

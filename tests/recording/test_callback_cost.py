@@ -7,6 +7,7 @@ for their layer left out, and float64 statistics under bf16 autocast.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import h5py
@@ -25,7 +26,7 @@ from lightning_tda.demo import MLPClassifier
 from lightning_tda.layers.covariances import KFACStatistics, conv_input_product, outer_product
 from lightning_tda.layers.tracked import find_layers
 from lightning_tda.methods import SOURCE, ForwardINF
-from lightning_tda.recording.cadence import BudgetCadence
+from lightning_tda.recording.cadence import BudgetCadence, FixedCadence
 from lightning_tda.recording.cost import RecordingCost
 from lightning_tda.trace import TraceError
 from lightning_tda.trace.records import cost_percent
@@ -73,6 +74,8 @@ def simulate(
         cadence.open_segment(step, length)
         chosen = []
         for _ in range(length):
+            if cadence.is_statistics_step(step) and cadence.is_optional(step):  # as the callback: costs may move it
+                cadence.confirm(step)
             stats = cadence.is_statistics_step(step)
             cost = fixed + (extra - fixed) * cadence.statistics_share(step) if stats else 0.0
             cadence.record_step(step, plain + cost, stats)
@@ -114,6 +117,27 @@ def test_budget_cadence_keeps_the_minimum_per_segment_and_spends_the_budget_othe
     # the recorder's other costs (checkpoints, segment writes) are paid from the same budget
     _, with_io = simulate(BudgetCadence(budget=0.05, min_per_segment=4), [400] * 3, plain=1.0, extra=0.5, io=10.0)
     assert 0.04 < with_io <= 0.06
+
+
+def test_an_optional_statistics_step_moves_when_costs_paid_after_its_plan_took_its_credit():
+    """The next optional statistics step is planned where the credit will pay for one; a checkpoint or segment write
+    paid in between takes part of that credit, and the step then moves to where the credit will pay for it."""
+    cadence = BudgetCadence(budget=0.125, min_per_segment=1)  # credits in exact binary fractions
+    cadence.open_segment(0, 1000)
+    for step in range(10):
+        cadence.record_step(step, 1.0, False)
+    cadence.record_step(10, 2.0, True)  # a statistics step: one plain step of extra time
+    planned = cadence.plan_next(10).next_optional
+    assert planned is not None and planned > 11
+    kept, moved = copy.deepcopy(cadence), copy.deepcopy(cadence)
+    moved.spend(0.5)  # a checkpoint after the plan: four steps' credit
+    for each in (kept, moved):
+        for step in range(11, planned):
+            each.record_step(step, 1.0, False)
+        assert each.is_statistics_step(planned) and each.is_optional(planned)
+    assert kept.confirm(planned).next_optional == planned and kept.is_statistics_step(planned)
+    assert moved.confirm(planned).next_optional == planned + 4 and not moved.is_statistics_step(planned)
+    assert not moved.is_optional(0) and not FixedCadence(2).is_optional(4)
 
 
 def test_the_cost_measuring_step_takes_a_quarter_of_the_batch_and_its_scaled_cost_stands_until_a_whole_one():
