@@ -7,7 +7,8 @@ small model about 2 ms, as long as one of its training steps. A state of at most
 copied to host memory and written when its segment closes, with the segment's own checkpoint and in its flush.
 What a crash loses is unchanged: a checkpoint written but not yet flushed is lost as well, and the callback's
 Lightning-checkpoint state writes and flushes held checkpoints (a resume finds every checkpoint before its step).
-A larger state is written at once: a host copy would cost its size in memory, and its steps dwarf the write.
+A larger state is written at once: its host copy costs about as much as the writes it saves (about 1 ms from a few
+MB on, measured; 0.07 ms for 1 MB), besides its size in memory, and its steps dwarf both.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from lightning_tda.trace.writer import TraceWriter, storage_alias
 
-HELD_BYTES = 16 << 20  # the largest model state whose mid-segment checkpoints wait in host memory for the close
+HELD_BYTES = 2 << 20  # the largest model state whose mid-segment checkpoints wait in host memory for the close
 
 
 def checkpoint_state(pl_module: L.LightningModule) -> dict[str, Tensor]:

@@ -174,6 +174,19 @@ def test_ddp_on_two_processes_matches_one_process_over_the_same_data(tmp_path):
         assert f["meta"].attrs["world_size"] == 2
 
 
+def test_ddp_ranks_take_statistics_on_the_same_steps_under_the_overhead_budget(tmp_path):
+    """The budget cadence decides on rank 0, from its own timings, at statistics steps and at each optional one it
+    confirms: every rank follows (a rank on other steps would wait forever in the statistics' collectives)."""
+    ddp = run_script(str(tmp_path / "ddp.h5"), "--devices", "2", "--batch-size", "16", "--budget", "0.5", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    counts = sorted(line.split(": ", 1)[1] for line in ddp.stdout.splitlines() if line.startswith("rank "))
+    assert len(counts) == 2 and counts[0] == counts[1], ddp.stdout
+    confirmed = int(counts[0].split()[1].rstrip(","))
+    assert confirmed > 0, ddp.stdout  # optional statistics steps were confirmed (and their decision broadcast)
+    steps = Trace.open(tmp_path / "ddp.h5").steps()
+    assert f"took {int(steps.statistics.sum())} statistics steps" in counts[0]
+
+
 @pytest.mark.slow
 def test_ddp_rank_0_write_failure_neither_hangs_nor_loses_closed_segments(tmp_path):
     """Rank 0's disk fills at step 12 (after segment 0 closed at 8): training finishes on both ranks (no rank waits

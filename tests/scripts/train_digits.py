@@ -2,7 +2,7 @@
 
 Usage: python train_digits.py TRACE_PATH [--devices N] [--batch-size B] [--kill-at-step K]
                                            [--pause-at-step K --pause-file F] [--file-size-limit BYTES]
-                                           [--print-sizes] [--disk-full-after-rows N]
+                                           [--print-sizes] [--disk-full-after-rows N] [--budget B]
 
 ``--kill-at-step`` sends SIGKILL to this process after that optimizer step, the way an
 out-of-memory killer or a pre-empted node ends a run: no Python cleanup runs.
@@ -12,6 +12,8 @@ then open for writing). ``--file-size-limit`` caps the size of any file this pro
 ``--print-sizes`` prints ``size STEP BYTES`` of the trace after every step.
 ``--disk-full-after-rows`` makes every trace write fail with ENOSPC (a full disk) once the trace holds that many
 step-log rows (only global rank 0 writes).
+``--budget`` takes statistics steps by the overhead budget B (``every_n_steps="auto"``) instead of on every step, and
+prints on each rank how many optional statistics steps it confirmed and how many statistics steps it took.
 """
 
 import argparse
@@ -32,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lightning_tda.trace.writer  # noqa: E402
 from lightning_tda import ClassificationTask, TDACallback  # noqa: E402
 from lightning_tda.demo import MLPClassifier  # noqa: E402
+from lightning_tda.layers.covariances import KFACStatistics  # noqa: E402
+from lightning_tda.recording.cadence import BudgetCadence  # noqa: E402
 
 
 def dataset(n: int = 256) -> TensorDataset:
@@ -81,6 +85,18 @@ def fill_disk_after(rows: int) -> None:
     lightning_tda.trace.writer.reserve_space = reserve_or_fail
 
 
+def count_calls(owner: type, name: str) -> list[int]:
+    """Count the calls of ``owner.name`` (in this process) in the returned one-element list."""
+    calls, method = [0], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return method(*args, **kwargs)
+
+    setattr(owner, name, counted)
+    return calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("trace")
@@ -93,14 +109,17 @@ def main() -> None:
     parser.add_argument("--file-size-limit", type=int, default=None)
     parser.add_argument("--print-sizes", action="store_true")
     parser.add_argument("--disk-full-after-rows", type=int, default=None)
+    parser.add_argument("--budget", type=float, default=None)
     args = parser.parse_args()
+    confirmed, taken = count_calls(BudgetCadence, "confirm"), count_calls(KFACStatistics, "commit")
     if args.disk_full_after_rows is not None:
         fill_disk_after(args.disk_full_after_rows)
     if args.file_size_limit is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, resource.RLIM_INFINITY))
     L.seed_everything(0, verbose=False)
-    tda = TDACallback(args.trace, task=ClassificationTask(), fisher="empirical", every_n_steps=1)
+    cadence = {"every_n_steps": 1} if args.budget is None else {"overhead_budget": args.budget, "strict_budget": False}
+    tda = TDACallback(args.trace, task=ClassificationTask(), fisher="empirical", **cadence)
     callbacks = [tda]
     if args.print_sizes:
         callbacks.append(PrintSizes(args.trace))
@@ -126,6 +145,8 @@ def main() -> None:
     sampler = DistributedSampler(dataset(), args.devices, int(os.environ.get("LOCAL_RANK", 0)), shuffle=False)
     trainer.fit(model, DataLoader(dataset(), batch_size=args.batch_size, sampler=sampler))
     print(f"trained {trainer.global_step} steps", flush=True)
+    if args.budget is not None:
+        print(f"rank {trainer.global_rank}: confirmed {confirmed[0]}, took {taken[0]} statistics steps", flush=True)
 
 
 if __name__ == "__main__":
