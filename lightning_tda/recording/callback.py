@@ -295,8 +295,6 @@ class TDACallback(L.Callback):
 
     def _open_step(self, trainer: L.Trainer) -> None:
         self._step_open = True
-        if self._timer is not None:
-            self._timer.start()
         # after a write failure a single process stops taking statistics; under DDP every rank keeps taking
         # (and reducing) them, so every collective still matches on every rank
         self._stats_step = self.cadence.is_statistics_step(self.step) and not (self._stopped and self._world_size == 1)
@@ -305,6 +303,8 @@ class TDACallback(L.Callback):
             self._stats_step = self.cadence.is_statistics_step(self.step)
         self._stats_share = self.cadence.statistics_share(self.step) if self._stats_step else 1.0
         self._checked = self._loss_check is not None and self._loss_check.covers(self.step)
+        if self._timer is not None:  # after the cadence's own work: the step's time is the training's
+            self._timer.start()
 
     def _prepare_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         """Hooks and state for a micro-batch of a statistics step or of the loss check."""
