@@ -7,7 +7,9 @@
 * :mod:`~lightning_tda.recording.segments`: segment policies (equal parts, explicit steps, epochs,
   curvature drift);
 * :mod:`~lightning_tda.recording.loss_check`: the check that the Task's loss is the loss training optimises;
-* :mod:`~lightning_tda.recording.optimizer`: the optimizer record and Adam's second-moment statistics.
+* :mod:`~lightning_tda.recording.optimizer`: the optimizer record and Adam's second-moment statistics;
+* :mod:`~lightning_tda.recording.checkpoints`: what a checkpoint stores, and a small model's checkpoints held in
+  memory until their segment closes.
 
 Everything is written through :mod:`lightning_tda.trace`; only this package imports Lightning's callback API.
 """
