@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -72,66 +74,59 @@ def test_a_full_disk_stops_recording_and_keeps_every_closed_segment(tmp_path, mo
     assert not lock_path(path).exists()  # released
 
 
+def full_disk_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted: str, full: Callable[[h5py.File, list], bool], step: int
+) -> Trace:
+    """Record a reference trace, then the same run whose disk fills (ENOSPC from the space reservation) the first
+    time ``full(file, calls)`` holds, ``calls`` being the first arguments of the ``TraceWriter`` method ``counted``
+    so far. Recording must stop at optimizer step ``step``; returns the trace, which opens and is a prefix of the
+    reference."""
+    fit(tmp_path / "reference.h5", epochs=2, segments=4, every_n_steps=1)
+    reserve, method, calls, failed = lightning_tda.trace.writer.reserve_space, getattr(TraceWriter, counted), [], []
+
+    def counted_call(self: TraceWriter, first: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(first)
+        return method(self, first, *args, **kwargs)
+
+    def disk_full(file: h5py.File, extra: int = 0) -> None:
+        if not failed and full(file, calls):
+            failed.append(True)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        reserve(file, extra)
+
+    monkeypatch.setattr(TraceWriter, counted, counted_call)
+    monkeypatch.setattr(lightning_tda.trace.writer, "reserve_space", disk_full)
+    path = tmp_path / "trace.h5"
+    stopped = rf"STOPPED RECORDING at optimizer step {step}: Writing the trace .* No space left"
+    with pytest.warns(UserWarning, match=stopped):
+        fit(path, epochs=2, segments=4, every_n_steps=1)
+    trace = Trace.open(path)
+    assert_prefix_of(trace, Trace.open(tmp_path / "reference.h5"), sizes=[64, 16, 10])
+    return trace
+
+
 def test_a_full_disk_at_the_step_log_of_a_checkpoint_keeps_a_trace_that_opens(tmp_path, monkeypatch):
     """A checkpoint's step must be in the step log (the reader refuses one past it), so the step log is written
     first: a full disk at the third step-log block (step 3, the middle of segment 1, of a model too large to hold
     its checkpoints until the segment closes) leaves neither that block nor the checkpoint of step 3, and the trace
     opens with segment 0."""
-    fit(tmp_path / "reference.h5", epochs=2, segments=4, every_n_steps=1)
     monkeypatch.setattr(HeldCheckpoints, "hold", lambda *args: False)  # as for a state above HELD_BYTES
-    reserve, append, blocks = lightning_tda.trace.writer.reserve_space, TraceWriter.append_steps, []
 
-    def counted_append(self: TraceWriter, rows: dict) -> None:
-        blocks.append(len(rows["step"]))
-        return append(self, rows)
+    def third_block(file: h5py.File, blocks: list) -> bool:
+        return len(blocks) == 3 and "steps" in file and file["steps/step"].shape[0] == 2
 
-    def disk_full_at_third_block(file: h5py.File, extra: int = 0) -> None:
-        if len(blocks) == 3 and "steps" in file and file["steps/step"].shape[0] == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        reserve(file, extra)
-
-    monkeypatch.setattr(TraceWriter, "append_steps", counted_append)
-    monkeypatch.setattr(lightning_tda.trace.writer, "reserve_space", disk_full_at_third_block)
-    path = tmp_path / "trace.h5"
-    with pytest.warns(UserWarning, match=r"STOPPED RECORDING at optimizer step 3: Writing the trace .* No space left"):
-        fit(path, epochs=2, segments=4, every_n_steps=1)
-    trace = Trace.open(path)
+    trace = full_disk_run(tmp_path, monkeypatch, "append_steps", third_block, step=3)
     assert [s.index for s in trace.segments] == [0] and trace.num_steps == 2
     assert [c.step for c in trace.checkpoints] == [1, 2]
-    assert_prefix_of(trace, Trace.open(tmp_path / "reference.h5"), sizes=[64, 16, 10])
 
 
 def test_a_full_disk_at_a_held_checkpoint_keeps_the_rows_before_it(tmp_path, monkeypatch):
     """A small model's mid-segment checkpoint waits in memory for its segment's close, which writes the step rows
     first: a full disk at the held checkpoint of step 3 keeps segment 0 and the rows up to step 4, and the trace
     opens."""
-    fit(tmp_path / "reference.h5", epochs=2, segments=4, every_n_steps=1)
-    reserve, write_checkpoint, names, failed = (
-        lightning_tda.trace.writer.reserve_space,
-        TraceWriter.write_checkpoint,
-        [],
-        [],
-    )
-
-    def named_write(self: TraceWriter, name: str, *args, **kwargs) -> None:
-        names.append(name)
-        return write_checkpoint(self, name, *args, **kwargs)
-
-    def disk_full_at_step_3(file: h5py.File, extra: int = 0) -> None:
-        if names[-1:] == ["000002"] and not failed:
-            failed.append(True)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        reserve(file, extra)
-
-    monkeypatch.setattr(TraceWriter, "write_checkpoint", named_write)
-    monkeypatch.setattr(lightning_tda.trace.writer, "reserve_space", disk_full_at_step_3)
-    path = tmp_path / "trace.h5"
-    with pytest.warns(UserWarning, match=r"STOPPED RECORDING at optimizer step 4: Writing the trace .* No space left"):
-        fit(path, epochs=2, segments=4, every_n_steps=1)
-    trace = Trace.open(path)
+    trace = full_disk_run(tmp_path, monkeypatch, "write_checkpoint", lambda _, names: names[-1:] == ["000002"], step=4)
     assert [s.index for s in trace.segments] == [0] and trace.num_steps == 4
     assert [c.step for c in trace.checkpoints] == [1, 2]
-    assert_prefix_of(trace, Trace.open(tmp_path / "reference.h5"), sizes=[64, 16, 10])
 
 
 def test_a_full_disk_before_the_first_flush_leaves_no_file(tmp_path, monkeypatch):
