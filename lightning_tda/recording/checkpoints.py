@@ -5,8 +5,10 @@ A checkpoint holds the trainable parameters (under every name of a tied paramete
 buffers. Writing one inside a segment costs its HDF5 objects, the step rows it needs before it and a flush: on a
 small model about 2 ms, as long as one of its training steps. A state of at most :data:`HELD_BYTES` is therefore
 copied to host memory and written when its segment closes, with the segment's own checkpoint and in its flush.
-What a crash loses is unchanged: a checkpoint written but not yet flushed is lost as well, and the callback's
-Lightning-checkpoint state writes and flushes held checkpoints (a resume finds every checkpoint before its step).
+A process killed inside a segment loses its held checkpoints with the segment (written at once, they would have
+survived in the file, outside any closed segment: TracInCP could use them, SOURCE could not). An exception in training
+writes them, and the callback's Lightning-checkpoint state writes and flushes them: a resumed run finds every
+checkpoint before its step.
 A larger state is written at once: its host copy costs about as much as the writes it saves (about 1 ms from a few
 MB on, measured; 0.07 ms for 1 MB), besides its size in memory, and its steps dwarf both.
 """
