@@ -51,6 +51,15 @@ def _contiguous(array: np.ndarray) -> np.ndarray:
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # which would make a 0-d array 1-d
 
 
+def _typed(value: Any) -> tuple[np.ndarray, h5t.TypeID | None]:
+    """``value`` as a contiguous array and its HDF5 type: a ``str`` as a variable-length UTF-8 string (as h5py
+    stores one), numbers and bools as themselves; None for anything else."""
+    if isinstance(value, str):
+        return np.array(value, dtype=_STRING), _STRING_TYPE
+    array = _contiguous(np.asarray(value))
+    return array, _type_of(array.dtype) if array.dtype.kind in "biuf" else None
+
+
 def _space_of(array: np.ndarray) -> h5s.SpaceID:
     """The dataspace of ``array``'s shape, made once per shape (HDF5 copies it into each object; none is
     selected on, so one serves every object of its shape)."""
@@ -69,11 +78,9 @@ def new_group(parent: h5py.Group, name: str) -> h5py.Group:
 def new_dataset(parent: h5py.Group, name: str, array: np.ndarray | str) -> h5d.DatasetID:
     """Create the dataset ``parent/name`` holding ``array`` (numeric or bool; contiguous, as written), or a ``str``
     (a scalar variable-length UTF-8 string, as h5py stores one)."""
-    if isinstance(array, str):
-        array, kind = np.array(array, dtype=_STRING), _STRING_TYPE
-    else:
-        array = _contiguous(array)
-        kind = _type_of(array.dtype)
+    array, kind = _typed(array)
+    if kind is None:
+        raise TypeError(f"new_dataset({name!r}): {array.dtype} is neither numeric, bool nor a str.")
     dataset = h5d.create(parent.id, name.encode(), kind, _space_of(array), dcpl=_DATASETS)
     if array.size:
         dataset.write(h5s.ALL, h5s.ALL, array)
@@ -94,12 +101,8 @@ def set_new_attributes(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
     """Give a new object (one without these attributes yet) its attributes: numbers, bools and lists of them, and
     strings (variable-length UTF-8, as h5py stores a ``str``); anything else as h5py stores it."""
     for name, value in values.items():
-        if isinstance(value, str):
-            array, kind = np.array(value, dtype=_STRING), _STRING_TYPE
-        else:
-            array = np.asarray(value)
-            if array.dtype.kind not in "biuf":
-                obj.attrs[name] = value
-                continue
-            kind = _type_of(array.dtype)
-        h5a.create(obj.id, name.encode(), kind, _space_of(array)).write(_contiguous(array))
+        array, kind = _typed(value)
+        if kind is None:
+            obj.attrs[name] = value
+            continue
+        h5a.create(obj.id, name.encode(), kind, _space_of(array)).write(array)

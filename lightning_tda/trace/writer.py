@@ -266,7 +266,8 @@ class TraceWriter:
         factors are recorded (default both)."""
         f = self.file
         layers = list(layers)
-        reserve_space(f, len(to_json(optimizer)) + len(to_json(config)) + OBJECT_OVERHEAD * (2 * len(layers) + 20))
+        optimizer_json, config_json = to_json(optimizer), to_json(config)
+        reserve_space(f, len(optimizer_json) + len(config_json) + OBJECT_OVERHEAD * (2 * len(layers) + 20))
         created = datetime.now(timezone.utc).isoformat()
         set_new_attributes(
             f,
@@ -280,8 +281,8 @@ class TraceWriter:
         )
         meta_group = new_group(f, "meta")
         set_new_attributes(meta_group, meta)
-        new_dataset(meta_group, "optimizer", to_json(optimizer))
-        new_dataset(meta_group, "config", to_json(config))
+        new_dataset(meta_group, "optimizer", optimizer_json)
+        new_dataset(meta_group, "config", config_json)
         layer_group = new_group(f, "layers")
         layer_group.create_dataset("names", data=[layer.name for layer in layers], dtype=h5py.string_dtype())
         for layer in layers:
@@ -431,11 +432,11 @@ class TraceWriter:
             self._records[name] = [] if self.created else read(TraceReader(self.file, self.path))
         records = [r for r in self._records[name] if r.get("first_step") != record.get("first_step")]
         records.append(dict(record))
-        meta = self._group("meta")
-        reserve_space(self.file, len(to_json(records)) + OBJECT_OVERHEAD)
+        meta, text = self._group("meta"), to_json(records)
+        reserve_space(self.file, len(text) + OBJECT_OVERHEAD)
         if name in meta:
             del meta[name]
-        new_dataset(meta, name, to_json(records))
+        new_dataset(meta, name, text)
         self._records[name] = records
 
     # --- resume ---------------------------------------------------------------------------------
